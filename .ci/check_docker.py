@@ -1,0 +1,479 @@
+#!/usr/bin/env python3
+"""Static checks for the Dockerfile and docker-compose.yml (there is no Docker engine in CI).
+
+Why a checker instead of a build: CI machines cannot run Docker, so the rules the image must
+follow are checked on the text, and the commands the stack runs are proven by
+tests/test_stack.py instead. Rules:
+
+Dockerfile
+  * multi-stage, the final stage copies its artifacts ``--from`` an earlier stage;
+  * every ``FROM`` is pinned: an earlier stage, ``scratch``, a digest, or a tag starting with a
+    full ``X.Y.Z`` version (so never ``latest`` or a floating ``3.11-slim``); ``ARG`` defaults
+    are resolved first;
+  * no compiler or ``-dev`` package installed in the final stage;
+  * the final stage runs as a non-root ``USER``;
+  * a ``HEALTHCHECK`` on ``/readyz`` (directly or in the script it runs) without curl/wget;
+  * the PyTorch wheel index is a build ``ARG TORCH_INDEX_URL`` defaulting to a CPU index;
+  * ``/data``, ``/models`` and ``/index`` are volumes; a ``CMD`` exists;
+  * no ``ENV``/``ARG`` whose name looks like a secret; no ``ADD`` of remote URLs.
+
+docker-compose.yml
+  * ``docker-compose config -q`` accepts it (skipped with a message if the binary is absent);
+  * every image pinned by the same rule; Redis has a ``redis-cli ping`` healthcheck and no
+    persistence; the API waits for Redis healthy and for the bootstrap job's success;
+  * no secret-looking literal values in ``environment``.
+
+Usage: ``python .ci/check_docker.py [--root REPO]``; exit 0 when clean, 1 with one line per
+violation otherwise (2 if a file is missing or unparsable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SECRET_NAME = re.compile(
+    r"(?i)(passw(or)?d|passwd|secret|token|api[_-]?key|private[_-]?key|access[_-]?key|credential|auth)"
+)
+VERSION_TAG = re.compile(r"^v?\d+\.\d+\.\d+")
+BUILD_TOOLS = re.compile(r"(?<![\w-])(build-essential|gcc|g\+\+|clang|make|cmake|[\w.+-]+-dev)(?![\w-])")
+REQUIRED_VOLUMES = ("/data", "/models", "/index")
+
+
+# ------------------------------------------------------------------------------------------
+# compose-style variable interpolation (shared with tests/stack_helpers.py)
+
+_VAR = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<bad>\{))"
+)
+
+
+class InterpolationError(ValueError):
+    """A ``${VAR:?message}`` whose variable is unset, or an unterminated ``${``."""
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Expand ``$VAR``, ``${VAR}``, ``${VAR:-d}``, ``${VAR-d}``, ``${VAR:?e}``, ``${VAR:+a}``, ``$$``.
+
+    This is the substitution docker compose applies to the YAML values before it runs anything
+    (Dockerfile ``ARG`` defaults use the same syntax), so the checker and the stack test see the
+    values a real ``docker compose up`` would.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group("escaped"):
+            return "$"
+        if match.group("bad"):
+            raise InterpolationError(f"invalid or unterminated ${{...}} in {text!r}")
+        name = match.group("braced") or match.group("bare")
+        op, arg = match.group("op"), match.group("arg") or ""
+        value = env.get(name)
+        if op is None:
+            return value or ""
+        empty_counts = op.startswith(":")
+        is_set = value is not None and (value != "" or not empty_counts)
+        kind = op[-1]
+        if kind == "-":
+            return value if is_set else arg  # type: ignore[return-value]
+        if kind == "+":
+            return arg if is_set else ""
+        if not is_set:  # "?"
+            raise InterpolationError(f"required variable {name} is missing: {arg}")
+        return value  # type: ignore[return-value]
+
+    return _VAR.sub(replace, text)
+
+
+def interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    """Apply :func:`interpolate` to every string value (not keys) of a parsed YAML tree."""
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [interpolate_tree(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: interpolate_tree(value, env) for key, value in node.items()}
+    return node
+
+
+# ------------------------------------------------------------------------------------------
+# Dockerfile parsing
+
+
+@dataclass
+class Instruction:
+    """One Dockerfile instruction with continuation lines joined."""
+
+    keyword: str
+    args: str
+    line: int
+
+
+@dataclass
+class Stage:
+    """A build stage: its ``FROM`` and the instructions up to the next ``FROM``."""
+
+    base: str
+    name: str | None
+    line: int
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_instructions(text: str) -> list[Instruction]:
+    """Split a Dockerfile into instructions (comments dropped, ``\\`` continuations joined)."""
+    instructions: list[Instruction] = []
+    buffer: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not buffer and (not stripped or stripped.startswith("#")):
+            continue
+        if buffer and stripped.startswith("#"):
+            continue  # comment lines inside a continuation are ignored by Docker too
+        if not buffer:
+            start = number
+        if stripped.endswith("\\"):
+            buffer.append(stripped[:-1].strip())
+            continue
+        buffer.append(stripped)
+        joined = " ".join(part for part in buffer if part)
+        keyword, _, args = joined.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+        buffer = []
+    if buffer:
+        joined = " ".join(buffer)
+        keyword, _, args = joined.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+    return instructions
+
+
+def parse_stages(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Return the global ``ARG`` defaults (before the first FROM) and the stages."""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for inst in parse_instructions(text):
+        if inst.keyword == "FROM":
+            words = [w for w in inst.args.split() if not w.startswith("--")]
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0] if words else "", name, inst.line))
+        elif not stages:
+            if inst.keyword == "ARG":
+                key, _, default = inst.args.partition("=")
+                global_args[key.strip()] = default.strip().strip("\"'")
+        else:
+            stages[-1].instructions.append(inst)
+    return global_args, stages
+
+
+def exec_form(args: str) -> list[str] | None:
+    """The argv of a JSON exec-form ``CMD``/``HEALTHCHECK CMD``, or None for shell form."""
+    import json
+
+    try:
+        value = json.loads(args)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def healthcheck_command(stage: Stage) -> list[str] | None:
+    """The argv of the last ``HEALTHCHECK ... CMD`` of a stage (shell form via ``sh -c``)."""
+    checks = stage.all("HEALTHCHECK")
+    if not checks:
+        return None
+    args = checks[-1].args
+    match = re.search(r"(?:^|\s)CMD\s+(.*)$", args)
+    if match is None:
+        return None
+    command = match.group(1).strip()
+    return exec_form(command) or ["/bin/sh", "-c", command]
+
+
+def image_pin_problem(image: str) -> str | None:
+    """Why an image reference is not pinned, or None if it is (digest or X.Y.Z tag)."""
+    if "@sha256:" in image:
+        return None
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return f"image {image!r} has no tag (implicitly 'latest')"
+    tag = last.split(":", 1)[1]
+    if tag == "latest":
+        return f"image {image!r} uses the 'latest' tag"
+    if not VERSION_TAG.match(tag):
+        return f"image {image!r} is not pinned to a full X.Y.Z version or a digest"
+    return None
+
+
+def env_pairs(args: str) -> list[tuple[str, str]]:
+    """``ENV A=1 B=2`` or legacy ``ENV A 1`` as (name, value) pairs."""
+    words = shlex.split(args, posix=True)
+    if words and "=" not in words[0]:
+        return [(words[0], " ".join(words[1:]))]
+    return [tuple(w.split("=", 1)) for w in words if "=" in w]  # type: ignore[misc]
+
+
+def check_dockerfile(text: str, root: Path | None = None, name: str = "Dockerfile") -> list[str]:
+    """Every rule violation of a Dockerfile's text, as ``name:line: message`` strings."""
+    problems: list[str] = []
+
+    def report(line: int, message: str) -> None:
+        problems.append(f"{name}:{line}: {message}")
+
+    global_args, stages = parse_stages(text)
+    if not stages:
+        return [f"{name}:1: no FROM instruction"]
+    final = stages[-1]
+    stage_names: set[str] = set()
+
+    for stage in stages:
+        try:
+            base = interpolate(stage.base, global_args)
+        except InterpolationError as exc:
+            report(stage.line, f"FROM {stage.base}: {exc}")
+            base = ""
+        if "$" in stage.base and not base:
+            report(stage.line, f"FROM {stage.base}: the ARG has no default, the base is unpinned")
+        elif base.lower() in stage_names or base == "scratch":
+            pass
+        elif base:
+            problem = image_pin_problem(base)
+            if problem:
+                report(stage.line, problem)
+        if stage.name:
+            stage_names.add(stage.name.lower())
+
+        for inst in stage.instructions:
+            if inst.keyword in ("ENV", "ARG"):
+                names = (
+                    [k for k, _ in env_pairs(inst.args)]
+                    if inst.keyword == "ENV"
+                    else [inst.args.partition("=")[0].strip()]
+                )
+                for key in names:
+                    if SECRET_NAME.search(key):
+                        report(inst.line, f"{inst.keyword} {key} looks like a secret; pass it at run time")
+            if inst.keyword == "ADD" and re.search(r"(?i)\bhttps?://", inst.args):
+                report(inst.line, "ADD of a remote URL (unverified download); use a checked RUN step")
+    for key in global_args:
+        if SECRET_NAME.search(key):
+            report(1, f"ARG {key} looks like a secret; pass it at run time")
+
+    if len(stages) < 2:
+        report(final.line, "not multi-stage: build dependencies would ship in the image")
+    elif not any("--from=" in c.args for c in final.all("COPY")):
+        report(final.line, "the final stage copies nothing --from an earlier stage")
+
+    for inst in final.all("RUN"):
+        for segment in re.split(r"&&|;|\|\|", inst.args):
+            if re.search(r"\b(apt-get|apt|apk|yum|dnf)\b.*\b(install|add)\b", segment):
+                tools = BUILD_TOOLS.findall(segment)
+                if tools:
+                    report(inst.line, f"final stage installs build tools {sorted(set(tools))}")
+
+    users = final.all("USER")
+    if not users:
+        report(final.line, "the final stage has no USER: it would run as root")
+    else:
+        who = users[-1].args.split(":", 1)[0].strip()
+        if who in ("root", "0", ""):
+            report(users[-1].line, f"USER {users[-1].args} is root")
+
+    checks = final.all("HEALTHCHECK")
+    command = healthcheck_command(final)
+    if not checks:
+        report(final.line, "no HEALTHCHECK in the final stage")
+    elif command is None or checks[-1].args.strip().upper() == "NONE":
+        report(checks[-1].line, "HEALTHCHECK has no CMD")
+    else:
+        joined = " ".join(command)
+        if re.search(r"\b(curl|wget)\b", joined):
+            report(checks[-1].line, "HEALTHCHECK uses curl/wget, which slim images do not have")
+        if "/readyz" not in joined and not _script_mentions(final, command, root, "/readyz"):
+            report(checks[-1].line, "HEALTHCHECK does not probe /readyz")
+
+    torch_args = [
+        i for s in stages for i in s.all("ARG") if i.args.partition("=")[0].strip() == "TORCH_INDEX_URL"
+    ]
+    if not torch_args and "TORCH_INDEX_URL" not in global_args:
+        report(1, "no build ARG TORCH_INDEX_URL (GPU users could not switch the PyTorch index)")
+    else:
+        default = global_args.get("TORCH_INDEX_URL") or (
+            torch_args[0].args.partition("=")[2] if torch_args else ""
+        )
+        if "/cpu" not in default:
+            report(torch_args[0].line if torch_args else 1, "TORCH_INDEX_URL does not default to a CPU index")
+
+    declared: set[str] = set()
+    for inst in final.all("VOLUME"):
+        form = exec_form(inst.args)
+        declared.update(form if form is not None else inst.args.split())
+    missing = [v for v in REQUIRED_VOLUMES if v not in declared]
+    if missing:
+        report(final.line, f"final stage does not declare VOLUME {missing}")
+    if not final.all("CMD") and not final.all("ENTRYPOINT"):
+        report(final.line, "final stage has no CMD")
+    return problems
+
+
+def _script_mentions(stage: Stage, command: list[str], root: Path | None, needle: str) -> bool:
+    """Whether a script the healthcheck runs (COPY'd from the repo) contains ``needle``."""
+    if root is None:
+        return False
+    for inst in stage.all("COPY"):
+        if "--from=" in inst.args:
+            continue
+        words = [w for w in inst.args.split() if not w.startswith("--")]
+        if len(words) != 2:
+            continue
+        source, dest = words
+        if dest in command:
+            path = root / source
+            if path.is_file() and needle in path.read_text(encoding="utf-8"):
+                return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def load_compose(path: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Parse a compose file (YAML anchors and ``<<`` merges included) and interpolate it."""
+    import yaml  # dev dependency (PyYAML); imported here so --help works without it
+
+    with path.open(encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
+        raise ValueError(f"{path}: no 'services' mapping")
+    return interpolate_tree(data, env if env is not None else {})
+
+
+def environment_of(service: Mapping[str, Any]) -> dict[str, str]:
+    """A service's ``environment`` (mapping or ``KEY=VALUE`` list form) as a str->str dict."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = (item.split("=", 1) if "=" in item else (item, "") for item in env)
+        return {k: v for k, v in pairs}
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def check_compose(data: Mapping[str, Any], name: str = "docker-compose.yml") -> list[str]:
+    """Rule violations of an (interpolated) compose file."""
+    problems: list[str] = []
+    services: Mapping[str, Any] = data["services"]
+    for sname, service in services.items():
+        image = service.get("image")
+        if image is None and "build" not in service:
+            problems.append(f"{name}: service {sname} has neither image nor build")
+        elif image is not None:
+            problem = image_pin_problem(str(image))
+            if problem:
+                problems.append(f"{name}: service {sname}: {problem}")
+        for key, value in environment_of(service).items():
+            if SECRET_NAME.search(key) and value:
+                problems.append(f"{name}: service {sname}: literal value for secret-looking {key}")
+
+    redis = services.get("redis")
+    if redis is None:
+        problems.append(f"{name}: no redis service")
+    else:
+        test = redis.get("healthcheck", {}).get("test", [])
+        test_text = " ".join(test) if isinstance(test, list) else str(test)
+        if "redis-cli" not in test_text or "ping" not in test_text:
+            problems.append(f"{name}: redis healthcheck is not `redis-cli ping`")
+        command = redis.get("command", [])
+        argv = command if isinstance(command, list) else shlex.split(str(command))
+        pairs = set(zip(argv, argv[1:], strict=False))
+        if ("--save", "") not in pairs or ("--appendonly", "no") not in pairs:
+            problems.append(f"{name}: redis is a cache: run it with --save '' --appendonly no")
+
+    api = services.get("api")
+    if api is None:
+        problems.append(f"{name}: no api service")
+    else:
+        depends = api.get("depends_on", {})
+        wanted = {"redis": "service_healthy", "bootstrap": "service_completed_successfully"}
+        for dep, condition in wanted.items():
+            got = depends.get(dep, {}).get("condition") if isinstance(depends, dict) else None
+            if got != condition:
+                problems.append(f"{name}: api must depend on {dep} with condition {condition}")
+        env = environment_of(api)
+        if not env.get("SERVICE_INDEX_ROOT"):
+            problems.append(f"{name}: api has no SERVICE_INDEX_ROOT")
+    return problems
+
+
+def compose_config(path: Path) -> tuple[bool | None, str]:
+    """Run ``docker-compose config -q``: (True, "") ok, (False, stderr) invalid, (None, why) skipped."""
+    binary = shutil.which("docker-compose")
+    if binary is not None:
+        argv = [binary, "-f", str(path), "config", "-q"]
+    elif shutil.which("docker") is not None:
+        argv = ["docker", "compose", "-f", str(path), "config", "-q"]
+    else:
+        return None, "neither docker-compose nor docker is installed"
+    env = dict(os.environ)
+    env.pop("COMPOSE_FILE", None)
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+    if result.returncode != 0:
+        return False, (result.stderr or result.stdout).strip()
+    return True, ""
+
+
+def run_checks(root: Path) -> tuple[list[str], list[str]]:
+    """(violations, notes) for the repo at ``root``."""
+    problems: list[str] = []
+    notes: list[str] = []
+    dockerfile = root / "Dockerfile"
+    compose = root / "docker-compose.yml"
+    for path in (dockerfile, compose):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+    problems += check_dockerfile(dockerfile.read_text(encoding="utf-8"), root)
+    problems += check_compose(load_compose(compose))
+    ok, detail = compose_config(compose)
+    if ok is None:
+        notes.append(f"skipped `docker-compose config -q`: {detail}")
+    elif not ok:
+        problems.append(f"docker-compose.yml: `docker-compose config -q` failed: {detail}")
+    else:
+        notes.append("`docker-compose config -q` passed")
+    return problems, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check Dockerfile and docker-compose.yml rules.")
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
+    args = parser.parse_args(argv)
+    try:
+        problems, notes = run_checks(args.root)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"check_docker: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"check_docker: {note}")
+    for problem in problems:
+        print(f"check_docker: {problem}", file=sys.stderr)
+    if problems:
+        print(f"check_docker: {len(problems)} violation(s)", file=sys.stderr)
+        return 1
+    print("check_docker: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+# syntax=docker/dockerfile:1
+#
+# One image for every role of the two-tower system:
+#   default CMD           the retrieval API (uvicorn service.app:app on port 8000)
+#   trainer ...           e.g. `docker compose run --rm bootstrap trainer evaluate --data /data --model /models`
+#   indexer ...           e.g. `indexer rebuild --model /models --data /data --out /index`
+# Data, model bundles and index versions live on volumes (/data, /models, /index), never in the image.
+#
+# Build (CPU PyTorch):  docker build -t twotower:0.1.0 .
+# Build for CUDA:       docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t twotower:0.1.0-cu128 .
+#
+# The base is pinned to an exact patch release; bump it deliberately (both stages must share it,
+# because the virtualenv copied from the builder points at the base's interpreter).
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------
+# builder: compilers and pip caches stay here; only /opt/venv is copied out.
+FROM ${PYTHON_IMAGE} AS builder
+
+# PyTorch wheel index. The CPU index keeps the image ~1 GB instead of several GB of CUDA libraries.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# A compiler for any dependency that has no wheel for this platform (none today on amd64/arm64,
+# but an sdist fallback must not break the build). It never reaches the final image.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+
+# Dependencies first, from the project's own metadata, so source edits do not reinstall torch.
+COPY pyproject.toml ./
+COPY docker/pyproject_deps.py /tmp/pyproject_deps.py
+RUN python /tmp/pyproject_deps.py pyproject.toml --only torch > /tmp/torch-requirements.txt \
+ && python /tmp/pyproject_deps.py pyproject.toml --exclude torch > /tmp/requirements.txt \
+ && pip install --upgrade pip \
+ && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch-requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# Then the project itself (a regular, non-editable install into the venv).
+COPY README.md ./
+COPY training ./training
+COPY indexer ./indexer
+COPY service ./service
+RUN pip install --no-deps . \
+ && pip check \
+ && trainer --help > /dev/null \
+ && indexer --help > /dev/null \
+ && python -c "import service.app"
+
+# ---------------------------------------------------------------------------------------------
+# runtime: same base, no compiler, no source tree, no pip cache, non-root.
+FROM ${PYTHON_IMAGE} AS runtime
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SERVICE_INDEX_ROOT=/index
+
+# libgomp1: OpenMP runtime used by FAISS and PyTorch CPU kernels.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
+ && mkdir -p /data /models /index \
+ && chown app:app /data /models /index
+
+COPY --from=builder /opt/venv /opt/venv
+COPY docker/healthcheck.py /app/docker/healthcheck.py
+
+WORKDIR /app
+# Numeric so that orchestrators (Kubernetes runAsNonRoot) can verify it without /etc/passwd.
+USER 10001:10001
+
+# Named volumes are initialised from these (empty, app-owned) directories.
+VOLUME ["/data", "/models", "/index"]
+EXPOSE 8000
+
+# Ready, not just alive: 200 only while a complete model and index are loaded.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "/app/docker/healthcheck.py"]
+
+CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,55 @@
+"""Print the runtime requirements declared in pyproject.toml, one per line.
+
+Used by the Dockerfile's builder stage so the image installs exactly what the project's own
+metadata pins (no second, drifting requirements file), in two steps: PyTorch from the
+configurable wheel index (CPU by default, a CUDA index for GPU users), then everything else
+from PyPI. Installing the dependencies before copying the source keeps them in a cached layer.
+
+    python pyproject_deps.py pyproject.toml --only torch     # -> torch==2.13.0
+    python pyproject_deps.py pyproject.toml --exclude torch  # -> every other dependency
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import tomllib
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalized distribution name of a PEP 508 requirement string (``Foo_Bar>=1`` -> ``foo-bar``)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if match is None:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def select(requirements: list[str], only: set[str], exclude: set[str]) -> list[str]:
+    """Filter requirements by normalized name; ``only`` wins when both are given."""
+    if only:
+        return [r for r in requirements if requirement_name(r) in only]
+    return [r for r in requirements if requirement_name(r) not in exclude]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pyproject", type=Path)
+    parser.add_argument("--only", action="append", default=[], help="keep only these names")
+    parser.add_argument("--exclude", action="append", default=[], help="drop these names")
+    args = parser.parse_args(argv)
+    project = tomllib.loads(args.pyproject.read_text(encoding="utf-8"))["project"]
+    only = {requirement_name(n) for n in args.only}
+    exclude = {requirement_name(n) for n in args.exclude}
+    chosen = select(list(project.get("dependencies", [])), only, exclude)
+    if only and {requirement_name(r) for r in chosen} != only:
+        print(f"pyproject_deps: {sorted(only)} not all declared in {args.pyproject}", file=sys.stderr)
+        return 1
+    sys.stdout.write("".join(f"{r}\n" for r in chosen))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Request and response models of the HTTP API (INTERFACES.md §3), separate from each other.
+
+Requests are strict: unknown fields are rejected, every list and string is bounded, and a feature
+value must be a string, a finite number, a list of strings or null. Whether a value has the
+right type *for that feature* depends on the loaded model's schema, which changes on hot reload,
+so that part is checked per request (`service.tower.UserTower.validate`); the checks here are
+the ones that hold for any model.
+
+The bounds that are configurable (`max_k`, `max_exclude`, `max_batch`, ...) are applied by
+`request_models(settings)`, which derives subclasses with the configured limits so that
+validation and the OpenAPI document state the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic_core import PydanticCustomError
+
+from service.settings import Settings
+
+_FEATURE_VALUE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "number"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "null"},
+    ],
+    "description": "categorical: a string; multi_categorical: a list of strings or a "
+    "separator-joined string; continuous: a finite number; null = missing.",
+}
+
+
+def _check_feature_value(value: Any) -> Any:
+    """Accept the JSON shapes a feature can take; everything else is a 422 on this feature.
+
+    NaN and ±infinity are rejected here (Python's JSON parser accepts `NaN`, `Infinity` and
+    `1e999`), so a non-finite number never reaches the model. Messages never include the value.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise PydanticCustomError("feature_type", "expected a string, a number or a list of strings, got a boolean")
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise PydanticCustomError("finite_number", "number out of range") from None
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "must be a finite number (NaN and infinity are not allowed)")
+        return value
+    if isinstance(value, list):
+        if all(isinstance(t, str) for t in value):
+            return value
+        raise PydanticCustomError("feature_type", "a list feature must contain only strings")
+    raise PydanticCustomError(
+        "feature_type", "expected a string, a number or a list of strings, got {kind}", {"kind": type(value).__name__}
+    )
+
+
+FeatureValue = Annotated[Any, BeforeValidator(_check_feature_value), WithJsonSchema(_FEATURE_VALUE_SCHEMA)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+
+
+class EmbedRequest(_Strict):
+    """The user: an optional id and optional features (missing ones are out-of-vocabulary)."""
+
+    user_id: str | None = Field(
+        None,
+        max_length=512,
+        description="Unknown or absent ids use the out-of-vocabulary id embedding.",
+        examples=["196"],
+    )
+    features: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="User features by name (see the dataset's schema.json); any may be omitted.",
+        examples=[{"age": 49, "gender": "M", "occupation": "writer", "zip": "55105"}],
+    )
+
+
+class RetrieveRequest(EmbedRequest):
+    """A user plus how many items to return and which ones never to return."""
+
+    k: int = Field(20, ge=1, le=1000, description="Number of items to return.")
+    exclude_item_ids: list[Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Items that must not appear (e.g. already seen); the response still has "
+        "min(k, catalog size - excluded) items.",
+    )
+
+
+class BatchRetrieveRequest(_Strict):
+    """Several retrieve requests answered by one model/index version and one cache round trip."""
+
+    requests: list[RetrieveRequest] = Field(min_length=1, max_length=64)
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float = Field(description="Cosine between the user vector and the item vector.")
+
+
+class RetrieveResponse(BaseModel):
+    items: list[ScoredItem] = Field(description="Highest score first.")
+    model_version: str
+    index_version: str
+    cached: bool = Field(description="True when the user vector came from the cache.")
+
+
+class BatchRetrieveResponse(BaseModel):
+    results: list[RetrieveResponse] = Field(description="One result per request, in order.")
+    model_version: str
+    index_version: str
+
+
+class EmbedResponse(BaseModel):
+    vector: list[float] = Field(description="The L2-normalized user vector /retrieve uses.")
+    model_version: str
+    cached: bool = False
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(description="`ready` or `not ready`.")
+    model_version: str | None = None
+    index_version: str | None = None
+    reason: str | None = Field(None, description="Why the service is not ready.")
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where the problem is, e.g. ['body', 'features', 'age'].")
+    field: str = Field(description="The same location as a dotted path, e.g. `features.age`.")
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ErrorItem]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models with the configured bounds (see the module docstring)."""
+
+    embed: type[EmbedRequest]
+    retrieve: type[RetrieveRequest]
+    batch: type[BatchRetrieveRequest]
+
+
+def request_models(settings: Settings) -> RequestModels:
+    """Subclass the request models with the limits of `settings`, keeping names and docs."""
+    id_str = Annotated[str, Field(max_length=settings.max_id_length)]
+    user_id = (
+        id_str | None,
+        Field(None, description=EmbedRequest.model_fields["user_id"].description, examples=["196"]),
+    )
+    features = (
+        dict[str, FeatureValue],
+        Field(
+            default_factory=dict,
+            max_length=settings.max_features,
+            description=EmbedRequest.model_fields["features"].description,
+            examples=EmbedRequest.model_fields["features"].examples,
+        ),
+    )
+    embed = create_model(
+        "EmbedRequest", __base__=EmbedRequest, __doc__=EmbedRequest.__doc__, user_id=user_id, features=features
+    )
+    retrieve = create_model(
+        "RetrieveRequest",
+        __base__=RetrieveRequest,
+        __doc__=RetrieveRequest.__doc__,
+        user_id=user_id,
+        features=features,
+        k=(int, Field(20, ge=1, le=settings.max_k, description="Number of items to return.")),
+        exclude_item_ids=(
+            list[id_str],
+            Field(
+                default_factory=list,
+                max_length=settings.max_exclude,
+                description=RetrieveRequest.model_fields["exclude_item_ids"].description,
+            ),
+        ),
+    )
+    batch = create_model(
+        "BatchRetrieveRequest",
+        __base__=BatchRetrieveRequest,
+        __doc__=BatchRetrieveRequest.__doc__,
+        requests=(list[retrieve], Field(min_length=1, max_length=settings.max_batch)),  # type: ignore[valid-type]
+    )
+    return RequestModels(embed=embed, retrieve=retrieve, batch=batch)

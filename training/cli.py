@@ -1,0 +1,101 @@
+"""`trainer` command line (INTERFACES.md §2).
+
+Every command exits 0 on success; on failure it prints one line to stderr and exits non-zero:
+2 for bad input (usage, dataset, config), 1 for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer", description="Train and evaluate two-tower retrieval models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    prep = sub.add_parser("prepare", help="write a dataset directory")
+    prep_sub = prep.add_subparsers(dest="source", required=True)
+    ml = prep_sub.add_parser("movielens-100k", help="convert the GroupLens ml-100k folder")
+    ml.add_argument("--src", required=True, help="folder with u.data, u.user, u.item, u.genre")
+    ml.add_argument("--out", required=True, help="dataset directory to create")
+    syn = prep_sub.add_parser("synthetic", help="generate a synthetic dataset (no download)")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--users", type=int, default=2000)
+    syn.add_argument("--items", type=int, default=1000)
+    syn.add_argument("--interactions", type=int, default=60000)
+    syn.add_argument("--seed", type=int, default=0)
+
+    f = sub.add_parser("fit", help="train a model; prints the bundle path as the last stdout line")
+    f.add_argument("--data", required=True, help="dataset directory")
+    f.add_argument("--out", required=True, help="models directory (a new <version>/ is created)")
+    f.add_argument("--config", help="JSON training config (see training/train.py TrainConfig)")
+    f.add_argument("--full", action="store_true", help="train on every interaction (nightly production mode)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="print EVAL.md metrics of a bundle as one JSON object")
+    e.add_argument("--data", required=True)
+    e.add_argument("--model", required=True, help="bundle directory (or models dir: newest bundle)")
+    return p
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.cmd == "prepare":
+        from training.prepare import prepare_movielens_100k, prepare_synthetic
+
+        if args.source == "movielens-100k":
+            out = prepare_movielens_100k(args.src, args.out)
+        else:
+            out = prepare_synthetic(args.out, args.users, args.items, args.interactions, args.seed)
+        print(out)
+    elif args.cmd == "fit":
+        from training.train import TrainConfig, fit
+
+        cfg = TrainConfig.from_file(args.config)
+        path = fit(args.data, args.out, cfg, full=args.full, progress=False if args.no_progress else None)
+        print(path)
+    elif args.cmd == "evaluate":
+        from training.bundle import load_bundle
+        from training.dataset import read_dataset
+        from training.evaluate import evaluate_model
+        from training.split import split_interactions
+
+        bundle = load_bundle(args.model)
+        dataset = read_dataset(args.data)
+        metrics = evaluate_model(bundle.model, dataset, split_interactions(dataset.interactions))
+        print(json.dumps(metrics, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from training.bundle import BundleError
+    from training.dataset import DatasetError
+
+    try:
+        _run(args)
+    except (DatasetError, BundleError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"trainer {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"trainer {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for cron, details with -v
+        logging.getLogger("trainer").debug("traceback", exc_info=True)
+        print(f"trainer {args.cmd}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

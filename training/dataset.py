@@ -1,0 +1,285 @@
+"""The dataset directory (INTERFACES.md §1): reading and validation.
+
+A dataset is `interactions.csv` (positive clicks), `items.csv` (the catalog, including items
+nobody clicked yet), an optional `users.csv` and a `schema.json` declaring each feature's type.
+`.parquet` files are accepted in place of `.csv`. Ids are strings, whatever they look like.
+
+Everything is validated on read, and errors name the file, the line and the column, because the
+person fixing a broken nightly export needs exactly that and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FEATURE_TYPES = ("categorical", "multi_categorical", "continuous")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or malformed; the message names file, line and column."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One declared feature column: its name, type and (multi-categorical) separator."""
+
+    name: str
+    type: str
+    separator: str = "|"
+
+    def to_json(self) -> dict:
+        out = {"type": self.type}
+        if self.type == "multi_categorical":
+            out["separator"] = self.separator
+        return out
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Feature declarations of both towers (ids are implicit and never declared)."""
+
+    user: dict[str, FeatureSpec] = field(default_factory=dict)
+    item: dict[str, FeatureSpec] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: object, source: str = "schema.json") -> Schema:
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{source}: top level must be an object with 'user' and 'item'")
+        unknown = set(obj) - {"user", "item"}
+        if unknown:
+            raise DatasetError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected 'user' and 'item'")
+        sides = {}
+        for side in ("user", "item"):
+            sec = obj.get(side, {"features": {}})
+            if side == "item" and side not in obj:
+                raise DatasetError(f"{source}: missing required section 'item'")
+            if not isinstance(sec, dict) or not isinstance(sec.get("features", {}), dict):
+                raise DatasetError(f"{source}: '{side}' must be an object with a 'features' object")
+            feats = {}
+            for name, decl in sec.get("features", {}).items():
+                where = f"{source}: {side}.features.{name}"
+                if not isinstance(decl, dict) or "type" not in decl:
+                    raise DatasetError(f"{where}: must be an object with a 'type'")
+                ftype = decl["type"]
+                if ftype not in FEATURE_TYPES:
+                    raise DatasetError(f"{where}: unknown type {ftype!r}; expected one of {list(FEATURE_TYPES)}")
+                if name in ("user_id", "item_id"):
+                    raise DatasetError(f"{where}: the id is always a feature and must not be declared")
+                sep = decl.get("separator", "|")
+                if ftype == "multi_categorical" and (not isinstance(sep, str) or not sep):
+                    raise DatasetError(f"{where}: 'separator' must be a non-empty string")
+                feats[name] = FeatureSpec(name=name, type=ftype, separator=sep)
+            sides[side] = feats
+        return cls(user=sides["user"], item=sides["item"])
+
+    def to_json(self) -> dict:
+        return {
+            side: {"features": {n: s.to_json() for n, s in getattr(self, side).items()}}
+            for side in ("user", "item")
+        }
+
+
+@dataclass
+class Dataset:
+    """A validated dataset directory held in memory.
+
+    `interactions` has columns user_id (str), item_id (str), timestamp (int64), weight (float32)
+    and clicked (bool; rows with clicked == False are exposures without a click, kept for
+    completeness but never used by retrieval training). `items` is the catalog in file order,
+    `users` may be None.
+    """
+
+    path: Path
+    schema: Schema
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    users: pd.DataFrame | None
+
+    def fingerprint(self) -> str:
+        """sha256 over the dataset files, so a bundle records exactly what it was trained on."""
+        h = hashlib.sha256()
+        for p in sorted(self.path.iterdir()):
+            if p.is_file() and p.suffix in (".csv", ".parquet", ".json"):
+                h.update(p.name.encode())
+                with open(p, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+        return h.hexdigest()
+
+
+def _find(path: Path, stem: str, required: bool) -> Path | None:
+    for suffix in (".csv", ".parquet"):
+        p = path / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    if required:
+        raise DatasetError(f"{path}: missing required file {stem}.csv (or {stem}.parquet)")
+    return None
+
+
+def _read_table(p: Path) -> pd.DataFrame:
+    """Read every column as str with '' for missing, so validation sees the raw values."""
+    try:
+        if p.suffix == ".parquet":
+            df = pd.read_parquet(p)
+            return df.astype(object).where(df.notna(), "").astype(str)
+        return pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as e:
+        raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
+
+
+def _line(p: Path, row: int) -> str:
+    """Human line reference: CSV data row i is line i + 2 (line 1 is the header)."""
+    return f"line {row + 2}" if p.suffix == ".csv" else f"row {row}"
+
+
+def _require_columns(p: Path, df: pd.DataFrame, cols: list[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{p.name}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def _check_ids(p: Path, df: pd.DataFrame, col: str) -> None:
+    empty = np.flatnonzero(df[col].str.strip().to_numpy() == "")
+    if len(empty):
+        raise DatasetError(f"{p.name}: {_line(p, int(empty[0]))}, column '{col}': empty id")
+
+
+def _check_features(p: Path, df: pd.DataFrame, feats: dict[str, FeatureSpec]) -> None:
+    _require_columns(p, df, list(feats))
+    for name, spec in feats.items():
+        if spec.type != "continuous":
+            continue
+        col = df[name]
+        values = pd.to_numeric(col.where(col != "", None), errors="coerce")
+        bad = np.flatnonzero((values.isna() & (col != "")).to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise DatasetError(f"{p.name}: {_line(p, i)}, column '{name}': {col.iloc[i]!r} is not a number")
+        nonfinite = np.flatnonzero(~np.isfinite(values.fillna(0.0).to_numpy(dtype=np.float64)))
+        if len(nonfinite):
+            i = int(nonfinite[0])
+            raise DatasetError(f"{p.name}: {_line(p, i)}, column '{name}': {col.iloc[i]!r} is not finite")
+
+
+def read_schema(path: str | Path) -> Schema:
+    p = Path(path) / "schema.json"
+    if not p.is_file():
+        raise DatasetError(f"{Path(path)}: missing required file schema.json")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"schema.json: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return Schema.from_json(obj)
+
+
+def read_items(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
+    """The validated catalog: item_id (str) + the declared item feature columns, file order."""
+    path = Path(path)
+    schema = schema or read_schema(path)
+    p = _find(path, "items", required=True)
+    df = _read_table(p)
+    _require_columns(p, df, ["item_id"])
+    _check_ids(p, df, "item_id")
+    dup = df["item_id"].duplicated(keep="first").to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise DatasetError(f"{p.name}: {_line(p, i)}, column 'item_id': duplicate id {df['item_id'].iloc[i]!r}")
+    _check_features(p, df, schema.item)
+    if len(df) == 0:
+        raise DatasetError(f"{p.name}: the catalog is empty")
+    return df.reset_index(drop=True)
+
+
+def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
+    path = Path(path)
+    p = _find(path, "users", required=False)
+    if p is None:
+        if schema.user:
+            raise DatasetError(f"{path}: schema.json declares user features {sorted(schema.user)} but there is no users.csv")
+        return None
+    df = _read_table(p)
+    _require_columns(p, df, ["user_id"])
+    _check_ids(p, df, "user_id")
+    dup = df["user_id"].duplicated(keep="first").to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise DatasetError(f"{p.name}: {_line(p, i)}, column 'user_id': duplicate id {df['user_id'].iloc[i]!r}")
+    _check_features(p, df, schema.user)
+    return df.reset_index(drop=True)
+
+
+def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> pd.DataFrame:
+    path = Path(path)
+    p = _find(path, "interactions", required=True)
+    df = _read_table(p)
+    _require_columns(p, df, ["user_id", "item_id", "timestamp"])
+    _check_ids(p, df, "user_id")
+    _check_ids(p, df, "item_id")
+    ts = pd.to_numeric(df["timestamp"], errors="coerce")
+    bad = np.flatnonzero((ts.isna() | (ts != ts.round())).to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        raise DatasetError(f"{p.name}: {_line(p, i)}, column 'timestamp': {df['timestamp'].iloc[i]!r} is not an integer number of seconds")
+    out = pd.DataFrame({
+        "user_id": df["user_id"].to_numpy(),
+        "item_id": df["item_id"].to_numpy(),
+        "timestamp": ts.to_numpy(dtype=np.int64),
+    })
+    if "weight" in df.columns:
+        w = pd.to_numeric(df["weight"].where(df["weight"] != "", "1"), errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
+        if len(bad):
+            i = int(bad[0])
+            raise DatasetError(f"{p.name}: {_line(p, i)}, column 'weight': {df['weight'].iloc[i]!r} is not a finite non-negative number")
+        out["weight"] = w.astype(np.float32)
+    else:
+        out["weight"] = np.ones(len(df), dtype=np.float32)
+    if "clicked" in df.columns:
+        c = df["clicked"].str.strip().str.lower()
+        ok = c.isin(["1", "0", "true", "false", ""])
+        if not ok.all():
+            i = int(np.flatnonzero(~ok.to_numpy())[0])
+            raise DatasetError(f"{p.name}: {_line(p, i)}, column 'clicked': {df['clicked'].iloc[i]!r} is not 0/1/true/false")
+        out["clicked"] = ~c.isin(["0", "false"]).to_numpy()
+    else:
+        out["clicked"] = np.ones(len(df), dtype=bool)
+    if catalog_ids is not None:
+        unknown = np.flatnonzero(~out["item_id"].isin(catalog_ids).to_numpy())
+        if len(unknown):
+            i = int(unknown[0])
+            raise DatasetError(
+                f"{p.name}: {_line(p, i)}, column 'item_id': {out['item_id'].iloc[i]!r} is not in items "
+                f"({len(unknown)} row(s) reference items missing from the catalog)"
+            )
+    if len(out) == 0:
+        raise DatasetError(f"{p.name}: no interactions")
+    return out
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read and validate a whole dataset directory; raises DatasetError naming the problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: not a dataset directory")
+    schema = read_schema(path)
+    items = read_items(path, schema)
+    users = read_users(path, schema)
+    interactions = read_interactions(path, pd.Index(items["item_id"]))
+    return Dataset(path=path, schema=schema, interactions=interactions, items=items, users=users)
+
+
+def parse_continuous(values: pd.Series) -> np.ndarray:
+    """Strings → float64 with NaN for missing ('')."""
+    return pd.to_numeric(values.where(values != "", None), errors="coerce").to_numpy(dtype=np.float64)
+
+
+def is_missing(value: object) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))

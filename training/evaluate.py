@@ -1,0 +1,133 @@
+"""EVAL.md metrics: full ranking over the whole catalog, implemented once.
+
+Pure functions over arrays (`topk_excluding`, `ranking_metrics`) do the math; `evaluate_model`
+wires them to a dataset split. Warm users: rank every catalog item except the user's train
+items. Cold users: rank everything, known only by their features (their id is OOV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.dataset import Dataset
+from training.split import Split
+
+KS = (20, 100)
+
+
+def topk_excluding(
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    k: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Indices (n_users, k) of the highest inner products, best first, `exclude[u]` removed."""
+    if user_vecs.ndim != 2 or item_vecs.ndim != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
+        raise ValueError(f"user {user_vecs.shape} and item {item_vecs.shape} vectors must be 2-D with equal width")
+    k = min(k, item_vecs.shape[0])
+    items = torch.from_numpy(np.ascontiguousarray(item_vecs, dtype=np.float32))
+    out = np.empty((len(user_vecs), k), dtype=np.int64)
+    for s in range(0, len(user_vecs), chunk):
+        scores = torch.from_numpy(np.ascontiguousarray(user_vecs[s : s + chunk], dtype=np.float32)) @ items.T
+        if exclude is not None:
+            for r, ex in enumerate(exclude[s : s + chunk]):
+                if len(ex):
+                    scores[r, torch.from_numpy(np.asarray(ex, dtype=np.int64))] = -torch.inf
+        out[s : s + chunk] = torch.topk(scores, k, dim=1, sorted=True).indices.numpy()
+    return out
+
+
+def ranking_metrics(
+    top: np.ndarray,
+    truth: Sequence[np.ndarray],
+    is_tail: np.ndarray,
+    n_items: int,
+    ks: Sequence[int] = KS,
+) -> dict[str, float]:
+    """Recall@K, NDCG@K (binary relevance, ideal DCG over min(K, |truth|)), tail_recall@100,
+    coverage@20 for ranked lists `top` (n, >=max K) against per-user relevant item indices."""
+    if len(top) != len(truth):
+        raise ValueError(f"{len(top)} ranked lists but {len(truth)} truth sets")
+    res: dict[str, list[float]] = {f"recall@{k}": [] for k in ks} | {f"ndcg@{k}": [] for k in ks}
+    tail_rec: list[float] = []
+    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+    for row, rel in zip(top, truth, strict=True):
+        rel = np.unique(np.asarray(rel, dtype=np.int64))
+        if len(rel) == 0:
+            continue
+        hits = np.isin(row[: max(ks)], rel).astype(np.float64)
+        for k in ks:
+            res[f"recall@{k}"].append(hits[:k].sum() / len(rel))
+            idcg = discounts[: min(k, len(rel))].sum()
+            res[f"ndcg@{k}"].append((hits[:k] * discounts[:k]).sum() / idcg)
+        tail = rel[is_tail[rel]]
+        if len(tail):
+            tail_rec.append(np.isin(tail, row[:100]).sum() / len(tail))
+    out = {m: float(np.mean(v)) if v else 0.0 for m, v in res.items()}
+    out["tail_recall@100"] = float(np.mean(tail_rec)) if tail_rec else 0.0
+    out["coverage@20"] = float(len(np.unique(top[:, :20])) / n_items) if len(top) else 0.0
+    return out
+
+
+def _group_items(df: pd.DataFrame, item_index: pd.Index) -> dict[str, np.ndarray]:
+    rows = item_index.get_indexer(df["item_id"])
+    s = pd.Series(rows, index=df["user_id"].to_numpy())
+    return {u: g.to_numpy() for u, g in s.groupby(level=0, sort=False)}
+
+
+def _user_features(dataset: Dataset, user_ids: Sequence[str]) -> pd.DataFrame | None:
+    if dataset.users is None:
+        return None
+    feats = dataset.users.set_index("user_id")
+    return feats.reindex(pd.Index(user_ids)).fillna("").reset_index(drop=True)
+
+
+def evaluate_model(
+    model,
+    dataset: Dataset,
+    split: Split,
+    *,
+    truth_part: str = "test",
+    item_vecs: np.ndarray | None = None,
+    max_users: int | None = None,
+    include_cold: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """EVAL.md metrics of `model` on `split.<truth_part>` (warm) and, optionally, cold users.
+
+    `truth_part="val"` evaluates on validation with the fit rows excluded (early stopping and
+    tuning); "test" excludes all train rows. `max_users` samples users for speed on big data.
+    """
+    items = dataset.items
+    item_index = pd.Index(items["item_id"])
+    n_items = len(item_index)
+    if item_vecs is None:
+        item_vecs = model.embed_items(items)
+    head = item_index.isin(list(split.head_items))
+    is_tail = ~head
+    known = split.fit if truth_part == "val" else split.train
+    exclude_map = _group_items(known, item_index)
+    truth_map = _group_items(getattr(split, truth_part), item_index)
+    rng = np.random.default_rng(seed)
+
+    def run(truth: dict[str, np.ndarray], excl: dict[str, np.ndarray] | None) -> dict[str, float]:
+        users = list(truth)
+        if max_users is not None and len(users) > max_users:
+            users = [users[i] for i in sorted(rng.choice(len(users), max_users, replace=False))]
+        if not users:
+            return {}
+        vecs = model.embed_user_table(users, _user_features(dataset, users))
+        empty = np.empty(0, dtype=np.int64)
+        exclude = [excl.get(u, empty) for u in users] if excl is not None else None
+        top = topk_excluding(vecs, item_vecs, max(KS), exclude)
+        return ranking_metrics(top, [truth[u] for u in users], is_tail, n_items)
+
+    metrics = run(truth_map, exclude_map)
+    if include_cold and truth_part == "test" and len(split.cold):
+        metrics |= {f"cold_{k}": v for k, v in run(_group_items(split.cold, item_index), None).items()}
+    return {k: round(v, 4) for k, v in metrics.items()}

@@ -1,0 +1,212 @@
+"""`trainer fit`: the training loop, top to bottom.
+
+1. Read and validate the dataset; apply the EVAL.md split (or take every click with --full).
+2. Fit the encoders on training data only; encode every user and every catalog item once.
+3. Train both towers with the configured retrieval task, evaluating recall@20 on the
+   validation split after each epoch and keeping the best weights (early stopping).
+4. Evaluate on the test split (not with --full) and write a model bundle atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from training.bundle import save_bundle
+from training.dataset import Dataset, read_dataset
+from training.evaluate import evaluate_model
+from training.features import TowerEncoder
+from training.model import ModelConfig, TwoTowerModel
+from training.split import Split, split_interactions
+from training.task import RetrievalTask
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; a JSON file passed with --config overrides any of them."""
+
+    seed: int = 0
+    epochs: int = 40                 # maximum epochs (early stopping usually ends sooner)
+    patience: int = 4                # epochs without validation improvement before stopping
+    full_epochs: int | None = None   # epochs for --full (no validation); default: `epochs`
+    batch_size: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    logq: bool = True
+    logq_weight: float = 1.0
+    mask_user_positives: bool = True  # also mask in-batch items the user clicked elsewhere
+    min_count: int = 1
+    n_buckets: int = 10
+    max_multi_len: int = 16
+    eval_max_users: int | None = 5000  # validation users sampled per epoch (big datasets)
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        model = ModelConfig.from_dict(d.pop("model", {}))
+        return cls(model=model, **d)
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> TrainConfig:
+        if path is None:
+            return cls()
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"config {path}: {e}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"config {path}: top level must be a JSON object")
+        return cls.from_dict(obj)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def user_table(dataset: Dataset) -> tuple[np.ndarray, pd.DataFrame | None]:
+    """Every known user id (users.csv ∪ interactions) and their feature rows, aligned."""
+    ids = pd.unique(pd.concat([
+        dataset.users["user_id"] if dataset.users is not None else pd.Series(dtype=str),
+        dataset.interactions["user_id"],
+    ], ignore_index=True))
+    if dataset.users is None:
+        return ids, None
+    feats = dataset.users.set_index("user_id").reindex(pd.Index(ids)).fillna("").reset_index(drop=True)
+    return ids, feats
+
+
+def fit_encoders(dataset: Dataset, train: pd.DataFrame, cfg: TrainConfig) -> tuple[TowerEncoder, TowerEncoder]:
+    train_users = pd.unique(train["user_id"])
+    users = None
+    if dataset.users is not None:
+        users = dataset.users[dataset.users["user_id"].isin(train_users)]
+    kw = {"min_count": cfg.min_count, "n_buckets": cfg.n_buckets, "max_multi_len": cfg.max_multi_len}
+    user_enc = TowerEncoder.fit("user", dataset.schema.user, train_users, users, **kw)
+    item_enc = TowerEncoder.fit("item", dataset.schema.item, pd.unique(train["item_id"]), dataset.items, **kw)
+    return user_enc, item_enc
+
+
+def fit(
+    data_dir: str | Path,
+    models_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    full: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Train a model on `data_dir` and write its bundle under `models_dir`; return the bundle path."""
+    cfg = cfg or TrainConfig()
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+
+    # 1. data ------------------------------------------------------------------------------
+    dataset = read_dataset(data_dir)
+    split = split_interactions(dataset.interactions)
+    clicked = dataset.interactions[dataset.interactions["clicked"].to_numpy()]
+    train = clicked if full else split.fit
+    if len(train) == 0:
+        raise ValueError(f"{data_dir}: no training interactions after the EVAL.md split")
+    log.info("data: %s; training on %d rows (%s)", split.summary(), len(train), "full" if full else "fit split")
+
+    # 2. encoders and encoded tables -----------------------------------------------------
+    user_enc, item_enc = fit_encoders(dataset, train, cfg)
+    model = TwoTowerModel(cfg.model, user_enc, item_enc).to(device)
+    user_ids, user_feats = user_table(dataset)
+    user_index, item_index = pd.Index(user_ids), pd.Index(dataset.items["item_id"])
+    U = {k: torch.from_numpy(v).to(device) for k, v in user_enc.encode_table(user_ids, user_feats).items()}
+    I = {k: torch.from_numpy(v).to(device) for k, v in item_enc.encode_table(item_index.to_numpy(), dataset.items).items()}
+    pair_u = user_index.get_indexer(train["user_id"])
+    pair_i = item_index.get_indexer(train["item_id"])
+    weights = torch.from_numpy(train["weight"].to_numpy(np.float32, copy=True)).to(device)
+    n_items = len(item_index)
+    counts = np.bincount(pair_i, minlength=n_items).astype(np.float64)
+    log_q_all = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum())).float().to(device)
+    pos_keys = torch.from_numpy(np.unique(pair_u.astype(np.int64) * n_items + pair_i)).to(device)
+    pair_u_t, pair_i_t = torch.from_numpy(pair_u).to(device), torch.from_numpy(pair_i).to(device)
+
+    # 3. train -------------------------------------------------------------------------------
+    task = RetrievalTask(temperature=cfg.model.temperature, logq=cfg.logq, logq_weight=cfg.logq_weight)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    epochs = (cfg.full_epochs or cfg.epochs) if full else cfg.epochs
+    best = (-math.inf, 0, copy.deepcopy(model.state_dict()))
+    history = []
+    n_batches = math.ceil(len(train) / cfg.batch_size)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.from_numpy(rng.permutation(len(train))).to(device)
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{epochs}", disable=None if progress is None else not progress, leave=False, file=sys.stderr)
+        total = 0.0
+        for b in bar:
+            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            bu, bi = pair_u_t[idx], pair_i_t[idx]
+            u = model.user_tower({k: v[bu] for k, v in U.items()})
+            v = model.item_tower({k: v[bi] for k, v in I.items()})
+            extra = None
+            if cfg.mask_user_positives:
+                keys = bu.unsqueeze(1) * n_items + bi.unsqueeze(0)
+                pos = torch.searchsorted(pos_keys, keys).clamp(max=len(pos_keys) - 1)
+                extra = pos_keys[pos] == keys
+            loss = task(u, v, bi, log_q_all[bi], extra_mask=extra, weights=weights[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            if b % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        row = {"epoch": epoch, "loss": round(total / n_batches, 5)}
+        if not full:
+            model.eval()
+            val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
+            row |= {"val_recall@20": val.get("recall@20", 0.0), "val_ndcg@20": val.get("ndcg@20", 0.0)}
+            if row["val_recall@20"] > best[0]:
+                best = (row["val_recall@20"], epoch, copy.deepcopy(model.state_dict()))
+        history.append(row)
+        log.info("epoch %s", row)
+        if not full and epoch - best[1] >= cfg.patience:
+            break
+    if not full:
+        model.load_state_dict(best[2])
+    model.eval()
+
+    # 4. evaluate and save -----------------------------------------------------------------
+    train_seconds = round(time.time() - t_start, 2)
+    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
+    model.cpu()
+    item_counts = {str(i): int(c) for i, c in zip(item_index, counts, strict=True) if c > 0}
+    path = save_bundle(
+        model,
+        models_dir,
+        train_config=asdict(cfg),
+        schema=dataset.schema.to_json(),
+        item_counts=item_counts,
+        data_fingerprint=dataset.fingerprint(),
+        metrics=metrics,
+        full=full,
+        extra={"train_seconds": train_seconds, "best_epoch": best[1] if not full else epochs, "history": history, "split": split.summary()},
+    )
+    log.info("metrics %s; trained in %.1fs; bundle %s", metrics, train_seconds, path)
+    return path
