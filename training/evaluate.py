@@ -37,7 +37,7 @@ def topk_excluding(
         if exclude is not None:
             for r, ex in enumerate(exclude[s : s + chunk]):
                 if len(ex):
-                    scores[r, torch.from_numpy(np.asarray(ex, dtype=np.int64))] = -torch.inf
+                    scores[r, torch.as_tensor(np.array(ex, dtype=np.int64))] = -torch.inf
         out[s : s + chunk] = torch.topk(scores, k, dim=1, sorted=True).indices.numpy()
     return out
 
@@ -96,12 +96,15 @@ def evaluate_model(
     item_vecs: np.ndarray | None = None,
     max_users: int | None = None,
     include_cold: bool = True,
+    features_only: bool = False,
     seed: int = 0,
 ) -> dict[str, float]:
     """EVAL.md metrics of `model` on `split.<truth_part>` (warm) and, optionally, cold users.
 
     `truth_part="val"` evaluates on validation with the fit rows excluded (early stopping and
     tuning); "test" excludes all train rows. `max_users` samples users for speed on big data.
+    `features_only` embeds warm users with their id forced to out-of-vocabulary: on the
+    validation split it is the cold-start proxy used for tuning, so cold test users stay unseen.
     """
     items = dataset.items
     item_index = pd.Index(items["item_id"])
@@ -121,7 +124,8 @@ def evaluate_model(
             users = [users[i] for i in sorted(rng.choice(len(users), max_users, replace=False))]
         if not users:
             return {}
-        vecs = model.embed_user_table(users, _user_features(dataset, users))
+        ids = [None] * len(users) if features_only else users
+        vecs = model.embed_user_table(ids, _user_features(dataset, users))
         empty = np.empty(0, dtype=np.int64)
         exclude = [excl.get(u, empty) for u in users] if excl is not None else None
         top = topk_excluding(vecs, item_vecs, max(KS), exclude)

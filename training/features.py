@@ -147,7 +147,7 @@ class TowerEncoder:
     def encode_table(self, ids: Sequence[str] | np.ndarray, table: pd.DataFrame | None) -> dict[str, np.ndarray]:
         """Encode aligned rows: `ids[i]` with the feature values of `table.iloc[i]` (None: all missing)."""
         n = len(ids)
-        out: dict[str, np.ndarray] = {"id": self.ids.encode(np.asarray(ids, dtype=object))}
+        out: dict[str, np.ndarray] = {"id": self.ids.encode(np.asarray([i if i is not None else "" for i in ids], dtype=object))}
         for name, spec in self.specs.items():
             col = table[name].astype(str) if table is not None and name in table else pd.Series([""] * n)
             col = col.reset_index(drop=True)

@@ -1,0 +1,102 @@
+"""Dataset directory validation: errors name file, line and column; valid data round-trips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from training.dataset import DatasetError, Schema, read_dataset
+
+
+@pytest.fixture
+def ds(tiny_dataset: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, dst)
+    return dst
+
+
+def test_reads_tiny_dataset(tiny_dataset: Path) -> None:
+    d = read_dataset(tiny_dataset)
+    assert set(d.schema.user) == {"age", "country", "device", "interests"}
+    assert d.interactions["user_id"].map(type).eq(str).all()
+    assert d.interactions["timestamp"].dtype.kind == "i"
+    assert len(d.items) == 200
+    assert d.users is not None and len(d.users) == 300
+
+
+def _edit_csv(path: Path, row: int, col: str, value: str) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.loc[row, col] = value
+    df.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize(
+    ("file", "row", "col", "value", "message"),
+    [
+        ("interactions.csv", 4, "timestamp", "yesterday", "interactions.csv: line 6, column 'timestamp'"),
+        ("interactions.csv", 2, "item_id", "nope", "interactions.csv: line 4, column 'item_id': 'nope' is not in items"),
+        ("interactions.csv", 0, "user_id", "", "interactions.csv: line 2, column 'user_id': empty id"),
+        ("items.csv", 7, "price", "cheap", "items.csv: line 9, column 'price': 'cheap' is not a number"),
+        ("items.csv", 3, "item_id", "i0", "items.csv: line 5, column 'item_id': duplicate id 'i0'"),
+        ("users.csv", 10, "age", "inf", "users.csv: line 12, column 'age': 'inf' is not finite"),
+    ],
+)
+def test_malformed_rows_are_named(ds: Path, file: str, row: int, col: str, value: str, message: str) -> None:
+    _edit_csv(ds / file, row, col, value)
+    with pytest.raises(DatasetError) as e:
+        read_dataset(ds)
+    assert message in str(e.value)
+
+
+def test_missing_files_and_columns(ds: Path) -> None:
+    (ds / "items.csv").rename(ds / "catalog.csv")
+    with pytest.raises(DatasetError, match="missing required file items.csv"):
+        read_dataset(ds)
+    (ds / "catalog.csv").rename(ds / "items.csv")
+    df = pd.read_csv(ds / "items.csv", dtype=str).drop(columns=["tags"])
+    df.to_csv(ds / "items.csv", index=False)
+    with pytest.raises(DatasetError, match=r"items.csv: missing column\(s\) \['tags'\]"):
+        read_dataset(ds)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"user": {"features": {}}}, "missing required section 'item'"),
+        ({"item": {"features": {"x": {"type": "float"}}}}, "item.features.x: unknown type 'float'"),
+        ({"item": {"features": {"item_id": {"type": "categorical"}}}}, "must not be declared"),
+        ({"item": {"features": {}}, "ranking": {}}, "unknown top-level key"),
+    ],
+)
+def test_schema_errors(schema: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        Schema.from_json(schema)
+
+
+def test_user_section_may_be_empty_and_users_csv_optional(ds: Path) -> None:
+    schema = json.loads((ds / "schema.json").read_text())
+    schema["user"] = {"features": {}}
+    (ds / "schema.json").write_text(json.dumps(schema))
+    (ds / "users.csv").unlink()
+    d = read_dataset(ds)
+    assert d.users is None and d.schema.user == {}
+
+
+def test_parquet_in_place_of_csv(ds: Path) -> None:
+    items = pd.read_csv(ds / "items.csv", dtype=str, keep_default_na=False)
+    items.to_parquet(ds / "items.parquet")
+    (ds / "items.csv").unlink()
+    d = read_dataset(ds)
+    assert list(d.items["item_id"]) == list(items["item_id"])
+
+
+def test_exposure_flag_parsed(ds: Path) -> None:
+    df = pd.read_csv(ds / "interactions.csv", dtype=str)
+    df["clicked"] = ["0" if i % 5 == 0 else "1" for i in range(len(df))]
+    df.to_csv(ds / "interactions.csv", index=False)
+    d = read_dataset(ds)
+    assert (~d.interactions["clicked"]).sum() == (len(df) + 4) // 5
