@@ -2,7 +2,7 @@
 #
 # One image for every role of the two-tower system:
 #   default CMD           the retrieval API (uvicorn service.app:app on port 8000)
-#   trainer ...           e.g. `docker compose run --rm bootstrap trainer evaluate --data /data --model /models`
+#   trainer ...           e.g. `trainer fit --data /data --out /models --full`
 #   indexer ...           e.g. `indexer rebuild --model /models --data /data --out /index`
 # Data, model bundles and index versions live on volumes (/data, /models, /index), never in the image.
 #
@@ -36,12 +36,13 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Dependencies first, from the project's own metadata, so source edits do not reinstall torch.
+# Only the torch wheel comes from TORCH_INDEX_URL (at the version pyproject pins; 2.13.0+cpu
+# satisfies ==2.13.0); everything else, torch's own dependencies included, from PyPI.
 COPY pyproject.toml ./
 COPY docker/pyproject_deps.py /tmp/pyproject_deps.py
 RUN python /tmp/pyproject_deps.py pyproject.toml --only torch > /tmp/torch-requirements.txt \
- && python /tmp/pyproject_deps.py pyproject.toml --exclude torch > /tmp/requirements.txt \
- && pip install --upgrade pip \
- && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch-requirements.txt \
+ && python /tmp/pyproject_deps.py pyproject.toml > /tmp/requirements.txt \
+ && pip install --no-deps --index-url "${TORCH_INDEX_URL}" -r /tmp/torch-requirements.txt \
  && pip install -r /tmp/requirements.txt
 
 # Then the project itself (a regular, non-editable install into the venv).

@@ -347,6 +347,62 @@ def _script_mentions(stage: Stage, command: list[str], root: Path | None, needle
     return False
 
 
+def copy_sources(dockerfile: str) -> list[tuple[str, int]]:
+    """(source, line) of every build-context ``COPY``/``ADD`` source (not ``--from`` ones)."""
+    sources = []
+    _, stages = parse_stages(dockerfile)
+    for stage in stages:
+        for inst in stage.all("COPY") + stage.all("ADD"):
+            if "--from=" in inst.args:
+                continue
+            form = exec_form(inst.args)
+            words = form if form is not None else [w for w in inst.args.split() if not w.startswith("--")]
+            sources += [(source, inst.line) for source in words[:-1]]
+    return sources
+
+
+def check_copy_sources(dockerfile: str, root: Path, name: str = "Dockerfile") -> list[str]:
+    """COPY sources missing from the checkout (the build would fail on them)."""
+    return [
+        f"{name}:{line}: COPY source {source} does not exist"
+        for source, line in copy_sources(dockerfile)
+        if not any(root.glob(source.strip("/")))
+    ]
+
+
+def check_dockerignore(dockerfile: str, ignore: str, name: str = ".dockerignore") -> list[str]:
+    """Build-context files the Dockerfile COPYs but .dockerignore excludes (a broken build).
+
+    Docker's matcher is Go ``filepath.Match`` plus ``**``; fnmatch on the path and each of its
+    parent directories is close enough for the plain patterns this repo uses, and ``!``
+    exceptions re-include (last match wins, as in Docker).
+    """
+    import fnmatch
+
+    patterns = [
+        line.strip() for line in ignore.splitlines() if line.strip() and not line.strip().startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        parts = path.strip("/").split("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        verdict = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            glob = pattern[1:] if negate else pattern
+            glob = glob.strip("/")
+            globs = {glob, glob[3:]} if glob.startswith("**/") else {glob}
+            if any(fnmatch.fnmatchcase(c, g) for c in candidates for g in globs):
+                verdict = not negate
+        return verdict
+
+    return [
+        f"{name}: excludes {source}, which Dockerfile line {line} copies"
+        for source, line in copy_sources(dockerfile)
+        if ignored(source)
+    ]
+
+
 # ------------------------------------------------------------------------------------------
 # docker-compose.yml
 
@@ -444,6 +500,14 @@ def run_checks(root: Path) -> tuple[list[str], list[str]]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing")
     problems += check_dockerfile(dockerfile.read_text(encoding="utf-8"), root)
+    problems += check_copy_sources(dockerfile.read_text(encoding="utf-8"), root)
+    ignore = root / ".dockerignore"
+    if ignore.is_file():
+        problems += check_dockerignore(
+            dockerfile.read_text(encoding="utf-8"), ignore.read_text(encoding="utf-8")
+        )
+    else:
+        notes.append("no .dockerignore: the whole checkout (.git, data) is sent as build context")
     problems += check_compose(load_compose(compose))
     ok, detail = compose_config(compose)
     if ok is None:

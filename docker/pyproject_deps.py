@@ -1,11 +1,13 @@
 """Print the runtime requirements declared in pyproject.toml, one per line.
 
 Used by the Dockerfile's builder stage so the image installs exactly what the project's own
-metadata pins (no second, drifting requirements file), in two steps: PyTorch from the
-configurable wheel index (CPU by default, a CUDA index for GPU users), then everything else
-from PyPI. Installing the dependencies before copying the source keeps them in a cached layer.
+metadata pins (no second, drifting requirements file), in two steps: the torch wheel alone from
+the configurable wheel index (CPU by default, a CUDA index for GPU users), then every
+dependency from PyPI (the installed torch already satisfies its pin). Installing the
+dependencies before copying the source keeps them in a cached layer.
 
     python pyproject_deps.py pyproject.toml --only torch     # -> torch==2.13.0
+    python pyproject_deps.py pyproject.toml                  # -> every dependency
     python pyproject_deps.py pyproject.toml --exclude torch  # -> every other dependency
 """
 

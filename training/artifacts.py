@@ -8,6 +8,7 @@ file, and a crash leaves at most a `.tmp-*` directory that the next run removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -153,9 +154,5 @@ def remove_stale_temps(parent: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-@contextmanager
-def _ignore_missing() -> Iterator[None]:
-    try:
-        yield
-    except FileNotFoundError:
-        pass
+def _ignore_missing() -> contextlib.suppress:
+    return contextlib.suppress(FileNotFoundError)

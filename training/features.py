@@ -28,6 +28,7 @@ from training.dataset import FeatureSpec, parse_continuous
 
 OOV = 0
 PAD = 0
+POPULARITY = "__popularity"
 MULTI_OOV = 1
 
 
@@ -113,6 +114,18 @@ class TowerEncoder:
     vocabs: dict[str, Vocabulary] = field(default_factory=dict)
     stats: dict[str, ContinuousStats] = field(default_factory=dict)
     max_len: dict[str, int] = field(default_factory=dict)
+    # training clicks per id (aligned with ids.tokens) when the tower takes its own popularity
+    # as an input; encoded as the continuous feature POPULARITY = log1p(clicks), 0 for OOV ids
+    id_counts: list[int] | None = None
+
+    @property
+    def continuous_names(self) -> list[str]:
+        names = [n for n, s in self.specs.items() if s.type == "continuous"]
+        return names + ([POPULARITY] if self.id_counts is not None else [])
+
+    def _popularity(self, id_index: np.ndarray) -> np.ndarray:
+        counts = np.concatenate([[0.0], np.asarray(self.id_counts, dtype=np.float64)])
+        return np.log1p(counts[id_index])
 
     @classmethod
     def fit(
@@ -125,9 +138,19 @@ class TowerEncoder:
         min_count: int = 1,
         n_buckets: int = 10,
         max_multi_len: int = 16,
+        popularity: bool = False,
     ) -> TowerEncoder:
-        """Fit vocabularies/statistics. `table` holds the rows statistics are computed from."""
+        """Fit vocabularies/statistics. `table` holds the rows statistics are computed from.
+
+        `train_ids` has one entry per training interaction; with `popularity` the tower also
+        gets log1p(training clicks of its id) as an input (used for items).
+        """
+        train_ids = pd.Series(np.asarray(list(train_ids), dtype=object))
         enc = cls(side=side, specs=specs, ids=Vocabulary.fit(train_ids))
+        if popularity:
+            counts = train_ids.value_counts()
+            enc.id_counts = [int(counts[t]) for t in enc.ids.tokens]
+            enc.stats[POPULARITY] = ContinuousStats.fit(np.log1p(counts.to_numpy(dtype=np.float64)), n_buckets)
         table = table if table is not None else pd.DataFrame({n: pd.Series(dtype=str) for n in specs})
         for name, spec in specs.items():
             col = table[name].astype(str)
@@ -148,6 +171,7 @@ class TowerEncoder:
         """Encode aligned rows: `ids[i]` with the feature values of `table.iloc[i]` (None: all missing)."""
         n = len(ids)
         out: dict[str, np.ndarray] = {"id": self.ids.encode(np.asarray([i if i is not None else "" for i in ids], dtype=object))}
+        self._encode_popularity(out)
         for name, spec in self.specs.items():
             col = table[name].astype(str) if table is not None and name in table else pd.Series([""] * n)
             col = col.reset_index(drop=True)
@@ -159,6 +183,10 @@ class TowerEncoder:
                 z, b = self.stats[name].encode(parse_continuous(col))
                 out[f"cont.{name}"], out[f"bucket.{name}"] = z, b
         return out
+
+    def _encode_popularity(self, out: dict[str, np.ndarray]) -> None:
+        if self.id_counts is not None:
+            out[f"cont.{POPULARITY}"], out[f"bucket.{POPULARITY}"] = self.stats[POPULARITY].encode(self._popularity(out["id"]))
 
     def _encode_multi(self, name: str, lists: pd.Series) -> np.ndarray:
         L = self.max_len[name]
@@ -204,6 +232,7 @@ class TowerEncoder:
         out: dict[str, np.ndarray] = {
             "id": np.array([OOV if r.get(id_key) is None else self.ids.encode_one(str(r[id_key])) for r in records], dtype=np.int64)
         }
+        self._encode_popularity(out)
         cols: dict[str, list] = {name: [None] * n for name in self.specs}
         for i, r in enumerate(records):
             for name, value in (r.get("features") or {}).items():
@@ -234,6 +263,7 @@ class TowerEncoder:
             "vocabs": {n: v.tokens for n, v in self.vocabs.items()},
             "stats": {n: {"mean": s.mean, "std": s.std, "boundaries": s.boundaries} for n, s in self.stats.items()},
             "max_len": self.max_len,
+            "id_counts": self.id_counts,
         }
 
     @classmethod
@@ -246,4 +276,5 @@ class TowerEncoder:
             vocabs={n: Vocabulary(t, offset=2 if specs[n].type == "multi_categorical" else 1) for n, t in obj["vocabs"].items()},
             stats={n: ContinuousStats(**s) for n, s in obj["stats"].items()},
             max_len={n: int(v) for n, v in obj["max_len"].items()},
+            id_counts=obj.get("id_counts"),
         )

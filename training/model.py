@@ -37,7 +37,7 @@ class ModelConfig:
     feature_dim: int = 16            # width of each categorical / multi / bucket embedding
     hidden: list[int] = field(default_factory=lambda: [256])
     dropout: float = 0.0
-    user_id_dropout: float = 0.1
+    user_id_dropout: float = 0.3
     item_id_dropout: float = 0.1
     temperature: float = 0.05        # training only: logits = cos / temperature
 
@@ -69,10 +69,10 @@ class Tower(nn.Module):
             elif spec.type == "multi_categorical":
                 self.multi[name] = nn.Embedding(encoder.vocabs[name].size, cfg.feature_dim, padding_idx=0)
                 width += cfg.feature_dim
-            else:
-                self.bucket[name] = nn.Embedding(encoder.stats[name].n_buckets, cfg.feature_dim)
-                self.cont_names.append(name)
-                width += cfg.feature_dim + 1
+        for name in encoder.continuous_names:
+            self.bucket[name] = nn.Embedding(encoder.stats[name].n_buckets, cfg.feature_dim)
+            self.cont_names.append(name)
+            width += cfg.feature_dim + 1
         layers: list[nn.Module] = []
         for h in cfg.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]

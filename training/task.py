@@ -13,6 +13,24 @@ correction exists in training only: serving scores are plain cosines (invariant 
 
 Accidental hits: when the same item occurs twice in a batch, row i would treat its own positive
 (at column j ≠ i) as a negative. Those logits are masked to -inf.
+
+Sampled-negative objectives take, per row i, the user vector a_i, the positive b⁺_i and K
+negatives b⁻_ik drawn by a sampler (`training.samplers`), with s⁺ = cos(a_i, b⁺_i) and
+s⁻_k = cos(a_i, b⁻_ik). `neg_mask` (N, K) marks negatives to ignore: accidental hits (the
+negative is the positive, or another known positive of the user; see `known_positive_mask`).
+
+* pointwise: binary cross-entropy with logits s/τ, label 1 for the positive and 0 for each
+  negative — it pushes cos(a, b⁺) → +1 and cos(a, b⁻) → −1. Per row the mean over its 1 + K'
+  labelled pairs (K' unmasked negatives).
+* triplet hinge: max(0, s⁻ − s⁺ + m), mean over the unmasked negatives of the row.
+* triplet logistic: log(1 + exp(σ (s⁻ − s⁺))) (a smooth hinge), same averaging.
+* listwise: softmax over [s⁺/τ, s⁻_1/τ − log q_1, …], loss −log p(positive). Subtracting each
+  negative's log proposal probability log q_k (from the distribution that drew it) makes the
+  sampled softmax a consistent estimate of the full softmax (Bengio & Senécal 2008); the
+  positive is given, not drawn, so by default it is not corrected (pass `pos_log_q` to do so).
+
+The pointwise and pairwise losses are not softmax estimators and take no logQ term: their
+negatives' distribution *is* the training signal, which is why the sampler choice matters.
 """
 
 from __future__ import annotations
@@ -68,13 +86,206 @@ def in_batch_softmax_loss(
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
+def known_positive_mask(
+    user_idx: torch.Tensor, cand_ids: torch.Tensor, pos_keys: torch.Tensor, n_items: int
+) -> torch.Tensor:
+    """Bool mask, shape of `cand_ids`: the user of that row clicked the candidate in training.
+
+    user_idx: (N,) user rows; cand_ids: (N, M) candidate item rows (or (M,), shared by every row);
+    pos_keys: sorted 1-D int64 tensor of `user * n_items + item` for every training positive.
+    A lookup by binary search, O(N·M·log P), no dense user×item matrix.
+    """
+    if cand_ids.dim() == 1:
+        cand_ids = cand_ids.unsqueeze(0).expand(len(user_idx), -1)
+    if cand_ids.dim() != 2 or cand_ids.shape[0] != user_idx.shape[0]:
+        raise ValueError(f"cand_ids {tuple(cand_ids.shape)} must be (N, M) or (M,) with N = len(user_idx) = {len(user_idx)}")
+    if len(pos_keys) == 0:
+        return torch.zeros(cand_ids.shape, dtype=torch.bool, device=cand_ids.device)
+    keys = user_idx.unsqueeze(1).long() * n_items + cand_ids.long()
+    pos = torch.searchsorted(pos_keys, keys).clamp(max=len(pos_keys) - 1)
+    return pos_keys[pos] == keys
+
+
+def sampled_hit_mask(
+    pos_ids: torch.Tensor,
+    neg_ids: torch.Tensor,
+    user_idx: torch.Tensor | None = None,
+    pos_keys: torch.Tensor | None = None,
+    n_items: int | None = None,
+) -> torch.Tensor:
+    """(N, K) accidental hits among sampled negatives: equal to the row's positive, or (when
+    `user_idx`, `pos_keys`, `n_items` are given) any other training positive of the user."""
+    if neg_ids.dim() != 2 or neg_ids.shape[0] != pos_ids.shape[0]:
+        raise ValueError(f"neg_ids {tuple(neg_ids.shape)} must be (N, K) with N = len(pos_ids) = {len(pos_ids)}")
+    mask = neg_ids == pos_ids.unsqueeze(1)
+    if user_idx is not None and pos_keys is not None and n_items is not None:
+        mask = mask | known_positive_mask(user_idx, neg_ids, pos_keys, n_items)
+    return mask
+
+
+def _check_sampled(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, neg_mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate shapes; return the (N, K) bool keep-mask of negatives."""
+    if user.shape != pos.shape or user.dim() != 2:
+        raise ValueError(f"user {tuple(user.shape)} and positive {tuple(pos.shape)} must both be (N, d)")
+    if neg.dim() != 3 or neg.shape[0] != user.shape[0] or neg.shape[2] != user.shape[1]:
+        raise ValueError(f"negatives {tuple(neg.shape)} must be (N, K, d) = ({user.shape[0]}, K, {user.shape[1]})")
+    if neg_mask is None:
+        return torch.ones(neg.shape[:2], dtype=torch.bool, device=neg.device)
+    if neg_mask.shape != neg.shape[:2]:
+        raise ValueError(f"neg_mask {tuple(neg_mask.shape)} must be (N, K) = {tuple(neg.shape[:2])}")
+    return ~neg_mask
+
+
+def _pair_scores(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s⁺ (N,) and s⁻ (N, K): cosines of unit vectors."""
+    return (user * pos).sum(-1), torch.einsum("nd,nkd->nk", user, neg)
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return losses.mean()
+    if weights.shape != losses.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must be (N,) = {tuple(losses.shape)}")
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def pointwise_loss(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    temperature: float,
+    neg_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary cross-entropy on logits cos/τ: positive labelled 1, each negative labelled 0.
+
+    BCE(s/τ, 1) = softplus(−s/τ) and BCE(s/τ, 0) = softplus(s/τ); row loss is their mean over the
+    positive and the unmasked negatives; the batch loss the (weighted) mean of rows.
+    """
+    keep = _check_sampled(user, pos, neg, neg_mask)
+    sp, sn = _pair_scores(user, pos, neg)
+    neg_terms = (F.softplus(sn / temperature) * keep).sum(1)
+    rows = (F.softplus(-sp / temperature) + neg_terms) / (1 + keep.sum(1))
+    return _weighted_mean(rows, weights)
+
+
+def _pairwise(per_pair: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over each row's unmasked negatives (0 for a row with none), then over rows."""
+    rows = (per_pair * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return _weighted_mean(rows, weights)
+
+
+def triplet_hinge_loss(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    margin: float,
+    neg_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """max(0, cos(a,b⁻) + m − cos(a,b⁺)): zero once the positive beats each negative by m."""
+    keep = _check_sampled(user, pos, neg, neg_mask)
+    sp, sn = _pair_scores(user, pos, neg)
+    return _pairwise(F.relu(sn + margin - sp.unsqueeze(1)), keep, weights)
+
+
+def triplet_logistic_loss(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    sigma: float,
+    neg_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log(1 + exp(σ(cos(a,b⁻) − cos(a,b⁺)))): BPR-style, a smooth hinge with scale σ."""
+    keep = _check_sampled(user, pos, neg, neg_mask)
+    sp, sn = _pair_scores(user, pos, neg)
+    return _pairwise(F.softplus(sigma * (sn - sp.unsqueeze(1))), keep, weights)
+
+
+def listwise_loss(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    temperature: float,
+    neg_log_q: torch.Tensor | None = None,
+    pos_log_q: torch.Tensor | None = None,
+    neg_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """−log softmax([s⁺/τ − log q⁺, s⁻_k/τ − log q_k])[0], masked negatives dropped.
+
+    neg_log_q: (N, K) log proposal probability of each negative under the sampler that drew it;
+    pos_log_q: (N,) optional correction of the positive (off by default: it is not sampled).
+    """
+    keep = _check_sampled(user, pos, neg, neg_mask)
+    sp, sn = _pair_scores(user, pos, neg)
+    lp, ln = sp / temperature, sn / temperature
+    if neg_log_q is not None:
+        if neg_log_q.shape != sn.shape:
+            raise ValueError(f"neg_log_q {tuple(neg_log_q.shape)} must be (N, K) = {tuple(sn.shape)}")
+        ln = ln - neg_log_q
+    if pos_log_q is not None:
+        lp = lp - pos_log_q
+    logits = torch.cat([lp.unsqueeze(1), ln.masked_fill(~keep, NEG_INF)], dim=1)
+    rows = -torch.log_softmax(logits, dim=1)[:, 0]
+    return _weighted_mean(rows, weights)
+
+
+OBJECTIVES = ("in_batch_softmax", "pointwise", "triplet_hinge", "triplet_logistic", "listwise")
+
+
 @dataclass
 class RetrievalTask:
-    """Configured objective: call it with tower outputs and the batch's ids to get the loss."""
+    """Configured objective.
+
+    `objective == "in_batch_softmax"`: call it with tower outputs and the batch's ids (the
+    default, unchanged). Any other objective: call `sampled(user, pos, neg, …)` with K sampled
+    negatives per row; logQ (scaled by `logq_weight`) applies to the listwise objective only.
+    """
 
     temperature: float = 0.05
     logq: bool = True
     logq_weight: float = 1.0  # 1.0 = the exact correction; <1 interpolates towards none
+    objective: str = "in_batch_softmax"
+    margin: float = 0.2       # triplet hinge margin m (in cosine units)
+    sigma: float = 10.0       # triplet logistic scale σ
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+
+    @property
+    def uses_sampled_negatives(self) -> bool:
+        return self.objective != "in_batch_softmax"
+
+    def sampled(
+        self,
+        user: torch.Tensor,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        *,
+        neg_log_q: torch.Tensor | None = None,
+        neg_mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of the configured sampled-negative objective; user/pos (N, d), neg (N, K, d)."""
+        if self.objective == "pointwise":
+            return pointwise_loss(user, pos, neg, temperature=self.temperature, neg_mask=neg_mask, weights=weights)
+        if self.objective == "triplet_hinge":
+            return triplet_hinge_loss(user, pos, neg, margin=self.margin, neg_mask=neg_mask, weights=weights)
+        if self.objective == "triplet_logistic":
+            return triplet_logistic_loss(user, pos, neg, sigma=self.sigma, neg_mask=neg_mask, weights=weights)
+        if self.objective == "listwise":
+            lq = neg_log_q * self.logq_weight if (self.logq and neg_log_q is not None) else None
+            return listwise_loss(
+                user, pos, neg, temperature=self.temperature, neg_log_q=lq, neg_mask=neg_mask, weights=weights
+            )
+        raise ValueError(f"objective {self.objective!r} takes in-batch negatives: call the task, not .sampled()")
 
     def __call__(
         self,

@@ -27,9 +27,12 @@ from training.bundle import save_bundle
 from training.dataset import Dataset, read_dataset
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
+from training.frequency import StreamingFrequencyEstimator
 from training.model import ModelConfig, TwoTowerModel
-from training.split import Split, split_interactions
-from training.task import RetrievalTask
+from training.samplers import NegativeSampler, build_sampler, keep_probability, positive_weights
+from training.split import split_interactions
+from training.ssl import SSLTask
+from training.task import RetrievalTask, known_positive_mask, sampled_hit_mask
 
 log = logging.getLogger("trainer")
 
@@ -41,19 +44,41 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 40                 # maximum epochs (early stopping usually ends sooner)
     patience: int = 4                # epochs without validation improvement before stopping
-    full_epochs: int | None = None   # epochs for --full (no validation); default: `epochs`
+    full_epochs: int | None = 10     # epochs for --full (no validation split to stop on); None: `epochs`
     batch_size: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.0
     logq: bool = True
     logq_weight: float = 1.0
     mask_user_positives: bool = True  # also mask in-batch items the user clicked elsewhere
-    min_count: int = 1
+    min_count: int = 2               # rarer categorical values share the OOV row (as unseen ones do at serving)
     n_buckets: int = 10
     max_multi_len: int = 16
+    item_popularity_feature: bool = False  # item tower input: log1p(training clicks); 0 for fresh items
     eval_max_users: int | None = 5000  # validation users sampled per epoch (big datasets)
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
+    # objective, negatives, positives, SSL (training/task.py, samplers.py, frequency.py, ssl.py)
+    objective: str = "in_batch_softmax"  # | pointwise | triplet_hinge | triplet_logistic | listwise
+    num_negatives: int = 3               # sampled negatives per positive (pointwise: the 1:3 ratio)
+    negative_sampler: str = "popularity"  # sampled objectives: uniform | popularity | in_batch | hard | mixture
+    popularity_alpha: float = 0.75       # popularity sampler: q ∝ clicks^α
+    hard_rank_band: list[int] = field(default_factory=lambda: [20, 100])  # model ranks [lo, hi) mined per epoch
+    mixture_hard_fraction: float = 0.5   # mixture: share of hard negatives, rest from `mixture_easy`
+    mixture_easy: str = "popularity"
+    triplet_margin: float = 0.2          # triplet_hinge margin m
+    logistic_sigma: float = 10.0         # triplet_logistic scale σ
+    frequency: str = "exact"             # in-batch logQ from exact counts | "streaming" (Yi et al. 2019)
+    stream_buckets: int = 1 << 16
+    stream_hashes: int = 2
+    stream_alpha: float = 0.01
+    positive_beta: float = 0.0           # positive re-weighting ∝ count^−β (0 = off)
+    positive_keep_t: float = 0.0         # head sub-sampling: keep a click w.p. min(1, sqrt(t/f)) (0 = off)
+    ssl_weight: float = 0.0              # α of L_main + α·L_self (0 = no SSL)
+    ssl_augmentation: str = "correlated"  # random | multi_dropout | complementary | correlated
+    ssl_rate: float = 0.5                # masking / token-dropout probability (random, multi_dropout)
+    ssl_batch_size: int = 256            # m items drawn uniformly from the catalog per step
+    ssl_temperature: float = 0.1
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -102,9 +127,23 @@ def fit_encoders(dataset: Dataset, train: pd.DataFrame, cfg: TrainConfig) -> tup
     if dataset.users is not None:
         users = dataset.users[dataset.users["user_id"].isin(train_users)]
     kw = {"min_count": cfg.min_count, "n_buckets": cfg.n_buckets, "max_multi_len": cfg.max_multi_len}
-    user_enc = TowerEncoder.fit("user", dataset.schema.user, train_users, users, **kw)
-    item_enc = TowerEncoder.fit("item", dataset.schema.item, pd.unique(train["item_id"]), dataset.items, **kw)
+    user_enc = TowerEncoder.fit("user", dataset.schema.user, train["user_id"], users, **kw)
+    item_enc = TowerEncoder.fit(
+        "item", dataset.schema.item, train["item_id"], dataset.items, popularity=cfg.item_popularity_feature, **kw
+    )
     return user_enc, item_enc
+
+
+@torch.no_grad()
+def refresh_sampler(sampler: NegativeSampler, model: TwoTowerModel, users: dict, items: dict, chunk: int = 8192) -> None:
+    """Give the sampler the current model's user and item vectors (hard-negative mining)."""
+    was = model.training
+    model.eval()
+    def embed(tower: torch.nn.Module, table: dict) -> np.ndarray:
+        n = len(table["id"])
+        return np.concatenate([tower({k: v[s : s + chunk] for k, v in table.items()}).float().cpu().numpy() for s in range(0, n, chunk)])
+    sampler.refresh(embed(model.user_tower, users), embed(model.item_tower, items))
+    model.train(was)
 
 
 def fit(
@@ -136,8 +175,8 @@ def fit(
     model = TwoTowerModel(cfg.model, user_enc, item_enc).to(device)
     user_ids, user_feats = user_table(dataset)
     user_index, item_index = pd.Index(user_ids), pd.Index(dataset.items["item_id"])
-    U = {k: torch.from_numpy(v).to(device) for k, v in user_enc.encode_table(user_ids, user_feats).items()}
-    I = {k: torch.from_numpy(v).to(device) for k, v in item_enc.encode_table(item_index.to_numpy(), dataset.items).items()}
+    users_t = {k: torch.from_numpy(v).to(device) for k, v in user_enc.encode_table(user_ids, user_feats).items()}
+    items_t = {k: torch.from_numpy(v).to(device) for k, v in item_enc.encode_table(item_index.to_numpy(), dataset.items).items()}
     pair_u = user_index.get_indexer(train["user_id"])
     pair_i = item_index.get_indexer(train["item_id"])
     weights = torch.from_numpy(train["weight"].to_numpy(np.float32, copy=True)).to(device)
@@ -148,7 +187,28 @@ def fit(
     pair_u_t, pair_i_t = torch.from_numpy(pair_u).to(device), torch.from_numpy(pair_i).to(device)
 
     # 3. train -------------------------------------------------------------------------------
-    task = RetrievalTask(temperature=cfg.model.temperature, logq=cfg.logq, logq_weight=cfg.logq_weight)
+    task = RetrievalTask(
+        temperature=cfg.model.temperature, logq=cfg.logq, logq_weight=cfg.logq_weight,
+        objective=cfg.objective, margin=cfg.triplet_margin, sigma=cfg.logistic_sigma,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)  # sampler/SSL/re-sampling randomness (CPU)
+    sampler = None
+    if task.uses_sampled_negatives:
+        sampler = build_sampler(
+            cfg.negative_sampler, counts=counts, pos_keys=pos_keys.cpu().numpy(), log_q_items=log_q_all,
+            alpha=cfg.popularity_alpha, rank_band=tuple(cfg.hard_rank_band),
+            hard_fraction=cfg.mixture_hard_fraction, easy=cfg.mixture_easy,
+        )
+    if cfg.frequency not in ("exact", "streaming"):
+        raise ValueError(f"frequency {cfg.frequency!r} is not 'exact' or 'streaming'")
+    stream = None
+    if cfg.frequency == "streaming":
+        stream = StreamingFrequencyEstimator(cfg.stream_buckets, cfg.stream_hashes, cfg.stream_alpha, seed=cfg.seed)
+    pos_w = torch.from_numpy(positive_weights(counts, cfg.positive_beta)).float().to(device) if cfg.positive_beta else None
+    keep_p = torch.from_numpy(keep_probability(counts, cfg.positive_keep_t)).float() if cfg.positive_keep_t > 0 else None
+    ssl = None
+    if cfg.ssl_weight > 0:
+        ssl = SSLTask(items_t, augmentation=cfg.ssl_augmentation, rate=cfg.ssl_rate, batch_size=cfg.ssl_batch_size, temperature=cfg.ssl_temperature)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs = (cfg.full_epochs or cfg.epochs) if full else cfg.epochs
     best = (-math.inf, 0, copy.deepcopy(model.state_dict()))
@@ -156,20 +216,35 @@ def fit(
     n_batches = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(1, epochs + 1):
         model.train()
+        if sampler is not None:
+            refresh_sampler(sampler, model, users_t, items_t)
         perm = torch.from_numpy(rng.permutation(len(train))).to(device)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{epochs}", disable=None if progress is None else not progress, leave=False, file=sys.stderr)
         total = 0.0
         for b in bar:
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             bu, bi = pair_u_t[idx], pair_i_t[idx]
-            u = model.user_tower({k: v[bu] for k, v in U.items()})
-            v = model.item_tower({k: v[bi] for k, v in I.items()})
-            extra = None
-            if cfg.mask_user_positives:
-                keys = bu.unsqueeze(1) * n_items + bi.unsqueeze(0)
-                pos = torch.searchsorted(pos_keys, keys).clamp(max=len(pos_keys) - 1)
-                extra = pos_keys[pos] == keys
-            loss = task(u, v, bi, log_q_all[bi], extra_mask=extra, weights=weights[idx])
+            u = model.user_tower({k: v[bu] for k, v in users_t.items()})
+            v = model.item_tower({k: v[bi] for k, v in items_t.items()})
+            w = weights[idx]
+            if pos_w is not None:  # positive re-weighting: head clicks down, tail clicks up
+                w = w * pos_w[bi]
+            if keep_p is not None:  # head sub-sampling; dropped rows still serve as in-batch negatives
+                w = w * (torch.rand(len(bi), generator=gen) < keep_p[bi.cpu()]).to(w)
+            if not task.uses_sampled_negatives:  # in-batch softmax, logQ ∝ clicks (exact or streamed)
+                extra = known_positive_mask(bu, bi, pos_keys, n_items) if cfg.mask_user_positives else None
+                lq = log_q_all[bi]
+                if stream is not None:
+                    stream.update(bi.cpu().numpy())
+                    lq = torch.from_numpy(stream.log_q(bi.cpu().numpy(), len(bi))).float().to(device)
+                loss = task(u, v, bi, lq, extra_mask=extra, weights=w)
+            else:  # K sampled negatives per row, each with the log q of the sampler that drew it
+                neg, neg_lq = sampler.sample(bu, bi, cfg.num_negatives, gen)
+                vn = model.item_tower({k: t[neg.reshape(-1)] for k, t in items_t.items()}).view(*neg.shape, -1)
+                hits = sampled_hit_mask(bi, neg, bu if cfg.mask_user_positives else None, pos_keys, n_items)
+                loss = task.sampled(u, v, vn, neg_log_q=neg_lq, neg_mask=hits, weights=w)
+            if ssl is not None:  # L_main + α·L_self over items drawn uniformly from the catalog
+                loss = loss + cfg.ssl_weight * ssl.loss(model.item_tower, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

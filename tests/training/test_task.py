@@ -75,3 +75,101 @@ def test_extra_mask_never_masks_the_positive_and_weights() -> None:
 def test_shape_mismatch_names_shapes() -> None:
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
         in_batch_softmax_loss(torch.zeros(2, 2), torch.zeros(3, 2), torch.arange(3), temperature=1.0)
+
+
+# ---- sampled-negative objectives ---------------------------------------------------------------
+# one user a = (1, 0); positive b⁺ = (1, 1)/√2 so s⁺ = c = 1/√2; negatives (1, 0), (0, 1): s⁻ = 1, 0
+C = 1 / math.sqrt(2)
+
+
+def _triple() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _unit([1, 0]), _unit([1, 1]), _unit([1, 0], [0, 1]).unsqueeze(0)
+
+
+def _sp(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_pointwise_bce_by_hand() -> None:
+    from training.task import pointwise_loss
+
+    a, p, n = _triple()
+    want = (_sp(-C / 0.5) + _sp(1 / 0.5) + _sp(0 / 0.5)) / 3
+    assert pointwise_loss(a, p, n, temperature=0.5).item() == pytest.approx(want, rel=1e-9)
+    masked = torch.tensor([[True, False]])
+    want = (_sp(-C / 0.5) + _sp(0.0)) / 2
+    assert pointwise_loss(a, p, n, temperature=0.5, neg_mask=masked).item() == pytest.approx(want, rel=1e-9)
+
+
+def test_triplet_hinge_by_hand() -> None:
+    from training.task import triplet_hinge_loss
+
+    a, p, n = _triple()
+    want = (max(0.0, 1 + 0.2 - C) + max(0.0, 0 + 0.2 - C)) / 2
+    assert triplet_hinge_loss(a, p, n, margin=0.2).item() == pytest.approx(want, rel=1e-9)
+    # masking the violating negative leaves only the satisfied one: zero loss
+    assert triplet_hinge_loss(a, p, n, margin=0.2, neg_mask=torch.tensor([[True, False]])).item() == 0.0
+
+
+def test_triplet_logistic_by_hand() -> None:
+    from training.task import triplet_logistic_loss
+
+    a, p, n = _triple()
+    want = (_sp(2 * (1 - C)) + _sp(2 * (0 - C))) / 2
+    assert triplet_logistic_loss(a, p, n, sigma=2.0).item() == pytest.approx(want, rel=1e-9)
+
+
+def test_listwise_logq_and_masking_by_hand() -> None:
+    from training.task import listwise_loss
+
+    a, p, n = _triple()
+    lq = torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=torch.float64)
+    logits = [C / 0.5, 1 / 0.5 - math.log(0.5), 0 / 0.5 - math.log(0.25)]
+    want = -(logits[0] - math.log(sum(math.exp(x) for x in logits)))
+    assert listwise_loss(a, p, n, temperature=0.5, neg_log_q=lq).item() == pytest.approx(want, rel=1e-9)
+    plain = [C / 0.5, 2.0, 0.0]
+    want = -(plain[0] - math.log(sum(math.exp(x) for x in plain)))
+    assert listwise_loss(a, p, n, temperature=0.5).item() == pytest.approx(want, rel=1e-9)
+    # accidental hit on the first negative: softmax over [positive, second negative] only
+    m = torch.tensor([[True, False]])
+    want = -(logits[0] - math.log(math.exp(logits[0]) + math.exp(logits[2])))
+    assert listwise_loss(a, p, n, temperature=0.5, neg_log_q=lq, neg_mask=m).item() == pytest.approx(want, rel=1e-9)
+    # correcting the positive too (pos_log_q) subtracts its log q from the first logit
+    want2 = -((logits[0] - math.log(0.1)) - math.log(math.exp(logits[0] - math.log(0.1)) + sum(math.exp(x) for x in logits[1:])))
+    got = listwise_loss(a, p, n, temperature=0.5, neg_log_q=lq, pos_log_q=torch.tensor([math.log(0.1)], dtype=torch.float64))
+    assert got.item() == pytest.approx(want2, rel=1e-9)
+
+
+def test_sampled_hit_mask_and_known_positives() -> None:
+    from training.task import known_positive_mask, sampled_hit_mask
+
+    n_items = 10
+    pos_keys = torch.tensor(sorted([0 * n_items + 3, 0 * n_items + 4, 1 * n_items + 7]))
+    users, pos = torch.tensor([0, 1]), torch.tensor([3, 7])
+    neg = torch.tensor([[3, 4, 5], [3, 7, 4]])
+    assert sampled_hit_mask(pos, neg).tolist() == [[True, False, False], [False, True, False]]
+    assert sampled_hit_mask(pos, neg, users, pos_keys, n_items).tolist() == [[True, True, False], [False, True, False]]
+    assert known_positive_mask(users, torch.tensor([4, 7]), pos_keys, n_items).tolist() == [[True, False], [False, True]]
+    with pytest.raises(ValueError, match=r"neg_ids \(3,\) must be \(N, K\)"):
+        sampled_hit_mask(pos, torch.tensor([1, 2, 3]))
+
+
+def test_task_dispatch_and_errors() -> None:
+    from training.task import listwise_loss, triplet_hinge_loss
+
+    a, p, n = _triple()
+    lq = torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=torch.float64)
+    t = RetrievalTask(temperature=0.5, objective="listwise", logq_weight=0.5)
+    assert t.sampled(a, p, n, neg_log_q=lq).item() == pytest.approx(
+        listwise_loss(a, p, n, temperature=0.5, neg_log_q=0.5 * lq).item()
+    )
+    t = RetrievalTask(objective="listwise", logq=False, temperature=0.5)
+    assert t.sampled(a, p, n, neg_log_q=lq).item() == pytest.approx(listwise_loss(a, p, n, temperature=0.5).item())
+    t = RetrievalTask(objective="triplet_hinge", margin=0.3)
+    assert t.sampled(a, p, n).item() == pytest.approx(triplet_hinge_loss(a, p, n, margin=0.3).item())
+    with pytest.raises(ValueError, match="objective 'softmax' is not one of"):
+        RetrievalTask(objective="softmax")
+    with pytest.raises(ValueError, match="in-batch negatives"):
+        RetrievalTask().sampled(a, p, n)
+    with pytest.raises(ValueError, match=r"negatives \(2, 2\) must be \(N, K, d\) = \(1, K, 2\)"):
+        triplet_hinge_loss(a, p, n[0], margin=0.1)

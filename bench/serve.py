@@ -1,0 +1,505 @@
+"""Serving benchmark: `uvicorn service.app:app` on a 1M-item HNSW catalog, driven by `wrk`.
+
+    python bench/serve.py                       # full run: 1,000,000 items (builds once, ~5 min)
+    python bench/serve.py --items 50000 --duration 5 --out /tmp/b.json --md /tmp/b.md   # smoke
+
+What it does (docs/bench/serve.md has the results and their reading):
+
+1. **Catalog** (cached under `--root`, rebuilt with `--rebuild`): a small synthetic dataset and a
+   model trained on it with the default architecture (64-d output, 256-unit MLP; 1 epoch — the
+   serving cost does not depend on how well it is trained), then `--items` clustered random unit
+   item vectors, an HNSW32 index (efConstruction 40, the indexer's choice for big catalogs) whose
+   efSearch is tuned to recall@100 >= 0.95 on real user vectors exactly as `indexer rebuild` does,
+   written with `indexer.store.write_version` and switched to as `INDEX_ROOT/current`.
+2. **Server**: a `redis-server` on a free loopback port and `uvicorn service.app:app` with
+   `--workers` processes, configured only through `SERVICE_*` variables.
+3. **Load**: `wrk` (Lua scripts for the POST bodies) at `--connections` connections, one warm-up
+   then one measured run per scenario:
+   - `healthz`: GET /healthz — the framework ceiling of the same server;
+   - `retrieve_hit`: POST /retrieve, 256 users whose vectors are cached in Redis;
+   - `retrieve_miss`: POST /retrieve, every request a new user id and new features;
+   - `retrieve_redis_down`: the cache-hit bodies with redis-server killed (breaker open);
+   - `batch`: POST /retrieve/batch with `--batch` new users per call.
+   Before each scenario a probe checks the `cached` flag is what the scenario claims.
+4. **Report**: throughput and p50/p95/p99/max latency per scenario (wrk's numbers), the targets
+   (miss p99 <= 15 ms; /retrieve >= 40% of /healthz throughput), machine facts (cores, load
+   average before and after: the machine may be shared) to `--out` (JSON) and `--md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FEATURE_POOL = {"countries": 20, "devices": ["ios", "android", "web"], "interests": 30}
+K = 20
+
+
+# ---- catalog ------------------------------------------------------------------------------------
+
+
+def clustered_unit_rows(n: int, d: int, seed: int, n_clusters: int = 2000) -> np.ndarray:
+    """Item vectors with cluster structure (as learned embeddings have), L2-normalized."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    out = np.empty((n, d), dtype=np.float32)
+    step = 1 << 17
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        x = centers[rng.integers(0, n_clusters, m)] + 0.6 * rng.standard_normal((m, d)).astype(np.float32)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def random_user(rng: np.random.Generator, user_id: str | None) -> dict:
+    return {
+        "user_id": user_id,
+        "features": {
+            "age": int(rng.integers(16, 80)),
+            "country": f"k{int(rng.integers(0, FEATURE_POOL['countries']))}",
+            "device": str(rng.choice(FEATURE_POOL["devices"])),
+            "interests": "|".join(f"t{int(t)}" for t in rng.choice(FEATURE_POOL["interests"], 3, replace=False)),
+        },
+    }
+
+
+def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: ANN001
+    """Train a small model and write a `n_items` HNSW version under root/index (see docstring)."""
+    from indexer import faiss_index as fi
+    from indexer import store
+    from service.tower import UserRecord, UserTower
+    from training.bundle import load_bundle
+    from training.prepare import prepare_synthetic
+    from training.train import TrainConfig, fit
+
+    t0 = time.perf_counter()
+    data = prepare_synthetic(root / "data", n_users=2000, n_items=1000, n_interactions=60000, seed=seed)
+    bundle_path = fit(data, root / "models", TrainConfig(epochs=1, seed=seed), progress=False)
+    bundle = load_bundle(bundle_path)
+    dim = bundle.model.embedding_dim
+    log(f"model {bundle.version} (dim {dim}) trained in {time.perf_counter() - t0:.0f}s")
+
+    t1 = time.perf_counter()
+    vectors = clustered_unit_rows(n_items, dim, seed)
+    ids = [f"item{i}" for i in range(n_items)]
+    fi.set_num_threads(None)
+    index = fi.build_index(vectors, "HNSW32", build_params={"efConstruction": 40})
+    build_s = time.perf_counter() - t1
+    log(f"HNSW32 over {n_items} items built in {build_s:.0f}s")
+
+    tower = UserTower(bundle.model)
+    rng = np.random.default_rng(seed + 1)
+    users = [random_user(rng, f"u{i}") for i in range(1000)]
+    queries = tower.embed([UserRecord(u["user_id"], tower.validate(u["features"])) for u in users])
+    params, tune_recall = fi.tune_search_params(index, vectors, queries[:500], k=100, target=0.95)
+    gate = fi.measure_recall(index, vectors, queries[500:], k=100)
+    log(f"search params {params}: recall@100 {tune_recall:.3f} (tuning) / {gate:.3f} (held out)")
+
+    index_root = root / "index"
+    index_root.mkdir(parents=True, exist_ok=True)
+    with store.locked(index_root):
+        version = store.new_version_name()
+        store.write_version(
+            index_root, version, index=index, embeddings=vectors, item_ids=ids, bundle_path=bundle_path,
+            model_version=bundle.version,
+            index_info={"factory": "HNSW32", "search_params": params, "build_params": {"efConstruction": 40},
+                        "family": "hnsw"},
+            recall={"k": 100, "value": gate, "queries": "user", "n_queries": 500},
+        )
+        store.switch_current(index_root, version)
+    info = {
+        "items": n_items, "dim": dim, "factory": "HNSW32", "efConstruction": 40, "search_params": params,
+        "recall@100": round(gate, 4), "build_s": round(build_s, 1), "model_version": bundle.version,
+        "index_version": version,
+    }
+    (root / "catalog.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Redis:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            if self.cli("ping") == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def cli(self, *args: str) -> str:
+        r = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(args: argparse.Namespace, index_root: Path, redis_url: str, log_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}
+    env.update(
+        SERVICE_INDEX_ROOT=str(index_root),
+        SERVICE_REDIS_URL=redis_url,
+        SERVICE_ACCESS_LOG="true" if args.access_log else "false",
+        PYTHONUNBUFFERED="1",
+    )
+    cmd = [
+        sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(args.port),
+        "--workers", str(args.workers), "--http", args.http, "--no-access-log", "--log-level", "warning",
+        "--backlog", "1024",
+    ]
+    out = log_path.open("wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        loaded = log_path.read_text(errors="replace").count('"msg": "serving new version"')
+        if loaded >= args.workers:
+            return proc
+        time.sleep(0.5)
+    raise RuntimeError(f"workers not ready after {args.start_timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ---- wrk ----------------------------------------------------------------------------------------
+
+LUA_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\"requests\": %d, \"duration_us\": %d, \"socket_errors\": %d, \"non_2xx\": %d, " ..
+    "\"p50_us\": %d, \"p90_us\": %d, \"p95_us\": %d, \"p99_us\": %d, \"max_us\": %d, \"mean_us\": %.1f}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(95), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+LUA_IDS = r"""
+local counter = 0
+local thread_id = 0
+local threads = {}
+setup = function(thread)
+  thread:set("thread_id", #threads)
+  table.insert(threads, thread)
+end
+"""
+
+
+def lua_pool(bodies: list[str], path: str) -> str:
+    quoted = ",\n".join("[==[" + b + "]==]" for b in bodies)
+    return (
+        LUA_IDS
+        + f"local bodies = {{\n{quoted}\n}}\n"
+        + 'local headers = {["Content-Type"] = "application/json"}\n'
+        + "request = function()\n  counter = counter + 1\n"
+        + f'  return wrk.format("POST", "{path}", headers, bodies[(counter % #bodies) + 1])\nend\n'
+        + LUA_DONE
+    )
+
+
+def lua_unique(path: str, nonce: str, batch: int) -> str:
+    """Every request a new user id and new features (no cache hit possible)."""
+    one = (
+        '"{\\"user_id\\": \\"m' + nonce + '-" .. thread_id .. "-" .. counter .. "-" .. i .. "\\", '
+        '\\"features\\": {\\"age\\": " .. (16 + (counter * 7 + i) % 64) .. "." .. (counter % 97) .. ", '
+        '\\"country\\": \\"k" .. ((counter + i) % 20) .. "\\", \\"device\\": \\"ios\\", '
+        '\\"interests\\": \\"t" .. (counter % 30) .. "|t" .. ((counter + i) % 29) .. "\\"}, \\"k\\": ' + str(K) + '}"'
+    )
+    if batch:
+        body = (
+            "  local parts = {}\n"
+            f"  for i = 1, {batch} do\n    parts[i] = {one}\n  end\n"
+            '  local body = "{\\"requests\\": [" .. table.concat(parts, ",") .. "]}"\n'
+        )
+    else:
+        body = "  local i = 0\n" + f"  local body = {one}\n"
+    return (
+        LUA_IDS
+        + 'local headers = {["Content-Type"] = "application/json"}\n'
+        + "request = function()\n  counter = counter + 1\n"
+        + body
+        + f'  return wrk.format("POST", "{path}", headers, body)\nend\n'
+        + LUA_DONE
+    )
+
+
+def run_wrk(url: str, script: str | None, duration: float, connections: int, threads: int, tmp: Path) -> dict:
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s", "--latency"]
+    if script is not None:
+        path = tmp / f"s{abs(hash(script))}.lua"
+        path.write_text(script)
+        cmd += ["-s", str(path)]
+    else:
+        path = tmp / "get.lua"
+        path.write_text(LUA_DONE)
+        cmd += ["-s", str(path)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=False, timeout=duration + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    r = json.loads(line[len("WRKJSON ") :])
+    secs = r["duration_us"] / 1e6
+    return {
+        "rps": round(r["requests"] / secs, 1),
+        "requests": r["requests"],
+        "p50_ms": round(r["p50_us"] / 1000, 2),
+        "p90_ms": round(r["p90_us"] / 1000, 2),
+        "p95_ms": round(r["p95_us"] / 1000, 2),
+        "p99_ms": round(r["p99_us"] / 1000, 2),
+        "max_ms": round(r["max_us"] / 1000, 2),
+        "mean_ms": round(r["mean_us"] / 1000, 2),
+        "non_2xx": r["non_2xx"],
+        "socket_errors": r["socket_errors"],
+    }
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--root", type=Path, default=REPO / "artifacts" / "bench-serve")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the catalog even if one exists")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--http", default="service.http:H11Protocol", help="uvicorn --http (see service/http.py)")
+    p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--scenarios", default="healthz,retrieve_hit,retrieve_miss,batch,retrieve_redis_down")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "serve.json")
+    p.add_argument("--md", type=Path, default=REPO / "docs" / "bench" / "serve.md")
+    args = p.parse_args(argv)
+    args.port = args.port or free_port()
+    for tool in ("wrk", "redis-server", "redis-cli"):
+        if shutil.which(tool) is None:
+            p.error(f"{tool} is not installed (apt-get install wrk redis-server)")
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    root = args.root / f"{args.items}"
+    info_path = root / "catalog.json"
+    if args.rebuild or not info_path.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        catalog = build_catalog(root, args.items, args.seed, log)
+    else:
+        catalog = json.loads(info_path.read_text())
+        log(f"reusing catalog {root} ({catalog['items']} items)")
+
+    load_before = os.getloadavg()
+    results: dict[str, dict] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    redis = Redis(tmp)
+    redis.start()
+    server_log = tmp / "server.log"
+    t_start = time.perf_counter()
+    server = start_server(args, root / "index", redis.url, server_log)
+    log(f"{args.workers} worker(s) ready in {time.perf_counter() - t_start:.0f}s (port {args.port})")
+    base = f"http://127.0.0.1:{args.port}"
+    rng = np.random.default_rng(args.seed + 2)
+    hit_bodies = [{**random_user(rng, f"u{i}"), "k": K} for i in range(256)]
+    hit_text = [json.dumps(b) for b in hit_bodies]
+    nonce = os.urandom(3).hex()
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+
+    def probe(path: str, bodies: list[dict], expect_cached: bool | None) -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for b in bodies:
+                r = c.post(path, json=b)
+                r.raise_for_status()
+                data = r.json()
+                for res in data.get("results", [data]):
+                    if len(res["items"]) != K:
+                        raise RuntimeError(f"{path}: {len(res['items'])} items, expected {K}")
+                    if expect_cached is not None and res["cached"] != expect_cached:
+                        raise RuntimeError(f"{path}: cached={res['cached']}, scenario expects {expect_cached}")
+
+    try:
+        for name in scenarios:
+            if name == "healthz":
+                url, script = base + "/healthz", None
+            elif name == "retrieve_hit":
+                probe("/retrieve", hit_bodies, None)  # fills the cache (every worker shares Redis)
+                probe("/retrieve", hit_bodies[:32], True)
+                url, script = base + "/retrieve", lua_pool(hit_text, "/retrieve")
+            elif name == "retrieve_miss":
+                probe("/retrieve", [{**random_user(rng, f"probe-{nonce}-{i}"), "k": K} for i in range(8)], False)
+                url, script = base + "/retrieve", lua_unique("/retrieve", nonce, 0)
+            elif name == "batch":
+                url, script = base + "/retrieve/batch", lua_unique("/retrieve/batch", nonce + "b", args.batch)
+            elif name == "retrieve_redis_down":
+                redis.stop()
+                time.sleep(0.5)
+                probe("/retrieve", hit_bodies[:32], False)
+                url, script = base + "/retrieve", lua_pool(hit_text, "/retrieve")
+            else:
+                raise SystemExit(f"unknown scenario {name}")
+            log(f"{name}: warm-up {args.warmup}s")
+            run_wrk(url, script, args.warmup, args.connections, args.wrk_threads, tmp)
+            res = run_wrk(url, script, args.duration, args.connections, args.wrk_threads, tmp)
+            if name == "batch":
+                res["users_per_s"] = round(res["rps"] * args.batch, 1)
+                res["batch_size"] = args.batch
+            results[name] = res
+            log(f"{name}: {res}")
+        metrics_text = httpx.get(base + "/metrics", timeout=10).text
+    finally:
+        stop_server(server)
+        redis.stop()
+    load_after = os.getloadavg()
+
+    report = {
+        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "python": platform.python_version(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in load_after],
+        },
+        "config": {
+            "workers": args.workers, "connections": args.connections, "wrk_threads": args.wrk_threads,
+            "duration_s": args.duration, "k": K, "batch": args.batch, "access_log": args.access_log,
+        },
+        "catalog": catalog,
+        "results": results,
+        "server_metrics_sample": [ln for ln in metrics_text.splitlines() if ln.startswith("service_cache")],
+    }
+    if "healthz" in results:
+        ceiling = results["healthz"]["rps"]
+        for name in ("retrieve_hit", "retrieve_miss", "retrieve_redis_down"):
+            if name in results:
+                results[name]["share_of_healthz"] = round(results[name]["rps"] / ceiling, 3)
+    targets = {}
+    if "retrieve_miss" in results:
+        targets["miss_p99_le_15ms"] = {"value_ms": results["retrieve_miss"]["p99_ms"], "target_ms": 15.0,
+                                       "met": results["retrieve_miss"]["p99_ms"] <= 15.0}
+    if "retrieve_miss" in results and "healthz" in results:
+        share = results["retrieve_miss"]["share_of_healthz"]
+        targets["retrieve_rps_ge_40pct_healthz"] = {"miss_share": share, "target": 0.4, "met": share >= 0.4}
+    report["targets"] = targets
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    if args.md:
+        write_markdown(args.md, render_markdown(report))
+        log(f"wrote {args.md}")
+    print(json.dumps({"results": results, "targets": targets}, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def write_markdown(path: Path, table: str) -> None:
+    """Replace the generated block of an existing page (keeping its prose), or write a new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = f"{BEGIN}\n{table}{END}"
+    if path.is_file() and BEGIN in (text := path.read_text()) and END in text:
+        head, rest = text.split(BEGIN, 1)
+        path.write_text(head + block + rest.split(END, 1)[1])
+    else:
+        path.write_text(f"# Serving benchmark\n\n{block}\n")
+
+
+def render_markdown(report: dict) -> str:
+    """The results table (docs/bench/serve.md embeds it between its prose sections)."""
+    rows = [
+        "| scenario | req/s | p50 ms | p95 ms | p99 ms | max ms | share of /healthz | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        share = r.get("share_of_healthz")
+        rows.append(
+            f"| {name} | {r['rps']:.0f} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+            f"{'' if share is None else f'{share:.0%}'} | {r['non_2xx'] + r['socket_errors']} |"
+        )
+    m, c, cat = report["machine"], report["config"], report["catalog"]
+    lines = [
+        "<!-- generated by bench/serve.py: do not edit between the results markers -->",
+        f"Run {report['date_utc']}: `{report['command']}` — {cat['items']:,} items, {cat['factory']} "
+        f"{cat['search_params']} (recall@100 {cat['recall@100']}), {c['workers']} uvicorn workers, "
+        f"{c['connections']} connections, {c['duration_s']}s per scenario, k={c['k']}, batch={c['batch']}; "
+        f"{m['cpus']} × {m['cpu']}, load average {m['loadavg_before'][0]} before / {m['loadavg_after'][0]} after.",
+        "",
+        *rows,
+        "",
+    ]
+    for name, t in report.get("targets", {}).items():
+        lines.append(f"- target `{name}`: {'met' if t['met'] else 'MISSED'} ({t})")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,693 @@
+"""FAISS inner-product indexes over unit vectors: pure functions over arrays.
+
+The two-tower model scores a (user, item) pair by the cosine of their embeddings. Both towers
+end in an L2 normalization, so cosine == inner product and retrieval is maximum inner product
+search over the catalog's item vectors. Every index built here uses `METRIC_INNER_PRODUCT`;
+an L2 index would rank unit vectors the same way but return distances instead of the cosine
+scores the service promises, and some factory strings silently fall back to L2 (e.g.
+`"HNSW16,PQ8"`), so the metric of every built or loaded index is checked.
+
+Supported families (a FAISS factory string picks one):
+
+- exact: `"Flat"` (`IndexFlatIP`), the default for small catalogs;
+- graph: `"HNSW<M>"` / `"HNSW<M>,Flat"` / `"HNSW<M>,SQ8"`, search-time knob `efSearch`;
+- inverted file: `"IVF<nlist>,Flat"`, `"IVF<nlist>,PQ<m>x<nbits>"`, `"IVF<nlist>,SQ8"`,
+  optionally behind a transform (`"OPQ16,IVF1024,PQ16"`), search-time knob `nprobe`.
+
+Search-time knobs are kept in a plain dict (`{"efSearch": 128}`, `{"nprobe": 32}`) that the
+index manifest stores and `apply_search_params` applies after loading.
+
+Inputs are checked here with explicit exceptions, not `assert` (which `python -O` strips) and
+not FAISS's own C++ checks (whose messages name no shape): a query of the wrong dimension, a
+NaN or an infinity is a `ValueError` that says what was wrong.
+
+`BruteForceRetriever` (numpy only, the test oracle) and `FaissRetriever` share the
+TFRS-`TopK`-style interface `search(queries, k, exclude=None) -> (scores, item_ids)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+METRIC = faiss.METRIC_INNER_PRODUCT
+SEARCH_PARAM_NAMES = ("efSearch", "nprobe")
+BUILD_PARAM_NAMES = ("efConstruction", "train_size", "kmeans_iters", "seed")
+UNIT_NORM_ATOL = 1e-3
+# Tolerance on float32 inner products when deciding ties (recall) and comparing scores.
+SCORE_TOL = 1e-5
+
+# Ladders tried by `tune_search_params`, smallest (fastest) first.
+EF_SEARCH_LADDER = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+NPROBE_LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask / cgroup cpuset, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n: int | None = None) -> int:
+    """Set FAISS's OpenMP thread count and return it.
+
+    `None` means `OMP_NUM_THREADS` if set, else every CPU in the affinity mask. Oversubscribing
+    (FAISS's default is the host's core count, which in a container can exceed the CPUs we may
+    use) makes OpenMP spin-wait and is much slower than one thread per usable core.
+    """
+    if n is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = int(env) if env.isdigit() and int(env) > 0 else available_cpus()
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"thread count must be a positive integer, got {n!r}")
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# array checks
+
+
+def as_matrix(x: np.ndarray, *, name: str = "vectors", dim: int | None = None) -> np.ndarray:
+    """`x` as a C-contiguous float32 (n, d) array, or a ValueError naming the problem.
+
+    A 1-D array is one row. Rejects other ranks, a wrong dimension and non-finite values (a NaN
+    in a FAISS query silently returns garbage neighbours; a NaN in the catalog poisons k-means).
+    """
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {a.shape[1]} (shape {a.shape}), the index has dimension {dim}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    finite = np.isfinite(a).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{name} contain non-finite values (NaN or inf) in {len(bad)} row(s), first row {int(bad[0])}")
+    return a
+
+
+def check_unit_rows(x: np.ndarray, *, name: str = "vectors", atol: float = UNIT_NORM_ATOL) -> None:
+    """Raise ValueError unless every row has L2 norm 1 within `atol`.
+
+    Inner product equals cosine only for unit vectors; a tower that forgot its normalization
+    would silently rank long vectors first.
+    """
+    if len(x) == 0:
+        return
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float32), axis=1)
+    dev = np.abs(norms - 1.0)
+    if not (dev <= atol).all():
+        i = int(np.argmax(dev))
+        n_bad = int((dev > atol).sum())
+        raise ValueError(
+            f"{name} must be L2-normalized: {n_bad} of {len(x)} rows have |norm - 1| > {atol}, "
+            f"e.g. row {i} has norm {norms[i]:.6g}"
+        )
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+# ---------------------------------------------------------------------------------------------
+# index families and parameters
+
+
+def index_family(index: faiss.Index) -> str:
+    """'flat', 'hnsw' or 'ivf' for a supported index, else ValueError.
+
+    Checks the metric too: every supported index ranks by inner product.
+    """
+    index = faiss.downcast_index(index)
+    if index.metric_type != METRIC:
+        raise ValueError(
+            f"{type(index).__name__} uses metric {index.metric_type}, expected inner product ({METRIC}); "
+            "cosine scores need METRIC_INNER_PRODUCT"
+        )
+    if isinstance(index, faiss.IndexPreTransform):
+        return index_family(index.index)
+    if isinstance(index, faiss.IndexFlat):
+        return "flat"
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    raise ValueError(
+        f"unsupported index type {type(index).__name__}; use Flat, HNSW<M>[,Flat|SQ8] or IVF<nlist>,<Flat|PQ..|SQ8>"
+    )
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The searchable index behind any IndexPreTransform wrappers, downcast."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def get_search_params(index: faiss.Index) -> dict[str, int]:
+    """The search-time knobs currently set on `index` ({} for an exact index)."""
+    fam = index_family(index)
+    inner = _inner(index)
+    if fam == "hnsw":
+        return {"efSearch": int(inner.hnsw.efSearch)}
+    if fam == "ivf":
+        return {"nprobe": int(inner.nprobe)}
+    return {}
+
+
+def validate_search_params(index: faiss.Index, params: Mapping[str, object] | None) -> dict[str, int]:
+    """Check `params` names and values against `index`'s family; return them as plain ints."""
+    fam = index_family(index)
+    allowed = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",)}[fam]
+    out: dict[str, int] = {}
+    for name, value in (params or {}).items():
+        if name not in SEARCH_PARAM_NAMES:
+            raise ValueError(f"unknown search parameter {name!r}; known: {list(SEARCH_PARAM_NAMES)}")
+        if name not in allowed:
+            raise ValueError(f"search parameter {name!r} does not apply to a {fam} index (applies: {list(allowed) or 'none'})")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"search parameter {name} must be a positive integer, got {value!r}")
+        out[name] = int(value)
+    if fam == "ivf" and "nprobe" in out:
+        nlist = int(_inner(index).nlist)
+        if out["nprobe"] > nlist:
+            raise ValueError(f"nprobe={out['nprobe']} exceeds the index's nlist={nlist}")
+    return out
+
+
+def apply_search_params(index: faiss.Index, params: Mapping[str, object] | None) -> dict[str, int]:
+    """Set search-time knobs (as stored in the manifest) on `index`; return the applied dict.
+
+    Call once after loading: it mutates the index, so it must not race with searches.
+    `search()` reads the values back from the index and passes them per call.
+    """
+    checked = validate_search_params(index, params)
+    inner = _inner(index)
+    if "efSearch" in checked:
+        inner.hnsw.efSearch = checked["efSearch"]
+    if "nprobe" in checked:
+        inner.nprobe = checked["nprobe"]
+    return checked
+
+
+_IVF_RE = re.compile(r"IVF(\d+)")
+
+
+def factory_nlist(factory: str) -> int | None:
+    """The nlist of an IVF factory string (`"IVF1024,Flat"` → 1024), None if not IVF."""
+    m = _IVF_RE.search(factory)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What to build: a factory string, build-time and search-time parameters."""
+
+    factory: str
+    search_params: dict[str, int] = field(default_factory=dict)
+    build_params: dict[str, int] = field(default_factory=dict)
+
+
+# Chosen from docs/bench/index.md (2 cores, 64-d clustered unit vectors): exact search is
+# fastest to build and answers < 0.5 ms per query up to ~50k items; above that HNSW32 answers in
+# ~0.1-0.3 ms at recall@100 >= 0.95 and builds 1M items within the rebuild budget with
+# efConstruction 40.
+AUTO_FLAT_MAX = 50_000
+
+
+def auto_spec(n_items: int, dim: int) -> IndexSpec:
+    """The default index for a catalog of `n_items` vectors of dimension `dim`.
+
+    Search parameters are left empty: the rebuild tunes them on a query sample for the
+    recall target (`tune_search_params`) and stores the result in the manifest.
+    """
+    if n_items < 1 or dim < 1:
+        raise ValueError(f"need a non-empty catalog, got n_items={n_items}, dim={dim}")
+    if n_items <= AUTO_FLAT_MAX:
+        return IndexSpec("Flat")
+    return IndexSpec("HNSW32", build_params={"efConstruction": 40})
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def build_index(
+    vectors: np.ndarray,
+    factory: str = "Flat",
+    *,
+    build_params: Mapping[str, int] | None = None,
+    search_params: Mapping[str, int] | None = None,
+    progress: Callable[[int], None] | None = None,
+    add_chunk: int = 65_536,
+) -> faiss.Index:
+    """Build an inner-product index over unit rows `vectors` (float32 (n, d)).
+
+    Row i of `vectors` gets FAISS id i. `build_params`: `efConstruction` (HNSW graph quality,
+    default FAISS's 40), `train_size` (IVF: vectors sampled for k-means; default 64 per list, at
+    least 39 per list where the catalog allows, which is FAISS's own advice), `kmeans_iters`
+    (default 10), `seed` (sampling and k-means). `progress(n_added)` is called after each chunk
+    added, for a progress bar.
+    """
+    x = as_matrix(vectors, name="catalog vectors")
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("cannot build an index over an empty catalog (0 vectors)")
+    check_unit_rows(x, name="catalog vectors")
+    bp = dict(build_params or {})
+    unknown = set(bp) - set(BUILD_PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown build parameter(s) {sorted(unknown)}; known: {list(BUILD_PARAM_NAMES)}")
+    seed = int(bp.get("seed", 0))
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"index factory must be a non-empty string, got {factory!r}")
+    nlist = factory_nlist(factory)
+    if nlist is not None and nlist > n:
+        raise ValueError(f"{factory!r} has {nlist} inverted lists but the catalog has only {n} vectors; use a smaller IVF or Flat")
+    try:
+        index = faiss.index_factory(d, factory, METRIC)
+    except RuntimeError as e:
+        raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {d}: {_faiss_msg(e)}") from None
+    index_family(index)  # rejects unsupported types and non-IP metrics
+    inner = _inner(index)
+    if hasattr(inner, "do_polysemous_training"):
+        # the factory turns on polysemous code reordering for IVF-PQ: a slow simulated
+        # annealing (~10x the PQ training) that only helps Hamming-threshold search, unused here
+        inner.do_polysemous_training = False
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efConstruction = int(bp.get("efConstruction", inner.hnsw.efConstruction))
+    if not index.is_trained:
+        _train(index, x, bp, seed)
+    for s in range(0, n, add_chunk):
+        index.add(x[s : s + add_chunk])
+        if progress is not None:
+            progress(min(s + add_chunk, n))
+    if search_params:
+        apply_search_params(index, search_params)
+    return index
+
+
+def _train(index: faiss.Index, x: np.ndarray, bp: Mapping[str, int], seed: int) -> None:
+    n = len(x)
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = int(ivf.nlist) if ivf is not None else 1
+    train_size = int(bp.get("train_size", max(64 * nlist, 10_000)))
+    train_size = min(n, max(train_size, nlist))
+    if train_size < 39 * nlist:
+        log.warning("training %d inverted lists on %d vectors (FAISS advises >= %d); recall may suffer", nlist, train_size, 39 * nlist)
+    # FAISS prints its own "please provide at least ..." line straight to stderr; we warned above.
+    for cp in _clustering_params(index):
+        cp.min_points_per_centroid = 1
+        cp.max_points_per_centroid = 1 << 30  # we sample ourselves
+        cp.seed = seed
+        if "kmeans_iters" in bp:
+            cp.niter = int(bp["kmeans_iters"])
+    rng = np.random.default_rng(seed)
+    sample = x if train_size >= n else x[np.sort(rng.choice(n, size=train_size, replace=False))]
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise ValueError(f"training the index on {len(sample)} vectors failed: {_faiss_msg(e)}") from None
+
+
+def _clustering_params(index: faiss.Index) -> list:
+    out = []
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        out.append(ivf.cp)
+        ivf_d = faiss.downcast_index(ivf)
+        if hasattr(ivf_d, "pq"):
+            out.append(ivf_d.pq.cp)
+    return out
+
+
+def _faiss_msg(e: BaseException) -> str:
+    """The useful part of a FAISS C++ exception message (drops the file/line preamble)."""
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return msg.split(": ", 1)[-1] if msg.startswith("Error in") else msg
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+
+
+def _search_params(index: faiss.Index, k: int, sel: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+    """Per-call search parameters: the index's current knobs, HNSW's efSearch raised to >= k
+    (FAISS's HNSW returns fewer than k results, padded with -1, when efSearch < k), and an
+    optional id selector. IndexPreTransform forwards non-pretransform params to its inner index.
+    """
+    fam = index_family(index)
+    inner = _inner(index)
+    if fam == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(int(inner.hnsw.efSearch), k), sel=sel)
+    if fam == "ivf":
+        return faiss.SearchParametersIVF(nprobe=int(inner.nprobe), max_codes=int(inner.max_codes), sel=sel)
+    if sel is not None:
+        return faiss.SearchParameters(sel=sel)
+    return None
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    *,
+    exclude_rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows of `index` for each query: (scores float32 (nq, k'), rows int64 (nq, k')).
+
+    k' = min(k, ntotal - len(exclude_rows)), so asking for more than the catalog never pads with
+    -1. An approximate index may still find fewer than k' candidates for some query (an IVF
+    whose probed lists are nearly empty, or mostly excluded): those slots hold row -1 and score
+    -inf; `FaissRetriever` fills them by exact search.
+    """
+    k = _check_k(k)
+    q = as_matrix(queries, name="queries", dim=index.d)
+    excl = _unique_rows(exclude_rows, index.ntotal)
+    kk = min(k, int(index.ntotal) - len(excl))
+    if kk <= 0 or len(q) == 0:
+        return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+    batch = sel = None
+    if len(excl):
+        batch = faiss.IDSelectorBatch(excl)
+        sel = faiss.IDSelectorNot(batch)
+    params = _search_params(index, kk, sel)
+    scores, rows = index.search(q, kk, params=params)
+    del batch, sel  # the selectors must outlive the search call
+    scores[rows < 0] = -np.inf
+    return scores, rows
+
+
+def _unique_rows(rows: np.ndarray | None, ntotal: int) -> np.ndarray:
+    if rows is None:
+        return np.empty(0, np.int64)
+    r = np.unique(np.asarray(rows, dtype=np.int64).ravel())
+    if len(r) and (r[0] < 0 or r[-1] >= ntotal):
+        raise ValueError(f"exclude_rows must be in [0, {ntotal}), got values {int(r[0])}..{int(r[-1])}")
+    return r
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product (FAISS flat, multi-threaded BLAS): the gate's ground truth."""
+    x = as_matrix(vectors, name="catalog vectors")
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    return search(flat, queries, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# recall
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found_i ∩ truth_i| / |truth_i| (ids or rows; -1 entries ignored).
+
+    The textbook set recall. It undercounts when the k-th exact score is tied (two equally
+    good answers, either is right); `measure_recall` handles ties.
+    """
+    found = np.asarray(found)
+    truth = np.asarray(truth)
+    if found.shape[0] != truth.shape[0]:
+        raise ValueError(f"found has {found.shape[0]} queries, truth has {truth.shape[0]}")
+    total = 0.0
+    n = 0
+    for f, t in zip(found, truth, strict=True):
+        tset = {x for x in t.tolist() if x != -1}
+        if not tset:
+            continue
+        total += len(tset & {x for x in f.tolist() if x != -1}) / len(tset)
+        n += 1
+    return total / n if n else 1.0
+
+
+def measure_recall(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    *,
+    truth: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float:
+    """recall@k of `index` against exact search over `vectors` (the rows the index holds).
+
+    A returned row counts as a hit when its true score reaches the k-th exact score (within
+    float tolerance), so ties at the cut-off (identical item vectors, e.g. fresh items with the
+    same features) are not counted as misses. Without ties this equals `recall_at_k`.
+    `truth` may pass precomputed `exact_search(vectors, queries, k)`.
+    """
+    k = _check_k(k)
+    x = as_matrix(vectors, name="catalog vectors", dim=index.d)
+    if len(x) != index.ntotal:
+        raise ValueError(f"index holds {index.ntotal} vectors but {len(x)} catalog vectors were given")
+    q = as_matrix(queries, name="queries", dim=index.d)
+    if len(q) == 0:
+        raise ValueError("need at least one query to measure recall")
+    ex_scores, _ = truth if truth is not None else exact_search(x, q, k)
+    kk = ex_scores.shape[1]
+    _, rows = search(index, q, kk)
+    hits = 0
+    for i in range(len(q)):
+        r = rows[i][rows[i] >= 0]
+        r = np.unique(r)
+        true_scores = x[r] @ q[i]
+        hits += min(kk, int((true_scores >= ex_scores[i, kk - 1] - SCORE_TOL).sum()))
+    return hits / (len(q) * kk)
+
+
+def tune_search_params(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    target: float,
+) -> tuple[dict[str, int], float]:
+    """The cheapest efSearch / nprobe whose recall@k on `queries` reaches `target`.
+
+    Walks the ladder from fast to slow and stops at the first value that meets the target; if
+    none does, returns the most thorough value tried (the recall gate then decides). Sets the
+    chosen parameters on `index` and returns (params, measured recall). Use a query sample
+    disjoint from the gate's, so that the gate measures what was not tuned on.
+    """
+    fam = index_family(index)
+    q = as_matrix(queries, name="queries", dim=index.d)
+    k = _check_k(k)
+    truth = exact_search(vectors, q, k)
+    if fam == "flat":
+        return {}, measure_recall(index, vectors, q, k, truth=truth)
+    if fam == "hnsw":
+        name = "efSearch"
+        ladder = [v for v in EF_SEARCH_LADDER if v >= min(k, index.ntotal)] or [max(EF_SEARCH_LADDER)]
+    else:
+        name = "nprobe"
+        nlist = int(_inner(index).nlist)
+        ladder = [v for v in NPROBE_LADDER if v < nlist] + [nlist]
+    best: tuple[dict[str, int], float] = ({}, -1.0)
+    for value in ladder:
+        params = apply_search_params(index, {name: value})
+        rec = measure_recall(index, vectors, q, k, truth=truth)
+        log.debug("tune %s=%d recall@%d=%.4f", name, value, k, rec)
+        best = (params, rec)
+        if rec >= target:
+            break
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# io
+
+
+def write_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
+    """Serialize `index` to `path` and fsync it (callers write into a temp directory)."""
+    faiss.write_index(index, os.fspath(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
+    """Read an index written by `write_index`; check it is a supported inner-product index.
+
+    `mmap=True` maps the codes of flat and IVF indexes instead of reading them (the file must
+    then never be rewritten in place: index versions are immutable for that reason).
+    """
+    flags = faiss.IO_FLAG_MMAP if mmap else 0
+    try:
+        index = faiss.read_index(os.fspath(path), flags)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a readable FAISS index ({_faiss_msg(e)})") from None
+    index_family(index)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# retrievers (TFRS factorized_top_k style)
+
+
+class _Retriever:
+    """Shared id handling: item ids ↔ rows, exclusions, result width."""
+
+    def __init__(self, vectors: np.ndarray, item_ids: Sequence[str]) -> None:
+        ids = np.asarray([str(i) for i in item_ids], dtype=object)
+        x = as_matrix(vectors, name="catalog vectors")  # no copy for a float32 (memory-mapped) array
+        if len(ids) != len(x):
+            raise ValueError(f"{len(ids)} item ids for {len(x)} vectors; need one id per row")
+        self.vectors = x
+        self.item_ids = ids
+        self.dim = int(x.shape[1])
+        self._row_of = pd.Index(ids)
+        if not self._row_of.is_unique:
+            dup = self._row_of[self._row_of.duplicated()][0]
+            raise ValueError(f"item ids must be unique; {dup!r} appears more than once")
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def rows_of(self, item_ids: Collection[str] | None) -> np.ndarray:
+        """Rows of the given ids that are in the catalog (unknown ids are ignored)."""
+        if isinstance(item_ids, str):
+            raise ValueError("exclude must be a collection of item ids, not a single string")
+        if item_ids is None or len(item_ids) == 0:
+            return np.empty(0, np.int64)
+        rows = self._row_of.get_indexer(pd.Index([str(i) for i in item_ids]).unique())
+        return np.unique(rows[rows >= 0]).astype(np.int64)
+
+    def _exact(self, q: np.ndarray, kk: int, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-kk rows by inner product, ties broken by row (numpy only)."""
+        nq, n = len(q), len(self.vectors)
+        out_s = np.empty((nq, kk), np.float32)
+        out_r = np.empty((nq, kk), np.int64)
+        block = max(1, min(nq, (1 << 25) // max(1, n)))  # ~128 MB of scores per block
+        for s in range(0, nq, block):
+            scores = q[s : s + block] @ self.vectors.T
+            if len(excl):
+                scores[:, excl] = -np.inf
+            # k-th largest score per query; every row reaching it is a candidate, and ties at
+            # the cut-off are broken by the lower row, deterministically
+            kth = -np.partition(-scores, kk - 1, axis=1)[:, kk - 1]
+            for j in range(len(scores)):
+                cand = np.flatnonzero(scores[j] >= kth[j])
+                order = np.lexsort((cand, -scores[j, cand]))[:kk]
+                out_r[s + j] = cand[order]
+                out_s[s + j] = scores[j, cand[order]]
+        return out_s, out_r
+
+    def _prepare(self, queries: np.ndarray, k: int, exclude: Collection[str] | None) -> tuple[np.ndarray, int, np.ndarray]:
+        k = _check_k(k)
+        q = as_matrix(queries, name="queries", dim=self.dim)
+        excl = self.rows_of(exclude)
+        return q, min(k, len(self) - len(excl)), excl
+
+    def _result(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scores.astype(np.float32, copy=False), self.item_ids[rows]
+
+
+class BruteForceRetriever(_Retriever):
+    """Exact retrieval in numpy: the oracle the FAISS indexes are tested against.
+
+    `search(queries, k, exclude)` returns (scores float32 (nq, k'), item_ids (nq, k') of str),
+    k' = min(k, catalog − excluded), sorted by score then by catalog row. `exclude` is a
+    collection of item ids removed from every query's result (ids not in the catalog are
+    ignored).
+    """
+
+    def search(self, queries: np.ndarray, k: int, exclude: Collection[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q, kk, excl = self._prepare(queries, k, exclude)
+        if kk <= 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), dtype=object)
+        return self._result(*self._exact(q, kk, excl))
+
+
+class FaissRetriever(_Retriever):
+    """Retrieval through a FAISS index, same interface as `BruteForceRetriever`.
+
+    `vectors` are the catalog rows the index was built from (typically `embeddings.npy`,
+    memory-mapped). They serve two purposes: returned scores are recomputed as exact float32
+    inner products (so a PQ index still returns true cosines, and results are re-sorted by
+    them), and a query for which the approximate index found fewer than k' candidates is
+    answered by exact search instead, so the caller always gets min(k, catalog − excluded)
+    items. Exclusions are applied inside FAISS with an id selector, not by over-fetching.
+    Thread-safe for concurrent searches: per-call parameters, no index mutation.
+    """
+
+    def __init__(self, index: faiss.Index, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        super().__init__(vectors, item_ids)
+        index_family(index)
+        if index.ntotal != len(self) or index.d != self.dim:
+            raise ValueError(
+                f"index holds {index.ntotal} vectors of dimension {index.d}, catalog has {len(self)} of dimension {self.dim}"
+            )
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int, exclude: Collection[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q, kk, excl = self._prepare(queries, k, exclude)
+        if kk <= 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), dtype=object)
+        _, rows = search(self.index, q, kk, exclude_rows=excl)
+        short = (rows < 0).any(axis=1)
+        if short.any():
+            rows[short] = self._exact(q[short], kk, excl)[1]
+        # exact float32 re-scoring of the returned rows, then a stable re-sort
+        scores = np.einsum("qkd,qd->qk", self.vectors[rows], q, dtype=np.float32)
+        order = _row_lexsort(scores, rows)
+        scores = np.take_along_axis(scores, order, axis=1)
+        rows = np.take_along_axis(rows, order, axis=1)
+        return self._result(scores, rows)
+
+
+def _row_lexsort(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per query: order by score descending, then by row ascending."""
+    out = np.empty(rows.shape, dtype=np.int64)
+    for i in range(len(rows)):
+        out[i] = np.lexsort((rows[i], -scores[i]))
+    return out
+
+
+__all__ = [
+    "AUTO_FLAT_MAX",
+    "BruteForceRetriever",
+    "FaissRetriever",
+    "IndexSpec",
+    "METRIC",
+    "apply_search_params",
+    "as_matrix",
+    "auto_spec",
+    "available_cpus",
+    "build_index",
+    "check_unit_rows",
+    "exact_search",
+    "get_search_params",
+    "index_family",
+    "measure_recall",
+    "read_index",
+    "recall_at_k",
+    "search",
+    "set_num_threads",
+    "tune_search_params",
+    "validate_search_params",
+    "write_index",
+]

@@ -1,0 +1,362 @@
+"""The nightly index rebuild: catalog + model bundle → a new, verified, gated index version.
+
+A rebuild must never hurt serving: it either produces a better, verified index and switches
+`INDEX_ROOT/current` to it, or changes nothing. The stages, each timed and logged:
+
+1. **lock** `INDEX_ROOT/.lock` (fail fast if another run holds it); remove `.tmp-*` leftovers
+   of killed runs;
+2. **load** the model bundle (the newest in a models directory) and read the catalog
+   (`items.csv` / `.parquet`), checking the model's item features are columns of it;
+3. **embed** every catalog item with the item tower. Items added since training have
+   out-of-vocabulary ids and get their vector from their features alone, so new items are
+   retrievable the next night without retraining; removed items simply are not embedded;
+4. check every vector is finite and unit-norm;
+5. **build** the index (`--index auto` picks by catalog size, see `faiss_index.auto_spec`);
+6. **tune** efSearch / nprobe (unless given) on one query sample, then **gate**: recall@k of
+   the new index against exact search on a disjoint sample. Queries are real user vectors
+   (users of `users.csv`, or trained user ids, through the user tower) — what the service
+   will search with — falling back to item vectors. Below the threshold the run fails and
+   `current` stays;
+7. **write** `.tmp-<version>/` (bundle copy, embeddings, ids, index, manifest), fsync, verify,
+   rename to `<version>/`;
+8. **switch** `current` atomically; **prune** to the newest `keep` versions (never `current`).
+
+A SIGKILL at any point leaves `current` and its files untouched; the next run cleans up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from indexer import faiss_index as fi
+from indexer import store
+
+log = logging.getLogger("indexer.rebuild")
+
+# Test-only hook: INDEXER_TEST_HOOK="kill:<stage>" makes the process SIGKILL itself at that
+# stage; "pause:<stage>" writes INDEXER_TEST_HOOK_FILE and sleeps so a test can kill it (or
+# race it) from outside. Never set in production.
+TEST_HOOK_ENV = "INDEXER_TEST_HOOK"
+TEST_HOOK_FILE_ENV = "INDEXER_TEST_HOOK_FILE"
+STAGES = ("locked", "embedded", "built", "write:model", "write:embeddings", "write:manifest", "renamed", "switched")
+
+
+class RebuildInputError(ValueError):
+    """The model, the catalog or the options are unusable (bad input: fix and re-run)."""
+
+
+class RecallGateError(RuntimeError):
+    """The new index's recall is below the gate; nothing was switched."""
+
+    def __init__(self, message: str, recall: dict) -> None:
+        super().__init__(message)
+        self.recall = recall
+
+
+@dataclass
+class RebuildConfig:
+    """Options of `indexer rebuild` (see `indexer rebuild --help`)."""
+
+    model: Path
+    data: Path
+    out: Path
+    index: str = "auto"
+    ef_search: int | None = None
+    nprobe: int | None = None
+    ef_construction: int | None = None
+    recall_gate: float = 0.95
+    gate_k: int = 100
+    gate_queries: int = 1000
+    tune_queries: int = 500
+    tune_margin: float = 0.01
+    keep: int = 5
+    seed: int = 0
+    threads: int | None = None
+    embed_batch: int = 65_536
+    progress: bool | None = None  # None: only when stderr is a terminal
+
+
+@dataclass
+class RebuildResult:
+    path: Path
+    manifest: dict
+    timings: dict[str, float] = field(default_factory=dict)
+    pruned: list[Path] = field(default_factory=list)
+    cleaned: list[Path] = field(default_factory=list)
+
+
+def _checkpoint(stage: str) -> None:
+    hook = os.environ.get(TEST_HOOK_ENV, "")
+    if not hook or ":" not in hook:
+        return
+    action, _, at = hook.partition(":")
+    if at != stage:
+        return
+    marker = os.environ.get(TEST_HOOK_FILE_ENV)
+    if marker:
+        Path(marker).write_text(f"{stage} {os.getpid()}\n")
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "pause":
+        time.sleep(float(os.environ.get("INDEXER_TEST_PAUSE_S", "60")))
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        log.info("stage %s ...", name)
+        yield
+        dt = time.perf_counter() - t0
+        self.timings[name] = round(dt, 3)
+        log.info("stage %s done in %.2fs", name, dt)
+
+
+def _progress_enabled(cfg: RebuildConfig) -> bool:
+    if cfg.progress is not None:
+        return cfg.progress
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _validate(cfg: RebuildConfig) -> None:
+    if not 0.0 <= cfg.recall_gate <= 1.0:
+        raise RebuildInputError(f"--recall-gate must be in [0, 1], got {cfg.recall_gate}")
+    for name in ("gate_k", "gate_queries", "tune_queries", "keep", "embed_batch"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise RebuildInputError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    for name in ("ef_search", "nprobe", "ef_construction"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise RebuildInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+def _load_catalog(data: Path, model) -> pd.DataFrame:
+    from training.dataset import DatasetError, read_items, read_schema
+
+    try:
+        schema = read_schema(data)
+        items = read_items(data, schema)
+    except (DatasetError, OSError) as e:
+        raise RebuildInputError(str(e)) from None
+    # the item tower silently treats an absent column as all-missing; refuse instead
+    missing = [n for n in model.item_schema if n not in items.columns]
+    if missing:
+        raise RebuildInputError(f"{data}: items lack the model's item feature column(s) {missing}")
+    for name, spec in model.item_schema.items():
+        declared = schema.item.get(name)
+        if declared is not None and declared.type != spec.type:
+            raise RebuildInputError(
+                f"{data}/schema.json: item feature {name!r} is {declared.type}, the model was trained with {spec.type}"
+            )
+    bad = items["item_id"].astype(str).str.contains("[\r\n]", regex=True)
+    if bad.any():
+        raise RebuildInputError(f"{data}: item id {items['item_id'][bad].iloc[0]!r} contains a line break")
+    return items
+
+
+def _embed(model, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray:
+    from tqdm import tqdm
+
+    n = len(items)
+    out = np.empty((n, model.embedding_dim), dtype=np.float32)
+    with tqdm(total=n, desc="embed items", unit="item", disable=not progress, file=sys.stderr) as bar:
+        for s in range(0, n, batch):
+            chunk = items.iloc[s : s + batch]
+            out[s : s + len(chunk)] = model.embed_items(chunk)
+            bar.update(len(chunk))
+    return out
+
+
+def _gate_queries(model, data: Path, item_vectors: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Up to `n` query vectors: users through the user tower if possible, else catalog items."""
+    from training.dataset import read_schema, read_users
+
+    try:
+        users = read_users(data, read_schema(data))
+        if users is not None and len(users):
+            take = np.sort(rng.choice(len(users), size=min(n, len(users)), replace=False))
+            rows = users.iloc[take].reset_index(drop=True)
+            q = model.embed_user_table(rows["user_id"].astype(str).to_numpy(), rows)
+            kind = "users"
+        else:
+            tokens = list(model.user_encoder.ids.tokens)
+            if not tokens:
+                raise LookupError("the model has no trained user ids")
+            take = rng.choice(len(tokens), size=min(n, len(tokens)), replace=False)
+            q = model.embed_user_table([tokens[i] for i in take], None)
+            kind = "users (trained ids)"
+        q = fi.as_matrix(q, name="user query vectors", dim=item_vectors.shape[1])
+        return q, kind
+    except Exception as e:  # noqa: BLE001 - users are optional; fall back, loudly
+        log.warning("cannot embed user queries (%s: %s); gating on item vectors instead", type(e).__name__, e)
+    take = rng.choice(len(item_vectors), size=min(n, len(item_vectors)), replace=False)
+    return np.ascontiguousarray(item_vectors[np.sort(take)]), "items"
+
+
+def rebuild(cfg: RebuildConfig) -> RebuildResult:
+    """Run the whole job (see the module docstring). Raises:
+
+    `store.LockHeldError` (another run holds the lock), `RebuildInputError` (bad model, catalog
+    or options), `RecallGateError` (recall below the gate). In every failure case `current` is
+    untouched and no partial version directory remains.
+    """
+    from training.bundle import BundleError, find_bundle, load_bundle
+
+    _validate(cfg)
+    for what, p in (("--model", cfg.model), ("--data", cfg.data)):
+        if not Path(p).is_dir():
+            raise RebuildInputError(f"{what} {p}: no such directory")
+    root = Path(cfg.out)
+    timer = _Timer()
+    progress = _progress_enabled(cfg)
+    threads = fi.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    with store.locked(root):
+        cleaned = store.remove_stale_tmp(root)
+        if cleaned:
+            log.info("removed %d leftover temp entr(ies) of an interrupted run: %s", len(cleaned), [p.name for p in cleaned])
+        _checkpoint("locked")
+
+        with timer.stage("load"):
+            try:
+                bundle_path = find_bundle(cfg.model)
+                bundle = load_bundle(bundle_path, verify=True)
+            except BundleError as e:
+                raise RebuildInputError(str(e)) from None
+            model = bundle.model
+            items = _load_catalog(Path(cfg.data), model)
+            ids = items["item_id"].astype(str).tolist()
+            vocab = set(model.item_encoder.ids.tokens)
+            fresh = sum(1 for i in ids if i not in vocab)
+            log.info("model %s (dim %d); catalog %d items, %d not in the training vocabulary (embedded from features)",
+                     bundle.version, model.embedding_dim, len(ids), fresh)
+
+        with timer.stage("embed"):
+            vectors = _embed(model, items, cfg.embed_batch, progress)
+            try:
+                vectors = fi.as_matrix(vectors, name="item vectors from the model", dim=model.embedding_dim)
+                fi.check_unit_rows(vectors, name="item vectors from the model")
+            except ValueError as e:
+                raise RebuildInputError(f"model {bundle.version}: {e}") from None
+        del items
+        _checkpoint("embedded")
+
+        spec = _index_spec(cfg, len(ids), vectors.shape[1])
+        with timer.stage("build"):
+            index = _build(spec, vectors, progress)
+        _checkpoint("built")
+
+        rng = np.random.default_rng(cfg.seed)
+        with timer.stage("gate"):
+            recall, search_params = _tune_and_gate(cfg, spec, index, vectors, model, rng)
+        if recall is not None and recall["value"] < cfg.recall_gate:
+            raise RecallGateError(
+                f"recall gate failed: recall@{recall['k']} = {recall['value']:.4f} < {cfg.recall_gate} "
+                f"({spec.factory} {search_params}, {recall['n_queries']} {recall['queries']} queries); current index kept",
+                recall,
+            )
+
+        version = store.new_version_name()
+        with timer.stage("write"):
+            index_info = {"factory": spec.factory, "search_params": search_params, "build_params": spec.build_params,
+                          "family": fi.index_family(index)}
+            extra = {
+                "catalog": {"items": len(ids), "fresh_items": fresh, "data": str(Path(cfg.data).resolve())},
+                "timings_s": timer.timings,
+                "threads": threads,
+            }
+            path = store.write_version(
+                root, version, index=index, embeddings=vectors, item_ids=ids, bundle_path=bundle_path,
+                model_version=bundle.version, index_info=index_info, recall=recall, extra=extra,
+                checkpoint=_checkpoint,
+            )
+        _checkpoint("renamed")
+
+        with timer.stage("switch"):
+            previous = store.read_current(root)
+            store.switch_current(root, version)
+        log.info("current -> %s (was %s)", version, previous.name if previous else None)
+        _checkpoint("switched")
+        pruned = store.prune(root, cfg.keep)
+        if pruned:
+            log.info("pruned %d old version(s): %s", len(pruned), [p.name for p in pruned])
+    total = time.perf_counter() - t_start
+    timer.timings["total"] = round(total, 3)
+    log.info("rebuild done in %.1fs: %s", total, timer.timings)
+    manifest = store._read_manifest(path)
+    return RebuildResult(path=path, manifest=manifest, timings=timer.timings, pruned=pruned, cleaned=cleaned)
+
+
+def _index_spec(cfg: RebuildConfig, n: int, dim: int) -> fi.IndexSpec:
+    spec = fi.auto_spec(n, dim) if cfg.index == "auto" else fi.IndexSpec(cfg.index)
+    build_params = dict(spec.build_params)
+    if cfg.ef_construction is not None:
+        build_params["efConstruction"] = cfg.ef_construction
+    build_params.setdefault("seed", cfg.seed)
+    return fi.IndexSpec(spec.factory, dict(spec.search_params), build_params)
+
+
+def _build(spec: fi.IndexSpec, vectors: np.ndarray, progress: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=len(vectors), desc=f"build {spec.factory}", unit="vec", disable=not progress, file=sys.stderr) as bar:
+        done = [0]
+
+        def step(n_added: int) -> None:
+            bar.update(n_added - done[0])
+            done[0] = n_added
+
+        try:
+            return fi.build_index(vectors, spec.factory, build_params=spec.build_params, progress=step)
+        except ValueError as e:
+            raise RebuildInputError(str(e)) from None
+
+
+def _tune_and_gate(cfg: RebuildConfig, spec: fi.IndexSpec, index, vectors: np.ndarray, model, rng: np.random.Generator):
+    """Apply or tune the search parameters, then measure recall on a disjoint query sample."""
+    fam = fi.index_family(index)
+    k = min(cfg.gate_k, len(vectors))
+    given = {}
+    if cfg.ef_search is not None:
+        given["efSearch"] = cfg.ef_search
+    if cfg.nprobe is not None:
+        given["nprobe"] = cfg.nprobe
+    try:
+        if given:
+            search_params = fi.apply_search_params(index, given)
+        else:
+            search_params = fi.apply_search_params(index, spec.search_params)
+    except ValueError as e:
+        raise RebuildInputError(f"{spec.factory}: {e}") from None
+    if fam == "flat":
+        return {"k": k, "value": 1.0, "threshold": cfg.recall_gate, "n_queries": 0, "queries": "none (exact index)"}, {}
+
+    queries, kind = _gate_queries(model, Path(cfg.data), vectors, cfg.tune_queries + cfg.gate_queries, rng)
+    n_tune = min(cfg.tune_queries, len(queries) // 2) if len(queries) >= 2 else 0
+    tune_q, gate_q = queries[:n_tune], queries[n_tune:]
+    if not given and n_tune:
+        target = min(1.0, cfg.recall_gate + cfg.tune_margin)
+        search_params, tuned = fi.tune_search_params(index, vectors, tune_q, k, target)
+        log.info("tuned %s on %d %s queries: recall@%d = %.4f (target %.3f)", search_params, n_tune, kind, k, tuned, target)
+    value = fi.measure_recall(index, vectors, gate_q, k)
+    log.info("recall gate: recall@%d = %.4f on %d %s queries (threshold %.3f)", k, value, len(gate_q), kind, cfg.recall_gate)
+    recall = {"k": k, "value": round(float(value), 6), "threshold": cfg.recall_gate, "n_queries": len(gate_q), "queries": kind}
+    return recall, search_params

@@ -1,0 +1,346 @@
+"""User-vector cache: Redis when configured, an in-process LRU+TTL otherwise.
+
+What is cached is the L2-normalized user vector, as raw little-endian float32 bytes, under a key
+made of the model version, a hash of the canonicalized request features and the user id. The
+model version in the key is what makes a hot reload safe: a vector computed by one model is never
+served with another model's index (invariant 2), and old entries simply expire.
+
+Redis is an accelerator, never a dependency. Every Redis call has a hard deadline of tens of
+milliseconds (connect + read timeouts, and an outer `asyncio.timeout`), is never retried, and goes
+through a circuit breaker: after `threshold` consecutive failures Redis is skipped for `cooldown`
+seconds, then one request probes it; success closes the breaker. Any failure, and any cached value
+that is not exactly `dim` finite float32s of unit norm, is a miss: the tower computes the vector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+log = logging.getLogger("service.cache")
+
+VECTOR_DTYPE = np.dtype("<f4")
+NORM_TOLERANCE = 1e-3
+KEY_SCHEMA = "uv1"  # bump when the key layout or the value encoding changes
+
+
+def features_digest(features: dict[str, object]) -> str:
+    """A stable hash of canonicalized features (normalized values, sorted names, no nulls).
+
+    The values are the ones `UserTower.validate` returns (str, float or list[str]), so `49` and
+    `49.0`, or a key order change, give the same digest, while any change of value does not.
+    """
+    canon = json.dumps(
+        {k: v for k, v in features.items() if v is not None},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.blake2b(canon.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def cache_key(prefix: str, model_version: str, user_id: str | None, features_hash: str) -> str:
+    """`prefix:uv1:<model_version>:<features hash>:<u+id | ->`.
+
+    The user id comes last so that the fixed-shape parts stay unambiguous whatever characters
+    an id contains; an absent id (`-`) and the empty id (`u`) are distinct keys.
+    """
+    uid = "-" if user_id is None else "u" + user_id
+    return f"{prefix}:{KEY_SCHEMA}:{model_version}:{features_hash}:{uid}"
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def decode_vector(raw: object, dim: int) -> np.ndarray | None:
+    """The cached vector, or None if `raw` is not `dim` finite float32s of (about) unit norm.
+
+    A wrong length, garbage bytes or a vector from a different encoding must never reach FAISS:
+    they would silently return wrong items, so they are treated as a miss.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)) or len(raw) != dim * VECTOR_DTYPE.itemsize:
+        return None
+    vec = np.frombuffer(raw, dtype=VECTOR_DTYPE)
+    if not np.isfinite(vec).all():
+        return None
+    if abs(float(np.dot(vec.astype(np.float64), vec.astype(np.float64))) - 1.0) > NORM_TOLERANCE:
+        return None
+    return vec.astype(np.float32, copy=True)
+
+
+class VectorCache(Protocol):
+    """What the request path needs from a cache. `get_many` never raises: failures are misses."""
+
+    backend: str
+
+    async def get_many(self, keys: Sequence[str], dim: int) -> list[np.ndarray | None]: ...
+
+    async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalCache:
+    """In-process LRU with a TTL (the default when no Redis URL is configured)."""
+
+    backend = "local"
+
+    def __init__(
+        self,
+        max_entries: int,
+        ttl_s: float,
+        metrics: ServiceMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._max = max_entries
+        self._ttl = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._hits = metrics.cache_hits.labels(self.backend)
+        self._misses = metrics.cache_misses.labels(self.backend)
+        self._malformed = metrics.cache_errors.labels(self.backend, "malformed")
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get_raw(self, key: str) -> bytes | None:
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= now:
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry[1]
+
+    def set_raw(self, key: str, value: bytes) -> None:
+        if self._max <= 0:
+            return
+        with self._lock:
+            self._data[key] = (self._clock() + self._ttl, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+    async def get_many(self, keys: Sequence[str], dim: int) -> list[np.ndarray | None]:
+        out: list[np.ndarray | None] = []
+        for key in keys:
+            raw = self.get_raw(key)
+            vec = None if raw is None else decode_vector(raw, dim)
+            if vec is None:
+                if raw is not None:
+                    self._malformed.inc()
+                self._misses.inc()
+            else:
+                self._hits.inc()
+            out.append(vec)
+        return out
+
+    async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        for key, vec in items:
+            self.set_raw(key, encode_vector(vec))
+
+    async def close(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+class CircuitBreaker:
+    """Closed → (threshold consecutive failures) → open → (cooldown) → half-open → one probe.
+
+    While open, callers skip the protected resource entirely, so a dead Redis costs nothing per
+    request. In half-open state exactly one caller is let through; its outcome closes or reopens
+    the breaker. Single event loop: no locking needed, `allow` and `record` never await.
+    """
+
+    def __init__(self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._failures = 0
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        """True while callers are being turned away (open, or half-open with a probe in flight)."""
+        return self._open_until is not None
+
+    def allow(self) -> bool:
+        if self._open_until is None:
+            return True
+        if self._probing or self._clock() < self._open_until:
+            return False
+        self._probing = True
+        return True
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._open_until = None
+        self._probing = False
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        if self._probing or self._failures >= self.threshold:
+            self._open_until = self._clock() + self.cooldown_s
+        self._probing = False
+
+
+async def _with_deadline(coro: Awaitable[object], seconds: float) -> object:
+    """`await coro`, but raise TimeoutError after `seconds` (asyncio.timeout where available)."""
+    if hasattr(asyncio, "timeout"):  # Python >= 3.11: no extra task per call
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)  # pragma: no cover - Python 3.10
+
+
+def _error_reason(exc: BaseException) -> str:
+    if isinstance(exc, (RedisTimeoutError, TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (RedisConnectionError, ConnectionError, OSError)):
+        return "connection"
+    return "other"
+
+
+class RedisCache:
+    """Redis-backed cache: one GET / MGET per request or batch, SETs pipelined, all bounded."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: int,
+        connect_timeout_s: float,
+        timeout_s: float,
+        max_connections: int,
+        breaker: CircuitBreaker,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self._client = aredis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+            max_connections=max_connections,
+            health_check_interval=0,
+        )
+        self._ttl = ttl_s
+        # The outer deadline covers a connect plus a round trip, whatever redis-py does inside.
+        self._deadline = connect_timeout_s + timeout_s
+        self.breaker = breaker
+        self._metrics = metrics
+        self._hits = metrics.cache_hits.labels(self.backend)
+        self._misses = metrics.cache_misses.labels(self.backend)
+        self._bypassed = metrics.cache_bypassed.labels(self.backend)
+        self._malformed = metrics.cache_errors.labels(self.backend, "malformed")
+
+    async def _call(self, op: str, fn: Callable[[], object]) -> tuple[bool, object]:
+        """Run one Redis operation through the breaker with a hard deadline: (ok, result)."""
+        if not self.breaker.allow():
+            self._bypassed.inc()
+            return False, None
+        try:
+            result = await _with_deadline(fn(), self._deadline)  # type: ignore[arg-type]
+        except (RedisError, OSError, TimeoutError) as exc:
+            reason = _error_reason(exc)
+            self._metrics.cache_errors.labels(self.backend, reason).inc()
+            was_open = self.breaker.is_open
+            self.breaker.record_failure()
+            if self.breaker.is_open and not was_open:
+                log.warning("redis circuit breaker opened", extra={"fields": {"op": op, "reason": reason}})
+            self._metrics.breaker_open.set(1 if self.breaker.is_open else 0)
+            return False, None
+        except asyncio.CancelledError:
+            # The request went away mid-call; release a half-open probe slot without a verdict.
+            if self.breaker.is_open:
+                self.breaker.record_failure()
+            raise
+        if self.breaker.is_open:
+            log.info("redis circuit breaker closed", extra={"fields": {"op": op}})
+        self.breaker.record_success()
+        self._metrics.breaker_open.set(0)
+        return True, result
+
+    async def get_many(self, keys: Sequence[str], dim: int) -> list[np.ndarray | None]:
+        if len(keys) == 1:
+            ok, raw = await self._call("get", lambda: self._client.get(keys[0]))
+            raws = [raw] if ok else None
+        else:
+            ok, raw = await self._call("mget", lambda: self._client.mget(list(keys)))
+            raws = raw if ok and isinstance(raw, list) and len(raw) == len(keys) else None
+        if raws is None:
+            self._misses.inc(len(keys))
+            return [None] * len(keys)
+        out: list[np.ndarray | None] = []
+        for raw_value in raws:
+            vec = None if raw_value is None else decode_vector(raw_value, dim)
+            if vec is None:
+                if raw_value is not None:
+                    self._malformed.inc()
+                self._misses.inc()
+            else:
+                self._hits.inc()
+            out.append(vec)
+        return out
+
+    async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        if not items:
+            return
+        if len(items) == 1:
+            key, vec = items[0]
+            await self._call("set", lambda: self._client.set(key, encode_vector(vec), ex=self._ttl))
+            return
+
+        async def pipelined() -> object:
+            pipe = self._client.pipeline(transaction=False)
+            for key, vec in items:
+                pipe.set(key, encode_vector(vec), ex=self._ttl)
+            return await pipe.execute()
+
+        await self._call("set_pipeline", pipelined)
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):  # best effort on shutdown
+            await self._client.aclose()
+
+
+def make_cache(settings: Settings, metrics: ServiceMetrics) -> VectorCache:
+    """Redis if `settings.redis_url` is set, else the in-process LRU."""
+    if settings.redis_url:
+        breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
+        return RedisCache(
+            settings.redis_url,
+            ttl_s=settings.cache_ttl_s,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            timeout_s=settings.redis_timeout_s,
+            max_connections=settings.redis_max_connections,
+            breaker=breaker,
+            metrics=metrics,
+        )
+    return LocalCache(settings.cache_max_entries, settings.cache_ttl_s, metrics)

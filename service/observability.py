@@ -1,0 +1,180 @@
+"""Structured JSON logs, per-request context, and the pure-ASGI middlewares.
+
+The middlewares are plain ASGI callables, not Starlette's `BaseHTTPMiddleware`, which costs a
+task and a memory stream per request; on a path whose whole budget is a millisecond or two,
+that matters.
+
+* `ObservabilityMiddleware`: latency histogram and request counter by route template, plus one
+  JSON log line per request with status, latency and the version pair that answered it. Handlers
+  add fields to the line through `request_context()` (a contextvar holding a dict).
+* `BodyLimitMiddleware`: a 413 for a declared `Content-Length` over the limit before anything is
+  read, and for a chunked body as soon as the running total passes it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import ServiceMetrics
+
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("request_context", default=None)
+
+access_log = logging.getLogger("service.access")
+
+
+def request_context() -> dict[str, Any]:
+    """The current request's log fields (a throwaway dict outside a request)."""
+    ctx = _context.get()
+    return ctx if ctx is not None else {}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus `extra={"fields": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for the `service` loggers (idempotent; leaves other loggers alone)."""
+    logger = logging.getLogger("service")
+    logger.setLevel(level)
+    if not any(getattr(h, "_service_json", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler._service_json = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class ObservabilityMiddleware:
+    """Metrics and the access log for every HTTP request (see module docstring)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, log_requests: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        ctx: dict[str, Any] = {}
+        token = _context.set(ctx)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            _context.reset(token)
+            elapsed = time.perf_counter() - start
+            endpoint = _route_template(scope)
+            method = scope.get("method", "")
+            self.metrics.request_latency.labels(endpoint, method).observe(elapsed)
+            self.metrics.requests.labels(endpoint, method, str(status)).inc()
+            if self.log_requests and access_log.isEnabledFor(logging.INFO):
+                fields = {
+                    "method": method,
+                    "path": scope.get("path", ""),
+                    "endpoint": endpoint,
+                    "status": status,
+                    "latency_ms": round(elapsed * 1000, 3),
+                }
+                fields.update(ctx)
+                access_log.info("request", extra={"fields": fields})
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over `max_bytes`, declared or streamed.
+
+    A declared `Content-Length` over the limit is refused before anything is read. Otherwise the
+    body is read here (it is needed in full anyway: JSON) and refused as soon as the running
+    total passes the limit, so a chunked upload cannot bypass it; the app then receives the
+    buffered body as one message.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body exceeds {self.max_bytes} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.max_bytes:
+                    await self._reject(send)
+                    return
+                break
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that returns `messages` first, then defers to the real one (disconnects)."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay

@@ -1,0 +1,121 @@
+"""HTTP routes (INTERFACES.md §3 plus /retrieve/batch and /metrics): thin by design.
+
+Each handler declares its dependencies (`VersionDep` reads the served version once, `CacheDep`,
+the API-key check) and delegates to `service.retrieval`. Responses of the hot endpoints are
+serialized by pydantic-core straight from plain dicts; `response_model` still documents them in
+the OpenAPI schema, and tests validate real responses against it.
+
+(No `from __future__ import annotations` here: the request models are built per app from its
+settings and FastAPI must see the real classes in the signatures.)
+"""
+
+from typing import Any
+
+import pydantic_core
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+
+from service import retrieval
+from service.deps import CacheDep, ServiceDep, VersionDep, require_api_key
+from service.metrics import CONTENT_TYPE_LATEST
+from service.schemas import (
+    BatchRetrieveResponse,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
+    RequestModels,
+    RetrieveResponse,
+    ValidationErrorResponse,
+)
+
+
+class FastJSONResponse(Response):
+    """JSON rendered by pydantic-core (5-10x faster than json.dumps for a list of items)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return pydantic_core.to_json(content)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body cannot be decoded (not UTF-8, numbers too long)."},
+    401: {"model": ErrorResponse, "description": "SERVICE_API_KEY is set and X-API-Key is missing or wrong."},
+    413: {"model": ErrorResponse, "description": "The body is larger than SERVICE_MAX_BODY_BYTES."},
+    422: {"model": ValidationErrorResponse, "description": "Invalid request; `field` names the offending field."},
+    503: {"model": ErrorResponse, "description": "No verified model/index version is loaded yet."},
+}
+
+
+def build_router(models: RequestModels) -> APIRouter:
+    router = APIRouter()
+    EmbedBody = models.embed
+    RetrieveBody = models.retrieve
+    BatchBody = models.batch
+    protected = [Depends(require_api_key)]
+
+    @router.post(
+        "/retrieve",
+        response_model=RetrieveResponse,
+        responses=_ERRORS,
+        dependencies=protected,
+        summary="Top-k items for a user",
+    )
+    async def retrieve(body: RetrieveBody, version: VersionDep, cache: CacheDep, svc: ServiceDep) -> Response:  # type: ignore[valid-type]
+        """The k items with the highest cosine to the user's vector, excluded items removed."""
+        return FastJSONResponse(await retrieval.retrieve(version, cache, svc.settings, body))
+
+    @router.post(
+        "/retrieve/batch",
+        response_model=BatchRetrieveResponse,
+        responses=_ERRORS,
+        dependencies=protected,
+        summary="Several retrievals in one call",
+    )
+    async def retrieve_batch(body: BatchBody, version: VersionDep, cache: CacheDep, svc: ServiceDep) -> Response:  # type: ignore[valid-type]
+        """Up to SERVICE_MAX_BATCH retrievals answered by one version with one cache round trip."""
+        return FastJSONResponse(await retrieval.retrieve_batch(version, cache, svc.settings, body))
+
+    @router.post(
+        "/embed",
+        response_model=EmbedResponse,
+        responses=_ERRORS,
+        dependencies=protected,
+        summary="The user vector /retrieve uses",
+    )
+    async def embed(body: EmbedBody, version: VersionDep, cache: CacheDep, svc: ServiceDep) -> Response:  # type: ignore[valid-type]
+        """The L2-normalized user vector (same cache, same tower as /retrieve)."""
+        return FastJSONResponse(await retrieval.embed(version, cache, svc.settings, body))
+
+    @router.get("/healthz", response_model=HealthResponse, summary="Liveness")
+    async def healthz() -> Response:
+        """200 while the process lives."""
+        return FastJSONResponse({"status": "ok"})
+
+    @router.get(
+        "/readyz",
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "No verified version loaded."}},
+        summary="Readiness",
+    )
+    async def readyz(svc: ServiceDep) -> Response:
+        """200 only while a complete, verified model + index pair is loaded."""
+        version = svc.holder.current
+        if version is None:
+            reason = svc.reloader.last_error or "the first index version is still loading"
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return FastJSONResponse(
+            {"status": "ready", "model_version": version.model_version, "index_version": version.index_version}
+        )
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics of this process",
+    )
+    async def metrics(svc: ServiceDep) -> Response:
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

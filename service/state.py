@@ -1,0 +1,278 @@
+"""The served version and its hot reload.
+
+Everything a request needs from one index version — the FAISS index, the item ids, the item
+embeddings, the user tower and the two version strings — lives in one immutable
+`ServingVersion`. The `VersionHolder` has exactly one reference to the current one; a request
+reads that reference once, at its start, and uses nothing else, so every response names exactly
+one `(model_version, index_version)` and its items come from that pair, even while a reload
+swaps the reference under it.
+
+The `Reloader` polls `INDEX_ROOT/current` from a background thread. When it points at a new
+version directory, the version is loaded off to the side (`indexer.store.load_version`, which
+checks the manifest and every file's sha256), verified again here (dimensions, counts, the
+tower's model version against the index's, finite unit user vectors, the index agreeing with
+`embeddings.npy`), and only then swapped in. A version that fails is refused — counted, logged,
+remembered so it is not retried every poll — and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from indexer import store
+from service.metrics import ServiceMetrics
+from service.tower import TowerError, UserTower
+
+log = logging.getLogger("service.state")
+
+SCORE_CHECK_TOL = 1e-4
+
+
+class VersionError(RuntimeError):
+    """A version directory that must not be served; the message says why."""
+
+
+@dataclass(frozen=True, eq=False)
+class ServingVersion:
+    """One verified (model, index) pair, immutable once built."""
+
+    path: Path
+    model_version: str
+    index_version: str
+    index: faiss.Index
+    item_ids: list[str]
+    embeddings: np.ndarray  # (count, dim) float32, memory-mapped embeddings.npy
+    tower: UserTower
+    dim: int
+    count: int
+    hnsw_ef_search: int | None  # the index's efSearch if it is an HNSW index, else None
+    exact_index: bool  # a flat index: its top-k is exact, no fallback ever needed
+    loaded_at: float = field(default_factory=time.time)
+
+
+def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
+    inner = faiss.downcast_index(index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def load_serving_version(path: Path, *, ef_search_override: int | None = None) -> ServingVersion:
+    """Load and verify one version directory; raise VersionError (or the loader's error)."""
+    loaded = store.load_version(path)
+    manifest = loaded.manifest
+    bundle = loaded.bundle
+    model = bundle.model
+    name = Path(path).name
+
+    tower_version = bundle.version
+    if loaded.model_version != tower_version or manifest.get("model_version") != tower_version:
+        raise VersionError(
+            f"{name}: index manifest names model_version {manifest.get('model_version')!r} "
+            f"but the bundled user tower is {tower_version!r}"
+        )
+    index = loaded.index
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise VersionError(f"{name}: index metric is {index.metric_type}, expected inner product")
+    dim = int(model.embedding_dim)
+    dims = {"user tower": dim, "index": int(index.d), "manifest": manifest.get("dim")}
+    embeddings = getattr(loaded, "embeddings", None)
+    if embeddings is None:  # an older LoadedIndex without the mapped embeddings
+        try:
+            embeddings = np.load(Path(loaded.path) / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise VersionError(f"{name}: embeddings.npy unreadable: {e}") from None
+    if embeddings.ndim != 2 or embeddings.dtype != np.float32:
+        raise VersionError(f"{name}: embeddings.npy is {embeddings.dtype} {embeddings.shape}, expected float32 (n, d)")
+    dims["embeddings.npy"] = int(embeddings.shape[1])
+    if len(set(dims.values())) != 1:
+        raise VersionError(f"{name}: dimension mismatch: {dims}")
+    item_ids = list(loaded.item_ids)
+    counts = {
+        "index": int(index.ntotal),
+        "item_ids": len(item_ids),
+        "embeddings.npy": int(embeddings.shape[0]),
+        "manifest": manifest.get("count"),
+    }
+    if len(set(counts.values())) != 1:
+        raise VersionError(f"{name}: item count mismatch: {counts}")
+    if len(set(item_ids)) != len(item_ids):
+        raise VersionError(f"{name}: item_ids.txt has duplicate ids")
+    try:
+        tower = UserTower(model)
+    except TowerError as e:
+        raise VersionError(f"{name}: {e}") from None
+
+    hnsw = _hnsw_of(index)
+    ef = None
+    if hnsw is not None:
+        if ef_search_override is not None:
+            hnsw.hnsw.efSearch = int(ef_search_override)
+        ef = int(hnsw.hnsw.efSearch)
+
+    version = ServingVersion(
+        path=Path(loaded.path),
+        model_version=tower_version,
+        index_version=str(loaded.index_version),
+        index=index,
+        item_ids=item_ids,
+        embeddings=embeddings,
+        tower=tower,
+        dim=dim,
+        count=len(item_ids),
+        hnsw_ef_search=ef,
+        exact_index=isinstance(faiss.downcast_index(index), faiss.IndexFlat),
+    )
+    _smoke_test(version)
+    return version
+
+
+def _smoke_test(version: ServingVersion) -> None:
+    """One real query through the whole path: the index must agree with embeddings.npy."""
+    if version.count == 0:
+        return
+    from service.tower import UserRecord  # local: keeps the import graph obvious
+
+    q = version.tower.embed([UserRecord(None, {})])
+    k = min(10, version.count)
+    scores, rows = version.index.search(q, k)
+    if (rows < 0).all():
+        raise VersionError(f"{version.path.name}: the index returns no results")
+    valid = rows[0] >= 0
+    exact = np.asarray(version.embeddings[rows[0][valid]]) @ q[0]
+    if not np.isfinite(scores[0][valid]).all() or np.abs(exact - scores[0][valid]).max() > SCORE_CHECK_TOL:
+        raise VersionError(f"{version.path.name}: index scores disagree with embeddings.npy")
+
+
+class VersionHolder:
+    """The single reference to the served version (reads and writes of it are atomic)."""
+
+    def __init__(self) -> None:
+        self.current: ServingVersion | None = None
+
+
+@dataclass
+class _Refused:
+    target: str
+    stamp: float
+
+
+class Reloader:
+    """Polls INDEX_ROOT/current and swaps in new, verified versions (see module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        holder: VersionHolder,
+        metrics: ServiceMetrics,
+        *,
+        interval_s: float,
+        ef_search_override: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.holder = holder
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.ef_search_override = ef_search_override
+        self.last_error: str | None = None
+        self._refused: _Refused | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- one poll (what the thread runs; tests call it directly) ------------------------------
+    def check_once(self) -> str:
+        """Look at `current` once: 'unchanged', 'swapped', 'refused', 'skipped' or 'no-current'."""
+        with self._lock:
+            try:
+                target = store.read_current(self.root)
+            except Exception as e:  # noqa: BLE001 - a broken pointer must not kill the poller
+                self._note_error(f"reading {self.root}/current failed: {e}")
+                return "no-current"
+            if target is None:
+                if self.holder.current is None:
+                    self.last_error = f"{self.root}/current does not exist (run `indexer rebuild`)"
+                return "no-current"
+            target = Path(target)
+            current = self.holder.current
+            if current is not None and _same_dir(current.path, target):
+                return "unchanged"
+            stamp = _stamp(target)
+            if self._refused is not None and self._refused.target == str(target) and self._refused.stamp == stamp:
+                return "skipped"
+            t0 = time.perf_counter()
+            try:
+                version = load_serving_version(target, ef_search_override=self.ef_search_override)
+            except Exception as e:  # noqa: BLE001 - any failure refuses the version, never the service
+                self._refused = _Refused(str(target), stamp)
+                self.metrics.reloads.labels("failure").inc()
+                self._note_error(f"refused index version {target.name}: {e}")
+                return "refused"
+            previous = self.holder.current
+            self.holder.current = version  # the swap: one reference assignment
+            self._refused = None
+            self.last_error = None
+            self.metrics.reloads.labels("success").inc()
+            self.metrics.set_version(version.model_version, version.index_version, version.count, time.time())
+            log.info(
+                "serving new version",
+                extra={
+                    "fields": {
+                        "model_version": version.model_version,
+                        "index_version": version.index_version,
+                        "items": version.count,
+                        "previous_index_version": previous.index_version if previous else None,
+                        "load_ms": round((time.perf_counter() - t0) * 1000, 1),
+                        "numpy_tower": version.tower.fast is not None,
+                    }
+                },
+            )
+            return "swapped"
+
+    def _note_error(self, message: str) -> None:
+        self.last_error = message
+        log.error(message)
+
+    # ---- background thread ----------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="index-reloader", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.check_once()
+            except Exception:  # noqa: BLE001 - keep polling whatever happens
+                log.exception("reload poll failed")
+            if self._stop.wait(self.interval_s):
+                return
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _stamp(path: Path) -> float:
+    """Changes when a refused directory is replaced (a rebuild reusing the name)."""
+    try:
+        return (path / "manifest.json").stat().st_mtime
+    except OSError:
+        return -1.0

@@ -1,0 +1,226 @@
+"""The rebuild job with a real (tiny) trained model: gate, lock, crashes, fresh and removed items."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from indexer import faiss_index as fi
+from indexer import store
+from indexer.rebuild import RebuildConfig, RebuildInputError, RecallGateError, rebuild
+from tests.indexer.conftest import root_snapshot
+
+
+def cfg(models: Path, data: Path, out: Path, **kw) -> RebuildConfig:
+    return RebuildConfig(model=models, data=data, out=out, progress=False, **kw)
+
+
+def read_items_raw(data: Path) -> pd.DataFrame:
+    return pd.read_csv(data / "items.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.fixture
+def built_root(tmp_path: Path, tiny_bundle_path: Path, tiny_dataset: Path) -> Path:
+    """An INDEX_ROOT with one good version as `current`."""
+    root = tmp_path / "index"
+    rebuild(cfg(tiny_bundle_path.parent, tiny_dataset, root))
+    return root
+
+
+def test_rebuild_writes_a_complete_current_version(tmp_path, tiny_bundle, tiny_bundle_path, tiny_dataset):
+    root = tmp_path / "index"
+    res = rebuild(cfg(tiny_bundle_path.parent, tiny_dataset, root))  # a models dir: newest bundle
+    assert store.read_current(root) == res.path.resolve()
+    m = store.verify_version(res.path)
+    items = read_items_raw(tiny_dataset)
+    assert m["model_version"] == tiny_bundle.version and m["count"] == len(items)
+    assert m["index"]["factory"] == "Flat"  # auto for a 200-item catalog
+    assert m["recall"]["value"] == 1.0 and m["dim"] == tiny_bundle.model.embedding_dim
+    assert set(res.timings) >= {"load", "embed", "build", "gate", "write", "switch", "total"}
+    loaded = store.load_version(root / "current")
+    assert loaded.item_ids == items["item_id"].tolist()
+    from training.dataset import read_items
+
+    want = tiny_bundle.model.embed_items(read_items(tiny_dataset))
+    np.testing.assert_allclose(np.asarray(loaded.embeddings), want, atol=1e-6)
+    assert sorted(os.listdir(root / "current" / "model")) == sorted(os.listdir(tiny_bundle_path))
+
+    # a second run switches to a new version and keeps the previous one; keep=1 prunes it
+    res2 = rebuild(cfg(tiny_bundle_path, tiny_dataset, root))
+    assert res2.path != res.path and store.read_current(root) == res2.path.resolve()
+    assert [p.name for p in store.list_versions(root)] == [res.path.name, res2.path.name]
+    res3 = rebuild(cfg(tiny_bundle_path, tiny_dataset, root, keep=1))
+    assert [p.name for p in store.list_versions(root)] == [res3.path.name]
+    assert {p.name for p in res3.pruned} == {res.path.name, res2.path.name}
+
+
+def test_hnsw_rebuild_tunes_search_params_and_records_recall(tmp_path, tiny_bundle_path, tiny_dataset):
+    root = tmp_path / "index"
+    res = rebuild(cfg(tiny_bundle_path, tiny_dataset, root, index="HNSW8", gate_k=20, recall_gate=0.9))
+    m = res.manifest
+    assert m["index"]["factory"] == "HNSW8" and set(m["index"]["search_params"]) == {"efSearch"}
+    rec = m["recall"]
+    assert rec["k"] == 20 and rec["queries"] == "users" and rec["n_queries"] > 0 and rec["value"] >= 0.9
+    loaded = store.load_version(res.path)
+    assert fi.get_search_params(loaded.index) == m["index"]["search_params"]
+
+
+def test_recall_gate_failure_leaves_current_untouched(built_root, tiny_bundle_path, tiny_dataset):
+    before = root_snapshot(built_root)
+    versions = store.list_versions(built_root)
+    with pytest.raises(RecallGateError, match=r"recall@100 = 0\.\d+ < 0.999") as e:
+        rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root, index="IVF16,Flat", nprobe=1, recall_gate=0.999))
+    assert e.value.recall["value"] < 0.999
+    assert root_snapshot(built_root) == before
+    assert store.list_versions(built_root) == versions
+    assert not list(built_root.glob(".tmp-*"))
+
+
+def test_fresh_items_are_embedded_from_features_and_removed_items_disappear(tmp_path, tiny_bundle, tiny_bundle_path, dataset_copy):
+    items = read_items_raw(dataset_copy)
+    removed = items["item_id"].iloc[:5].tolist()
+    fresh = items.iloc[[10, 11, 12]].copy()
+    fresh["item_id"] = ["fresh-a", "fresh-b", "fresh-c"]
+    pd.concat([items.iloc[5:], fresh]).to_csv(dataset_copy / "items.csv", index=False)
+
+    res = rebuild(cfg(tiny_bundle_path, dataset_copy, tmp_path / "index"))
+    loaded = store.load_version(res.path)
+    assert len(loaded.item_ids) == len(items) - 5 + 3
+    assert not set(removed) & set(loaded.item_ids)
+    vocab = set(tiny_bundle.model.item_encoder.ids.tokens)
+    assert "fresh-a" not in vocab
+    assert res.manifest["catalog"]["fresh_items"] == sum(i not in vocab for i in loaded.item_ids)
+
+    emb = np.asarray(loaded.embeddings)
+    row = loaded.item_ids.index("fresh-a")
+    # the vector comes from the features alone: any other unseen id with the same features
+    # gets the very same vector
+    same_features = fresh.iloc[[0]].assign(item_id="never-seen-id")
+    np.testing.assert_allclose(emb[row], tiny_bundle.model.embed_items(same_features)[0], atol=1e-6)
+    assert not np.allclose(emb[row], emb[loaded.item_ids.index(items["item_id"].iloc[10])], atol=1e-3)
+
+    retr = loaded.retriever()
+    for fid in ("fresh-a", "fresh-b", "fresh-c"):
+        scores, ids = retr.search(emb[loaded.item_ids.index(fid)], 1)
+        assert ids[0, 0] == fid and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    user = tiny_bundle.model.embed_users([{"user_id": "u1", "features": {}}])
+    _, everything = retr.search(user, 10_000)
+    assert set(everything[0]) == set(loaded.item_ids) and "fresh-b" in everything[0]
+
+
+def test_second_rebuild_fails_fast_while_locked(built_root, tiny_bundle_path, tiny_dataset):
+    before = root_snapshot(built_root)
+    with store.locked(built_root):
+        t0 = time.monotonic()
+        with pytest.raises(store.LockHeldError, match="held by another indexer run"):
+            rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root))
+        assert time.monotonic() - t0 < 2.0
+    assert root_snapshot(built_root) == before
+
+
+def test_bad_inputs_are_rebuild_input_errors(tmp_path, built_root, tiny_bundle_path, dataset_copy, monkeypatch):
+    before = root_snapshot(built_root)
+    with pytest.raises(RebuildInputError, match="no such directory"):
+        rebuild(cfg(tmp_path / "nope", dataset_copy, built_root))
+    with pytest.raises(RebuildInputError, match="invalid FAISS factory string 'HNSWxx'"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root, index="HNSWxx"))
+    with pytest.raises(RebuildInputError, match="'nprobe' does not apply to a hnsw index"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root, index="HNSW8", nprobe=3))
+    with pytest.raises(RebuildInputError, match="recall-gate"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root, recall_gate=1.5))
+
+    from training.model import TwoTowerModel
+
+    real = TwoTowerModel.embed_items
+    monkeypatch.setattr(TwoTowerModel, "embed_items", lambda self, df: real(self, df) * 1.5)
+    with pytest.raises(RebuildInputError, match="must be L2-normalized"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root))
+    monkeypatch.setattr(TwoTowerModel, "embed_items", lambda self, df: real(self, df) * np.nan)
+    with pytest.raises(RebuildInputError, match="non-finite"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root))
+    monkeypatch.undo()
+
+    items = read_items_raw(dataset_copy)
+    items.drop(columns=["price"]).to_csv(dataset_copy / "items.csv", index=False)
+    with pytest.raises(RebuildInputError, match=r"price"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root))
+    assert root_snapshot(built_root) == before and not list(built_root.glob(".tmp-*"))
+
+
+# ---- crash safety: real processes, real SIGKILL -----------------------------------------------
+
+
+def _rebuild_cmd(models: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "indexer.cli", "rebuild", "--model", str(models), "--data", str(data),
+            "--out", str(root), "--no-progress", "-q", *extra]
+
+
+def _env(hook: str, marker: Path) -> dict[str, str]:
+    return {**os.environ, "INDEXER_TEST_HOOK": hook, "INDEXER_TEST_HOOK_FILE": str(marker), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("stage", ["embedded", "write:model", "write:embeddings", "write:manifest", "renamed", "switched"])
+def test_sigkill_at_any_stage_keeps_current_and_next_run_cleans_up(stage, tmp_path, built_root, tiny_bundle_path, tiny_dataset):
+    before = root_snapshot(built_root)
+    old_versions = {p.name for p in store.list_versions(built_root)}
+    marker = tmp_path / "marker"
+    proc = subprocess.run(_rebuild_cmd(tiny_bundle_path, tiny_dataset, built_root, "--index", "HNSW8", "--gate-k", "10"),
+                          env=_env(f"kill:{stage}", marker), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert marker.read_text().startswith(stage)
+
+    new_versions = {p.name for p in store.list_versions(built_root)} - old_versions
+    tmp_dirs = list(built_root.glob(".tmp-*"))
+    if stage.startswith("write:"):
+        assert tmp_dirs and not new_versions  # killed mid-write: only a temp dir
+    if stage in ("renamed", "switched"):
+        assert len(new_versions) == 1  # complete, verified, renamed
+        store.verify_version(built_root / new_versions.pop())
+    if stage == "switched":
+        assert store.read_current(built_root).name != before[0]
+        store.verify_version(store.read_current(built_root))
+    else:
+        assert root_snapshot(built_root) == before  # pointer and every byte it serves
+
+    res = rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root))  # the lock died with the process
+    assert not list(built_root.glob(".tmp-*"))
+    assert {p.name for p in res.cleaned} == {p.name for p in tmp_dirs}
+    assert store.read_current(built_root) == res.path.resolve()
+    store.verify_version(res.path)
+
+
+def test_external_sigkill_while_paused_and_lock_contention(tmp_path, built_root, tiny_bundle_path, tiny_dataset):
+    """A rebuild paused mid-write holds the lock: a second one exits 3 at once with one stderr
+    line; SIGKILL from outside then leaves `current` intact and the lock free."""
+    before = root_snapshot(built_root)
+    marker = tmp_path / "marker"
+    first = subprocess.Popen(_rebuild_cmd(tiny_bundle_path, tiny_dataset, built_root),
+                             env=_env("pause:write:embeddings", marker), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "first rebuild never reached the pause point"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        second = subprocess.run(_rebuild_cmd(tiny_bundle_path, tiny_dataset, built_root),
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 3
+        assert second.stderr.count("\n") == 1 and "held by another indexer run" in second.stderr
+        assert time.monotonic() - t0 < 30
+        assert list(built_root.glob(".tmp-*"))  # the first run's half-written version
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    assert first.returncode == -signal.SIGKILL
+    assert root_snapshot(built_root) == before
+    res = rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root))
+    assert res.cleaned and not list(built_root.glob(".tmp-*"))

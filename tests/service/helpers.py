@@ -1,0 +1,172 @@
+"""Builders of index version directories for the service tests and the serving benchmark.
+
+They write the layout of docs/design.md ("Index version") directly — manifest, checksums, a
+copy of the model bundle, `embeddings.npy`, `item_ids.txt`, `index.faiss` — so that a test can
+also write versions that `indexer rebuild` never would: a corrupt file, a manifest naming another
+model version, vectors of the wrong dimension. What the service accepts is checked by
+`indexer.store.load_version`, the same loader production uses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+INDEX_FORMAT = "twotower-index/1"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """`n` random L2-normalized float32 rows (a synthetic catalog)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def build_index(embeddings: np.ndarray, factory: str = "Flat", ef_construction: int = 40) -> tuple[faiss.Index, dict]:
+    """A FAISS inner-product index over `embeddings` and its manifest `index` entry."""
+    d = embeddings.shape[1]
+    if factory == "Flat":
+        index = faiss.IndexFlatIP(d)
+        params: dict = {}
+    elif factory.startswith("HNSW"):
+        m = int(factory[4:].split(",")[0])
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        params = {"efSearch": 64}
+        index.hnsw.efSearch = 64
+    else:  # pragma: no cover - tests only use the two above
+        raise ValueError(factory)
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index, {"factory": factory, "search_params": params}
+
+
+def write_version(
+    root: Path,
+    bundle_path: Path,
+    embeddings: np.ndarray,
+    item_ids: list[str],
+    *,
+    name: str | None = None,
+    factory: str = "Flat",
+    index: faiss.Index | None = None,
+    model_version: str | None = None,
+    switch: bool = True,
+) -> Path:
+    """Write `root/<name>/` in the design.md layout; optionally point `root/current` at it.
+
+    `model_version` overrides what the manifest claims (default: the bundle's own version).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    bundle_manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
+    now = dt.datetime.now(dt.timezone.utc)
+    name = name or f"{now:%Y%m%dT%H%M%S%f}Z-{os.urandom(3).hex()}"
+    tmp = root / f".tmp-{name}"
+    shutil.copytree(bundle_path, tmp / "model")
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    np.save(tmp / "embeddings.npy", emb)
+    (tmp / "item_ids.txt").write_text("".join(f"{i}\n" for i in item_ids), encoding="utf-8")
+    if index is None:
+        index, index_entry = build_index(emb, factory)
+    else:
+        index_entry = {"factory": factory, "search_params": {}}
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    files = {
+        str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    manifest = {
+        "format": INDEX_FORMAT,
+        "index_version": name,
+        "model_version": model_version or bundle_manifest["version"],
+        "created_at": now.isoformat(timespec="seconds"),
+        "count": len(item_ids),
+        "dim": int(emb.shape[1]),
+        "index": index_entry,
+        "recall": None,
+        "files": files,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    final = root / name
+    os.rename(tmp, final)
+    if switch:
+        switch_current(root, name)
+    return final
+
+
+def switch_current(root: Path, name: str) -> None:
+    """Point `root/current` at `name` atomically (temp symlink + os.replace)."""
+    link = Path(root) / f".current-{os.getpid()}-{os.urandom(2).hex()}"
+    os.symlink(name, link)
+    os.replace(link, Path(root) / "current")
+
+
+def item_embeddings(bundle_path: Path, items_csv: Path) -> tuple[np.ndarray, list[str]]:
+    """The real item vectors of a trained bundle for a dataset's items.csv."""
+    import pandas as pd
+
+    from training.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    items = pd.read_csv(items_csv, dtype=str, keep_default_na=False)
+    return bundle.model.embed_items(items), items["item_id"].astype(str).tolist()
+
+
+def _write_manifest(version_dir: Path, manifest: dict) -> None:
+    (Path(version_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def read_manifest(version_dir: Path) -> dict:
+    return json.loads((Path(version_dir) / "manifest.json").read_text())
+
+
+def replace_file(version_dir: Path, relpath: str, data: bytes, *, rehash: bool) -> None:
+    """Overwrite one file of an (unswitched) version; `rehash` keeps its checksum consistent."""
+    path = Path(version_dir) / relpath
+    path.write_bytes(data)
+    if rehash:
+        manifest = read_manifest(version_dir)
+        manifest["files"][relpath] = sha256_file(path)
+        _write_manifest(version_dir, manifest)
+
+
+def edit_manifest(version_dir: Path, **changes: object) -> None:
+    manifest = read_manifest(version_dir)
+    manifest.update(changes)
+    _write_manifest(version_dir, manifest)
+
+
+def copy_version(src: Path, root: Path, name: str) -> Path:
+    """A copy of version `src` under a new index_version (not switched to)."""
+    dst = Path(root) / name
+    shutil.copytree(src, dst)
+    edit_manifest(dst, index_version=name)
+    return dst
+
+
+def replace_bundle_file(version_dir: Path, name: str, data: bytes) -> None:
+    """Overwrite `model/<name>` and re-sign it in both the bundle's and the index's manifest."""
+    version_dir = Path(version_dir)
+    (version_dir / "model" / name).write_bytes(data)
+    bundle_manifest = read_manifest(version_dir / "model")
+    bundle_manifest["files"][name] = sha256_file(version_dir / "model" / name)
+    _write_manifest(version_dir / "model", bundle_manifest)
+    manifest = read_manifest(version_dir)
+    for rel in (f"model/{name}", "model/manifest.json"):
+        manifest["files"][rel] = sha256_file(version_dir / rel)
+    _write_manifest(version_dir, manifest)

@@ -1,0 +1,315 @@
+"""The HTTP contract (INTERFACES.md §3), in process: every endpoint, limits, errors, the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.schemas import BatchRetrieveResponse, EmbedResponse, RetrieveResponse
+from tests.service.conftest import FEATURES, serve
+from tests.service.helpers import unit_rows, write_version
+
+
+def post_raw(client: TestClient, path: str, text: str):  # noqa: ANN201 - httpx.Response
+    return client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def only_error(resp) -> dict:  # noqa: ANN001
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"]
+    assert isinstance(detail, list) and detail
+    for item in detail:
+        assert set(item) == {"loc", "field", "msg", "type"}  # no "input", no "ctx"
+    return detail[0]
+
+
+# ---- the happy paths ---------------------------------------------------------------------------
+
+
+def test_retrieve_contract(client: TestClient, catalog: tuple[np.ndarray, list[str]]) -> None:
+    body = {"user_id": "u1", "features": FEATURES, "k": 20, "exclude_item_ids": ["i1", "i2"]}
+    r = client.post("/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    data = RetrieveResponse.model_validate(r.json())
+    assert len(data.items) == 20
+    ids = [it.item_id for it in data.items]
+    assert not {"i1", "i2"} & set(ids)
+    assert set(ids) <= set(catalog[1])
+    scores = [it.score for it in data.items]
+    assert scores == sorted(scores, reverse=True)
+    assert data.model_version and data.index_version and data.cached is False
+    ready = client.get("/readyz").json()
+    assert (data.model_version, data.index_version) == (ready["model_version"], ready["index_version"])
+
+
+def test_retrieve_is_exact_top_k_of_the_embed_vector(client: TestClient, catalog: tuple[np.ndarray, list[str]]) -> None:
+    emb, ids = catalog
+    vec = np.array(client.post("/embed", json={"user_id": "u3", "features": FEATURES}).json()["vector"], np.float32)
+    got = client.post("/retrieve", json={"user_id": "u3", "features": FEATURES, "k": 10}).json()["items"]
+    truth = np.argsort(-(emb @ vec), kind="stable")[:10]
+    assert [it["item_id"] for it in got] == [ids[i] for i in truth]
+
+
+def test_embed_contract(client: TestClient) -> None:
+    r = client.post("/embed", json={"user_id": "u1", "features": FEATURES})
+    assert r.status_code == 200
+    data = EmbedResponse.model_validate(r.json())
+    v = np.array(data.vector)
+    assert v.shape == (16,) and abs(np.linalg.norm(v) - 1) < 1e-5
+    assert data.model_version == client.get("/readyz").json()["model_version"]
+
+
+def test_unknown_or_absent_user_and_missing_features_use_oov(client: TestClient) -> None:
+    for body in ({}, {"user_id": "never-seen"}, {"features": {}}, {"features": {"age": None}},
+                 {"user_id": "u1", "features": {"country": "unseen-country", "interests": []}}):
+        r = client.post("/retrieve", json=body)
+        assert r.status_code == 200, (body, r.text)
+        assert len(r.json()["items"]) == 20  # the default k
+    absent = client.post("/embed", json={}).json()["vector"]
+    unknown = client.post("/embed", json={"user_id": "never-seen"}).json()["vector"]
+    assert absent == unknown  # both the OOV id row
+    assert client.post("/embed", json={"features": {"age": None}}).json()["vector"] == absent
+
+
+def test_feature_value_forms_are_equivalent(client: TestClient) -> None:
+    """A multi-categorical list or joined string, an int or float continuous: same vector."""
+    a = client.post("/embed", json={"features": {"interests": "t0|t3", "age": 30}}).json()
+    b = client.post("/embed", json={"features": {"interests": ["t0", "t3"], "age": 30.0}}).json()
+    assert a["vector"] == b["vector"]
+    assert b["cached"] is True  # canonicalized features: the same cache key
+
+
+def test_health_ready_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    client.post("/retrieve", json={"user_id": "u1"})
+    client.post("/retrieve", json={"user_id": "u1"})
+    text = client.get("/metrics").text
+    assert 'service_request_duration_seconds_bucket{endpoint="/retrieve",le="0.5",method="POST"} 2.0' in text
+    assert 'service_cache_hits_total{backend="local"} 1.0' in text
+    assert 'service_cache_misses_total{backend="local"} 1.0' in text
+    ready = client.get("/readyz").json()
+    assert (
+        f'service_loaded_version_info{{index_version="{ready["index_version"]}",model_version="{ready["model_version"]}"}} 1.0'
+        in text
+    )
+    assert 'service_reloads_total{result="success"} 1.0' in text
+    assert "service_ready 1.0" in text
+
+
+def test_not_ready_until_a_version_is_loaded(tmp_path: Path) -> None:
+    with serve(tmp_path / "empty-root", load=False) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "not ready"
+        assert c.post("/retrieve", json={}).status_code == 503
+        assert c.post("/embed", json={}).status_code == 503
+        assert c.app.state.service.reloader.check_once() == "no-current"
+        assert "current" in c.get("/readyz").json()["reason"]
+
+
+def test_batch_matches_single_requests(client: TestClient) -> None:
+    reqs = [
+        {"user_id": "u1", "features": FEATURES, "k": 5},
+        {"user_id": "u2", "k": 3, "exclude_item_ids": ["i0"]},
+        {"features": {"age": 70}, "k": 1},
+    ]
+    singles = [client.post("/retrieve", json=r).json() for r in reqs]
+    r = client.post("/retrieve/batch", json={"requests": reqs})
+    assert r.status_code == 200, r.text
+    batch = BatchRetrieveResponse.model_validate(r.json())
+    assert len(batch.results) == 3
+    for one, res in zip(singles, batch.results, strict=True):
+        assert res.cached is True  # the singles populated the cache
+        assert [(i.item_id, i.score) for i in res.items] == [(i["item_id"], i["score"]) for i in one["items"]]
+        assert (res.model_version, res.index_version) == (batch.model_version, batch.index_version)
+
+
+def test_batch_is_bounded(index_root: Path) -> None:
+    with serve(index_root, max_batch=2) as c:
+        assert c.post("/retrieve/batch", json={"requests": [{}, {}]}).status_code == 200
+        err = only_error(c.post("/retrieve/batch", json={"requests": [{}, {}, {}]}))
+        assert err["field"] == "requests"
+        assert only_error(c.post("/retrieve/batch", json={"requests": []}))["field"] == "requests"
+        err = only_error(c.post("/retrieve/batch", json={"requests": [{}, {"features": {"nope": 1}}]}))
+        assert err["field"] == "requests.1.features.nope"
+
+
+# ---- exclusions and k --------------------------------------------------------------------------
+
+
+def test_k_larger_than_catalog_and_everything_excluded(client: TestClient, catalog: tuple[np.ndarray, list[str]]) -> None:
+    ids = catalog[1]
+    n = len(ids)
+    items = client.post("/retrieve", json={"k": 1000}).json()["items"]
+    assert len(items) == n and len({i["item_id"] for i in items}) == n
+    excl = ids[: n - 5] + ["not-in-catalog"]
+    items = client.post("/retrieve", json={"k": 1000, "exclude_item_ids": excl}).json()["items"]
+    assert sorted(i["item_id"] for i in items) == sorted(ids[n - 5 :])
+    assert client.post("/retrieve", json={"k": 3, "exclude_item_ids": ids}).json()["items"] == []
+    for it in items:
+        assert isinstance(it["score"], float)
+
+
+@pytest.mark.parametrize("factory", ["HNSW4"])
+def test_ann_index_with_exclusions_returns_min_k_catalog_minus_excluded(tmp_path: Path, bundle_a: Path, factory: str) -> None:
+    """HNSW with a tiny efSearch cannot supply k + |exclude| rows: the exact fallback does."""
+    n, d = 3000, 16
+    emb = unit_rows(n, d, seed=3)
+    ids = [f"x{i}" for i in range(n)]
+    root = tmp_path / "index"
+    write_version(root, bundle_a, emb, ids, factory=factory)
+    with serve(root, hnsw_ef_search=4) as c:
+        vec = np.array(c.post("/embed", json={"user_id": "u1"}).json()["vector"], np.float32)
+        exact = np.argsort(-(emb @ vec), kind="stable")
+        cases = [
+            (10, []),
+            (50, [ids[i] for i in exact[:40]]),  # the 40 best excluded
+            (1000, ids[: n - 100]),  # fetch > 25% of catalog: exact scan
+            (1000, [ids[i] for i in exact[:500]]),
+        ]
+        for k, excl in cases:
+            r = c.post("/retrieve", json={"user_id": "u1", "k": k, "exclude_item_ids": excl})
+            assert r.status_code == 200
+            items = r.json()["items"]
+            want = min(k, n - len(set(excl) & set(ids)))
+            assert len(items) == want, (k, len(excl))
+            got = [i["item_id"] for i in items]
+            assert not set(got) & set(excl)
+            assert len(set(got)) == len(got)
+            scores = np.array([i["score"] for i in items])
+            assert np.isfinite(scores).all() and (np.diff(scores) <= 0).all()
+            rows = [int(g[1:]) for g in got]
+            np.testing.assert_allclose(scores, emb[rows] @ vec, atol=1e-5)
+
+
+# ---- the cache through the API ---------------------------------------------------------------
+
+
+def test_cached_answers_are_identical_and_flagged(client: TestClient) -> None:
+    body = {"user_id": "u5", "features": FEATURES, "k": 50}
+    first = client.post("/retrieve", json=body).json()
+    second = client.post("/retrieve", json=body).json()
+    assert first["cached"] is False and second["cached"] is True
+    assert first["items"] == second["items"]
+    other = client.post("/retrieve", json={**body, "features": {**FEATURES, "age": 32}}).json()
+    assert other["cached"] is False  # different features, different key
+
+
+# ---- input validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"features": {"age": NaN}}', "features.age"),
+        ('{"features": {"age": Infinity}}', "features.age"),
+        ('{"features": {"age": -Infinity}}', "features.age"),
+        ('{"features": {"age": 1e999}}', "features.age"),
+        ('{"features": {"bogus": 1}}', "features.bogus"),
+        ('{"features": {"age": "old"}}', "features.age"),
+        ('{"features": {"age": true}}', "features.age"),
+        ('{"features": {"country": ["a"]}}', "features.country"),
+        ('{"features": {"country": {"a": 1}}}', "features.country"),
+        ('{"features": {"interests": [1, 2]}}', "features.interests"),
+        ('{"features": {"interests": 3.5}}', "features.interests"),
+        ('{"features": []}', "features"),
+        ('{"user_id": 196}', "user_id"),
+        ('{"k": 0}', "k"),
+        ('{"k": 1001}', "k"),
+        ('{"k": NaN}', "k"),
+        ('{"k": "ten"}', "k"),
+        ('{"exclude_item_ids": "i1"}', "exclude_item_ids"),
+        ('{"colour": "red"}', "colour"),
+        ("[1, 2]", "body"),
+        ('{"k": ', "body"),
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(client: TestClient, text: str, field: str) -> None:
+    err = only_error(post_raw(client, "/retrieve", text))
+    assert err["field"] == field, err
+    if field.startswith("features"):
+        embed_err = only_error(post_raw(client, "/embed", text))
+        assert embed_err["field"] == field
+
+
+def test_422_never_echoes_the_input(client: TestClient) -> None:
+    secret = "s3cr3t-" + "x" * 50
+    for text in (
+        json.dumps({"features": {"age": secret}}),
+        json.dumps({"user_id": secret * 20}),
+        json.dumps({"k": secret}),
+        json.dumps({"features": {"country": {"nested": secret}}}),
+        '{"features": {"age": NaN}, "k": "' + secret + '"}',
+    ):
+        r = post_raw(client, "/retrieve", text)
+        assert r.status_code == 422
+        assert secret not in r.text
+        json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in a response"))
+
+
+def test_long_unknown_names_are_truncated_in_errors(client: TestClient) -> None:
+    name = "f" * 5000
+    err = only_error(client.post("/retrieve", json={"features": {name: 1}}))
+    assert len(err["field"]) < 200
+
+
+def test_too_many_excludes(index_root: Path) -> None:
+    with serve(index_root, max_exclude=3) as c:
+        assert c.post("/retrieve", json={"exclude_item_ids": ["a", "b", "c"]}).status_code == 200
+        err = only_error(c.post("/retrieve", json={"exclude_item_ids": ["a", "b", "c", "d"]}))
+        assert err["field"] == "exclude_item_ids"
+
+
+def test_default_exclude_limit_is_ten_thousand(client: TestClient) -> None:
+    ok = client.post("/retrieve", json={"k": 5, "exclude_item_ids": [f"e{i}" for i in range(10_000)]})
+    assert ok.status_code == 200 and len(ok.json()["items"]) == 5
+    err = only_error(client.post("/retrieve", json={"exclude_item_ids": [f"e{i}" for i in range(10_001)]}))
+    assert err["field"] == "exclude_item_ids"
+
+
+def test_max_k_is_configurable(index_root: Path) -> None:
+    with serve(index_root, max_k=7) as c:
+        assert len(c.post("/retrieve", json={"k": 7}).json()["items"]) == 7
+        assert only_error(c.post("/retrieve", json={"k": 8}))["field"] == "k"
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["RetrieveRequest"]
+        assert schema["properties"]["k"]["maximum"] == 7
+
+
+def test_body_size_limit_is_a_413(index_root: Path) -> None:
+    with serve(index_root, max_body_bytes=2048) as c:
+        big = {"exclude_item_ids": ["x" * 100] * 30}
+        r = c.post("/retrieve", json=big)
+        assert r.status_code == 413 and "2048" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: the streamed total is what is checked
+            for _ in range(10):
+                yield b" " * 400
+
+        r = c.post("/retrieve", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.post("/retrieve", json={"k": 1}).status_code == 200  # still serving
+        assert 'endpoint="unmatched"' in c.get("/metrics").text or "413" in c.get("/metrics").text
+
+
+# ---- API key -----------------------------------------------------------------------------------
+
+
+def test_api_key_is_off_by_default(client: TestClient) -> None:
+    assert client.post("/retrieve", json={}).status_code == 200
+
+
+def test_api_key_when_configured(index_root: Path) -> None:
+    with serve(index_root, api_key="k-123") as c:
+        assert c.post("/retrieve", json={}).status_code == 401
+        assert c.post("/retrieve", json={}, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.post("/retrieve", json={}, headers={"X-API-Key": ""}).status_code == 401
+        assert c.post("/retrieve", json={}, headers={"X-API-Key": "k-123"}).status_code == 200
+        assert c.post("/embed", json={}).status_code == 401
+        assert c.post("/retrieve/batch", json={"requests": [{}]}).status_code == 401
+        assert c.get("/healthz").status_code == 200  # probes stay open
+        assert c.get("/readyz").status_code == 200

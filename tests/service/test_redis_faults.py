@@ -1,0 +1,113 @@
+"""Redis as an accelerator, through the API: faults never become 5xx or slow requests."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.service.conftest import FEATURES, BlackHole, RedisServer, serve, wait_for
+
+
+def metric(client, name: str, **labels: str) -> float:  # noqa: ANN001
+    value = client.app.state.service.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_redis_cache_through_the_api(index_root: Path, redis_server: RedisServer) -> None:
+    body = {"user_id": "u2", "features": FEATURES, "k": 25}
+    with serve(index_root, redis_url=redis_server.url, cache_ttl_s=120) as c:
+        first = c.post("/retrieve", json=body).json()
+        second = c.post("/retrieve", json=body).json()
+        assert (first["cached"], second["cached"]) == (False, True)
+        assert first["items"] == second["items"]
+        (key,) = redis_server.client().keys("*")
+        assert first["model_version"] in key.decode()
+        assert key.decode().endswith(":uu2")
+        assert len(redis_server.client().get(key)) == 16 * 4  # raw float32
+        assert 0 < redis_server.client().ttl(key) <= 120
+        batch = c.post("/retrieve/batch", json={"requests": [body, {**body, "user_id": "u3"}]}).json()
+        assert [r["cached"] for r in batch["results"]] == [True, False]
+        assert batch["results"][0]["items"] == first["items"]
+        assert len(redis_server.client().keys("*")) == 2
+        assert metric(c, "service_cache_hits_total", backend="redis") == 2
+
+
+def test_garbage_and_wrong_length_values_are_misses(index_root: Path, redis_server: RedisServer) -> None:
+    body = {"user_id": "u4", "features": FEATURES, "k": 10}
+    raw = redis_server.client()
+    with serve(index_root, redis_url=redis_server.url) as c:
+        truth = c.post("/retrieve", json=body).json()
+        (key,) = raw.keys("*")
+        good = raw.get(key)
+        bad_values = [
+            b"not a vector",
+            good[:-4],  # one float short
+            good + good,  # twice the length
+            np.full(16, np.nan, "<f4").tobytes(),  # right length, NaN
+            (np.frombuffer(good, "<f4") * 2).astype("<f4").tobytes(),  # right length, not unit
+        ]
+        for value in bad_values:
+            raw.set(key, value)
+            r = c.post("/retrieve", json=body)
+            assert r.status_code == 200
+            assert r.json()["cached"] is False
+            assert r.json()["items"] == truth["items"]
+            assert raw.get(key) == good  # the computed vector replaced the bad one
+        assert c.post("/retrieve", json=body).json()["cached"] is True
+        assert metric(c, "service_cache_errors_total", backend="redis", reason="malformed") == len(bad_values)
+
+
+def test_redis_stopped_mid_traffic_and_restarted(index_root: Path, redis_server: RedisServer) -> None:
+    bodies = [{"user_id": f"u{i}", "features": FEATURES, "k": 10} for i in range(5)]
+    statuses: list[int] = []
+    with serve(index_root, redis_url=redis_server.url, breaker_cooldown_s=0.2, raise_server_exceptions=False) as c:
+
+        def traffic(n: int) -> list[dict]:
+            out = []
+            for i in range(n):
+                r = c.post("/retrieve", json=bodies[i % len(bodies)])
+                statuses.append(r.status_code)
+                out.append(r.json())
+            return out
+
+        truth = traffic(10)
+        assert all(r["cached"] for r in truth[5:])
+        redis_server.stop()
+        t0 = time.perf_counter()
+        down = traffic(30)
+        assert time.perf_counter() - t0 < 5
+        assert not any(r["cached"] for r in down)
+        assert [r["items"] for r in down[:5]] == [r["items"] for r in truth[:5]]
+        assert metric(c, "service_cache_breaker_open") == 1
+        redis_server.start()  # same port, empty: the service reconnects on its own
+
+        def recovered() -> bool:
+            traffic(len(bodies))
+            return traffic(1)[0]["cached"]
+
+        wait_for(recovered, timeout=10, what="the cache to work again after the restart")
+        assert metric(c, "service_cache_breaker_open") == 0
+        assert metric(c, "service_cache_errors_total", backend="redis", reason="connection") >= 1
+    assert set(statuses) == {200}
+
+
+def test_hung_redis_keeps_requests_within_the_timeout_budget(index_root: Path, black_hole: BlackHole) -> None:
+    body = {"user_id": "u1", "features": FEATURES}
+    with serve(index_root, redis_url=black_hole.url, redis_timeout_s=0.02, redis_connect_timeout_s=0.05,
+               breaker_cooldown_s=0.3) as c:
+        latencies = []
+        for _ in range(40):
+            t0 = time.perf_counter()
+            r = c.post("/retrieve", json=body)
+            latencies.append(time.perf_counter() - t0)
+            assert r.status_code == 200 and r.json()["cached"] is False
+            time.sleep(0.01)
+        # Each Redis call is cut at connect + read timeout (70 ms); a request makes at most a
+        # read and a write, and an open breaker skips Redis entirely. redis-py's default would
+        # have hung each request for seconds.
+        assert max(latencies) < 0.4, max(latencies)
+        assert float(np.median(latencies)) < 0.05
+        assert metric(c, "service_cache_errors_total", backend="redis", reason="timeout") >= 3
+        assert metric(c, "service_cache_bypassed_total", backend="redis") > 0

@@ -1,0 +1,214 @@
+"""Hot reload: new versions are picked up, bad ones refused, and a swap never mixes versions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.tower import UserRecord, UserTower
+from tests.service.conftest import FEATURES, serve, wait_for
+from tests.service.helpers import (
+    edit_manifest,
+    read_manifest,
+    replace_file,
+    switch_current,
+    unit_rows,
+    write_version,
+)
+from training.bundle import load_bundle
+
+
+def pair(client) -> tuple[str, str]:  # noqa: ANN001
+    ready = client.get("/readyz").json()
+    return ready["model_version"], ready["index_version"]
+
+
+def reload_count(client, result: str) -> float:  # noqa: ANN001
+    m = client.app.state.service.metrics
+    return m.registry.get_sample_value("service_reloads_total", {"result": result}) or 0.0
+
+
+def test_background_reloader_picks_up_a_new_version(
+    index_root: Path, bundle_b: Path, catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    with serve(index_root, reloader=True, reload_interval_s=0.05) as c:
+        old = pair(c)
+        new_dir = write_version(index_root, bundle_b, catalog[0], catalog[1])
+        wait_for(lambda: pair(c)[1] == new_dir.name, what="the new version")
+        r = c.post("/retrieve", json={"user_id": "u1"}).json()
+        assert (r["model_version"], r["index_version"]) == pair(c) != old
+        assert r["model_version"] == read_manifest(new_dir)["model_version"]
+        assert reload_count(c, "success") == 2
+
+
+def _corrupt_checksum(d: Path, dim: int) -> None:
+    data = bytearray((d / "embeddings.npy").read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the payload, manifest unchanged
+    (d / "embeddings.npy").write_bytes(bytes(data))
+
+
+def _garbage_index_rehashed(d: Path, dim: int) -> None:
+    replace_file(d, "index.faiss", b"\x00garbage" * 64, rehash=True)
+
+
+def _truncated_faiss(d: Path, dim: int) -> None:
+    data = (d / "index.faiss").read_bytes()
+    replace_file(d, "index.faiss", data[: len(data) // 2], rehash=True)
+
+
+def _missing_item_ids(d: Path, dim: int) -> None:
+    (d / "item_ids.txt").unlink()
+
+
+def _extra_item_id(d: Path, dim: int) -> None:
+    text = (d / "item_ids.txt").read_text() + "extra\n"
+    replace_file(d, "item_ids.txt", text.encode(), rehash=True)
+
+
+def _model_version_mismatch(d: Path, dim: int) -> None:
+    edit_manifest(d, model_version="20990101T000000000Z-ffffff")
+
+
+BAD_VERSIONS = {
+    "corrupt file (checksum)": _corrupt_checksum,
+    "garbage index with a matching checksum": _garbage_index_rehashed,
+    "truncated index with a matching checksum": _truncated_faiss,
+    "missing item_ids.txt": _missing_item_ids,
+    "item count mismatch": _extra_item_id,
+    "mismatched model version": _model_version_mismatch,
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_VERSIONS))
+def test_bad_version_is_refused_and_the_old_one_keeps_serving(
+    kind: str, index_root: Path, bundle_a: Path, catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    emb, ids = catalog
+    with serve(index_root) as c:
+        good = pair(c)
+        bad = write_version(index_root, bundle_a, emb, ids, switch=False)
+        BAD_VERSIONS[kind](bad, emb.shape[1])
+        switch_current(index_root, bad.name)
+        reloader = c.app.state.service.reloader
+        assert reloader.check_once() == "refused"
+        assert bad.name in (reloader.last_error or "")
+        assert reloader.check_once() == "skipped"  # not retried every poll
+        assert pair(c) == good
+        r = c.post("/retrieve", json={"user_id": "u1", "features": FEATURES})
+        assert r.status_code == 200
+        assert (r.json()["model_version"], r.json()["index_version"]) == good
+        assert reload_count(c, "failure") == 1
+        assert 'service_reloads_total{result="failure"} 1.0' in c.get("/metrics").text
+        # the next good version is taken
+        fixed = write_version(index_root, bundle_a, emb, ids)
+        assert reloader.check_once() == "swapped"
+        assert pair(c)[1] == fixed.name
+
+
+def test_dimension_mismatch_is_refused(index_root: Path, bundle_a: Path, catalog: tuple[np.ndarray, list[str]]) -> None:
+    """Index and embeddings of dimension 8 for a tower of dimension 16 (consistent checksums)."""
+    ids = catalog[1]
+    with serve(index_root) as c:
+        good = pair(c)
+        write_version(index_root, bundle_a, unit_rows(len(ids), 8), ids)
+        assert c.app.state.service.reloader.check_once() == "refused"
+        assert "dimension" in c.app.state.service.reloader.last_error
+        assert pair(c) == good
+        assert c.post("/retrieve", json={}).status_code == 200
+
+
+def test_first_version_bad_means_not_ready(tmp_path: Path, bundle_a: Path, catalog: tuple[np.ndarray, list[str]]) -> None:
+    root = tmp_path / "index"
+    d = write_version(root, bundle_a, catalog[0], catalog[1])
+    edit_manifest(d, model_version="20990101T000000000Z-ffffff")
+    with serve(root, load=False) as c:
+        assert c.app.state.service.reloader.check_once() == "refused"
+        r = c.get("/readyz")
+        assert r.status_code == 503 and d.name in r.json()["reason"]
+        assert c.post("/retrieve", json={}).status_code == 503
+
+
+def test_swap_under_concurrent_load_never_mixes_versions(
+    tmp_path: Path, bundle_a: Path, bundle_b: Path
+) -> None:
+    """Two versions with different models AND different catalogs; `current` flips between them
+    while 8 threads send requests. Every answer must name one pair, hold only that pair's items,
+    and score them with that pair's user tower — a mixed answer cannot pass all three."""
+    n, d = 400, 16
+    root = tmp_path / "index"
+    emb = {"a": unit_rows(n, d, seed=11), "b": unit_rows(n, d, seed=12)}
+    dirs = {
+        "a": write_version(root, bundle_a, emb["a"], [f"a{i}" for i in range(n)], switch=False),
+        "b": write_version(root, bundle_b, emb["b"], [f"b{i}" for i in range(n)], switch=False),
+    }
+    pairs = {key: (read_manifest(p)["model_version"], p.name) for key, p in dirs.items()}
+    towers = {"a": UserTower(load_bundle(bundle_a).model), "b": UserTower(load_bundle(bundle_b).model)}
+    users = [(f"u{i}", {"age": 20 + i, "country": f"k{i % 5}"}) for i in range(12)]
+    vecs = {
+        key: {uid: t.embed([UserRecord(uid, t.validate(f))])[0] for uid, f in users} for key, t in towers.items()
+    }
+    switch_current(root, dirs["a"].name)
+
+    stop = threading.Event()
+
+    def flipper() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            switch_current(root, dirs["b" if i % 2 else "a"].name)
+            time.sleep(0.03)
+
+    with serve(root, reloader=True, reload_interval_s=0.01) as c:
+
+        def worker(w: int) -> list[tuple[int, dict, str]]:
+            out = []
+            for j in range(40):
+                uid, feats = users[(w * 7 + j) % len(users)]
+                r = c.post("/retrieve", json={"user_id": uid, "features": feats, "k": 5, "exclude_item_ids": ["a1", "b1"]})
+                out.append((r.status_code, r.json() if r.status_code == 200 else {"text": r.text}, uid))
+            return out
+
+        flip = threading.Thread(target=flipper)
+        flip.start()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                results = [x for chunk in pool.map(worker, range(8)) for x in chunk]
+        finally:
+            stop.set()
+            flip.join()
+        reloads = reload_count(c, "success")
+
+    assert [s for s, _, _ in results if s != 200] == []
+    seen = set()
+    for _, body, uid in results:
+        got = (body["model_version"], body["index_version"])
+        key = next((k for k, p in pairs.items() if p == got), None)
+        assert key is not None, f"unknown version pair {got}"
+        seen.add(key)
+        rows = []
+        for it in body["items"]:
+            assert it["item_id"][0] == key, f"{it['item_id']} in an answer from version {key}"
+            rows.append(int(it["item_id"][1:]))
+        assert len(rows) == 5
+        np.testing.assert_allclose(
+            [it["score"] for it in body["items"]], emb[key][rows] @ vecs[key][uid], atol=1e-5
+        )
+    assert seen == {"a", "b"}, "the load never overlapped a swap"
+    assert reloads >= 3
+
+
+def test_a_version_built_by_indexer_rebuild_is_served(index_root: Path, bundle_b: Path, tiny_dataset: Path) -> None:
+    """The real writer (`indexer rebuild`) and the service agree on the version format."""
+    from indexer.rebuild import RebuildConfig, rebuild
+
+    with serve(index_root) as c:
+        result = rebuild(RebuildConfig(model=bundle_b, data=tiny_dataset, out=index_root, index="HNSW8", progress=False))
+        assert c.app.state.service.reloader.check_once() == "swapped"
+        assert pair(c) == (read_manifest(result.path)["model_version"], result.path.name)
+        items = c.post("/retrieve", json={"user_id": "u1", "features": FEATURES, "k": 10}).json()["items"]
+        assert len(items) == 10
