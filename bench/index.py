@@ -57,6 +57,7 @@ def configs_for(n: int) -> list[Config]:
     return [
         Config("Flat", "Flat"),
         Config("HNSW32", "HNSW32", {"efConstruction": 40}, ef),
+        Config("HNSW16", "HNSW16", {"efConstruction": 40}, ef),
         Config(f"IVF{small_ivf},Flat", f"IVF{small_ivf},Flat", {}, probes),
         Config(f"IVF{big_ivf},Flat", f"IVF{big_ivf},Flat", {}, probes),
         Config(f"IVF{small_ivf},PQ32x8", f"IVF{small_ivf},PQ32x8", {}, probes),

@@ -25,7 +25,7 @@ from service.deps import Service
 from service.metrics import ServiceMetrics
 from service.observability import BodyLimitMiddleware, ObservabilityMiddleware, configure_logging
 from service.retrieval import NonFiniteVectorError, RequestFieldError
-from service.routes import build_router
+from service.routes import register_routes
 from service.schemas import request_models
 from service.settings import Settings, get_settings
 from service.state import Reloader, VersionHolder
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *, start_reloader: bool = True)
         lifespan=lifespan,
     )
     app.state.service = service
-    app.include_router(build_router(request_models(settings)))
+    register_routes(app, request_models(settings))
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
     app.add_exception_handler(RequestFieldError, errors.field_error_handler)
     app.add_exception_handler(errors.NotReadyError, errors.not_ready_handler)

@@ -22,8 +22,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis.asyncio as aredis
@@ -34,6 +35,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.metrics import ServiceMetrics
+from service.redis_client import FastRedis, RedisReplyError, deadline
 from service.settings import Settings
 
 log = logging.getLogger("service.cache")
@@ -209,38 +211,18 @@ class CircuitBreaker:
         self._probing = False
 
 
-async def _with_deadline(coro: Awaitable[object], seconds: float) -> object:
-    """`await coro`, but raise TimeoutError after `seconds` (asyncio.timeout where available)."""
-    if hasattr(asyncio, "timeout"):  # Python >= 3.11: no extra task per call
-        async with asyncio.timeout(seconds):
-            return await coro
-    return await asyncio.wait_for(coro, seconds)  # pragma: no cover - Python 3.10
-
-
 def _error_reason(exc: BaseException) -> str:
-    if isinstance(exc, (RedisTimeoutError, TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, (RedisTimeoutError, asyncio.TimeoutError)):
         return "timeout"
     if isinstance(exc, (RedisConnectionError, ConnectionError, OSError)):
         return "connection"
     return "other"
 
 
-class RedisCache:
-    """Redis-backed cache: one GET / MGET per request or batch, SETs pipelined, all bounded."""
+class RedisPyClient:
+    """The same three commands through redis-py's asyncio client (for `rediss://`, `unix://`)."""
 
-    backend = "redis"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        ttl_s: int,
-        connect_timeout_s: float,
-        timeout_s: float,
-        max_connections: int,
-        breaker: CircuitBreaker,
-        metrics: ServiceMetrics,
-    ) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float, timeout_s: float, max_connections: int) -> None:
         self._client = aredis.Redis.from_url(
             url,
             socket_connect_timeout=connect_timeout_s,
@@ -250,9 +232,52 @@ class RedisCache:
             max_connections=max_connections,
             health_check_interval=0,
         )
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._client.get(key)
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self._client.mget(list(keys))
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key, value in items:
+            pipe.set(key, value, ex=ttl_s)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):  # best effort on shutdown
+            await self._client.aclose()
+
+
+class RedisClient(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RedisCache:
+    """Redis-backed cache: one GET / MGET per request or batch, SETs pipelined, all bounded."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        ttl_s: int,
+        deadline_s: float,
+        breaker: CircuitBreaker,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self._client = client
         self._ttl = ttl_s
-        # The outer deadline covers a connect plus a round trip, whatever redis-py does inside.
-        self._deadline = connect_timeout_s + timeout_s
+        # The outer deadline covers a connect plus a round trip, whatever the client does inside.
+        self._deadline = deadline_s
         self.breaker = breaker
         self._metrics = metrics
         self._hits = metrics.cache_hits.labels(self.backend)
@@ -266,8 +291,9 @@ class RedisCache:
             self._bypassed.inc()
             return False, None
         try:
-            result = await _with_deadline(fn(), self._deadline)  # type: ignore[arg-type]
-        except (RedisError, OSError, TimeoutError) as exc:
+            async with deadline(self._deadline):
+                result = await fn()  # type: ignore[misc]
+        except (RedisError, RedisReplyError, OSError, asyncio.TimeoutError) as exc:
             reason = _error_reason(exc)
             self._metrics.cache_errors.labels(self.backend, reason).inc()
             was_open = self.breaker.is_open
@@ -312,35 +338,34 @@ class RedisCache:
     async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
         if not items:
             return
-        if len(items) == 1:
-            key, vec = items[0]
-            await self._call("set", lambda: self._client.set(key, encode_vector(vec), ex=self._ttl))
-            return
-
-        async def pipelined() -> object:
-            pipe = self._client.pipeline(transaction=False)
-            for key, vec in items:
-                pipe.set(key, encode_vector(vec), ex=self._ttl)
-            return await pipe.execute()
-
-        await self._call("set_pipeline", pipelined)
+        payload = [(key, encode_vector(vec)) for key, vec in items]
+        await self._call("set", lambda: self._client.set_many(payload, self._ttl))
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):  # best effort on shutdown
-            await self._client.aclose()
+        await self._client.close()
+
+
+def make_redis_client(url: str, settings: Settings) -> RedisClient:
+    """The built-in client for `redis://` (unless SERVICE_REDIS_CLIENT=redis-py), else redis-py."""
+    kind = settings.redis_client
+    if kind == "builtin" or (kind == "auto" and urlsplit(url).scheme == "redis"):
+        return FastRedis(url, connect_timeout_s=settings.redis_connect_timeout_s, timeout_s=settings.redis_timeout_s)
+    return RedisPyClient(
+        url,
+        connect_timeout_s=settings.redis_connect_timeout_s,
+        timeout_s=settings.redis_timeout_s,
+        max_connections=settings.redis_max_connections,
+    )
 
 
 def make_cache(settings: Settings, metrics: ServiceMetrics) -> VectorCache:
     """Redis if `settings.redis_url` is set, else the in-process LRU."""
     if settings.redis_url:
-        breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
         return RedisCache(
-            settings.redis_url,
+            make_redis_client(settings.redis_url, settings),
             ttl_s=settings.cache_ttl_s,
-            connect_timeout_s=settings.redis_connect_timeout_s,
-            timeout_s=settings.redis_timeout_s,
-            max_connections=settings.redis_max_connections,
-            breaker=breaker,
+            deadline_s=settings.redis_connect_timeout_s + settings.redis_timeout_s,
+            breaker=CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
             metrics=metrics,
         )
     return LocalCache(settings.cache_max_entries, settings.cache_ttl_s, metrics)

@@ -1,9 +1,12 @@
 """The service container and the `Annotated` dependencies routes declare.
 
 `Service` holds the process-wide pieces (settings, metrics, cache, the version holder and its
-reloader); the app stores it on `app.state.service`. `get_version` reads the served version
-reference exactly once per request — FastAPI caches a dependency's value within a request — so
-a handler and everything it calls see one `(model_version, index_version)`.
+reloader); the app stores it on `app.state.service`. `get_served` checks the API key and reads
+the served version reference exactly once per request, so a handler and everything it calls see
+one `(model_version, index_version)`.
+
+Dependencies are `async def` although none awaits: FastAPI runs a plain `def` dependency in the
+threadpool, and a thread hop per request costs more than the whole retrieval.
 """
 
 from __future__ import annotations
@@ -33,31 +36,11 @@ class Service:
     cache: VectorCache | None = None  # created in the lifespan (it binds to the event loop)
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-def get_version(svc: ServiceDep) -> ServingVersion:
-    version = svc.holder.current  # the one read of the reference for this request
-    if version is None:
-        reason = svc.reloader.last_error or "the first index version is still loading"
-        raise NotReadyError(f"no verified index version is loaded: {reason}")
-    return version
-
-
-VersionDep = Annotated[ServingVersion, Depends(get_version)]
-
-
-def get_cache(svc: ServiceDep) -> VectorCache:
-    if svc.cache is None:  # pragma: no cover - only outside the lifespan
-        raise NotReadyError("the cache is not initialized (lifespan not started)")
-    return svc.cache
-
-
-CacheDep = Annotated[VectorCache, Depends(get_cache)]
 
 _api_key_header = APIKeyHeader(
     name=API_KEY_HEADER,
@@ -66,11 +49,40 @@ _api_key_header = APIKeyHeader(
 )
 
 
-def require_api_key(svc: ServiceDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
+def check_api_key(settings: Settings, key: str | None) -> None:
     """Constant-time check of X-API-Key when SERVICE_API_KEY is configured (off by default)."""
-    expected = svc.settings.api_key
+    expected = settings.api_key
     if expected is None:
         return
     given = (key or "").encode("utf-8", "surrogateescape")
     if not secrets.compare_digest(given, expected.get_secret_value().encode("utf-8")) or not key:
         raise HTTPException(status_code=401, detail=f"missing or invalid {API_KEY_HEADER} header")
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a retrieval request works with: one version (read once), the cache, the settings."""
+
+    version: ServingVersion
+    cache: VectorCache
+    settings: Settings
+
+
+async def get_served(request: Request, key: Annotated[str | None, Security(_api_key_header)]) -> Served:
+    """API key check, then the one read of the served version reference for this request.
+
+    One dependency instead of four: each dependency FastAPI resolves costs ~10-15 µs, a real
+    share of a ~300 µs request.
+    """
+    svc: Service = request.app.state.service
+    check_api_key(svc.settings, key)
+    version = svc.holder.current  # the one read of the reference for this request
+    if version is None:
+        reason = svc.reloader.last_error or "the first index version is still loading"
+        raise NotReadyError(f"no verified index version is loaded: {reason}")
+    if svc.cache is None:  # pragma: no cover - only outside the lifespan
+        raise NotReadyError("the cache is not initialized (lifespan not started)")
+    return Served(version, svc.cache, svc.settings)
+
+
+ServedDep = Annotated[Served, Depends(get_served)]

@@ -121,8 +121,9 @@ def _exact_rows(version: ServingVersion, vec: np.ndarray, fetch: int) -> np.ndar
 def _ann_rows(version: ServingVersion, vecs: np.ndarray, fetch: int) -> np.ndarray:
     """(n, fetch) candidate rows from the index; -1 where it found fewer."""
     params = None
-    if version.hnsw_ef_search is not None:
-        params = faiss.SearchParametersHNSW(efSearch=max(version.hnsw_ef_search, fetch))
+    if version.hnsw_ef_search is not None and fetch > version.hnsw_ef_search:
+        # HNSW returns fewer than k results (padded with -1) when efSearch < k
+        params = faiss.SearchParametersHNSW(efSearch=fetch)
     _, rows = version.index.search(vecs, fetch, params=params)
     return rows
 

@@ -12,11 +12,11 @@ settings and FastAPI must see the real classes in the signatures.)
 from typing import Any
 
 import pydantic_core
-from fastapi import APIRouter, Depends, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
 from service import retrieval
-from service.deps import CacheDep, ServiceDep, VersionDep, require_api_key
+from service.deps import ServedDep, ServiceDep
 from service.metrics import CONTENT_TYPE_LATEST
 from service.schemas import (
     BatchRetrieveResponse,
@@ -48,45 +48,42 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def build_router(models: RequestModels) -> APIRouter:
-    router = APIRouter()
+def register_routes(router: FastAPI, models: RequestModels) -> None:
+    """Add the routes to `router` (the app itself: an included APIRouter costs a route-table walk
+    per request in current FastAPI versions)."""
     EmbedBody = models.embed
     RetrieveBody = models.retrieve
     BatchBody = models.batch
-    protected = [Depends(require_api_key)]
 
     @router.post(
         "/retrieve",
         response_model=RetrieveResponse,
         responses=_ERRORS,
-        dependencies=protected,
         summary="Top-k items for a user",
     )
-    async def retrieve(body: RetrieveBody, version: VersionDep, cache: CacheDep, svc: ServiceDep) -> Response:  # type: ignore[valid-type]
+    async def retrieve(body: RetrieveBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
         """The k items with the highest cosine to the user's vector, excluded items removed."""
-        return FastJSONResponse(await retrieval.retrieve(version, cache, svc.settings, body))
+        return FastJSONResponse(await retrieval.retrieve(served.version, served.cache, served.settings, body))
 
     @router.post(
         "/retrieve/batch",
         response_model=BatchRetrieveResponse,
         responses=_ERRORS,
-        dependencies=protected,
         summary="Several retrievals in one call",
     )
-    async def retrieve_batch(body: BatchBody, version: VersionDep, cache: CacheDep, svc: ServiceDep) -> Response:  # type: ignore[valid-type]
+    async def retrieve_batch(body: BatchBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
         """Up to SERVICE_MAX_BATCH retrievals answered by one version with one cache round trip."""
-        return FastJSONResponse(await retrieval.retrieve_batch(version, cache, svc.settings, body))
+        return FastJSONResponse(await retrieval.retrieve_batch(served.version, served.cache, served.settings, body))
 
     @router.post(
         "/embed",
         response_model=EmbedResponse,
         responses=_ERRORS,
-        dependencies=protected,
         summary="The user vector /retrieve uses",
     )
-    async def embed(body: EmbedBody, version: VersionDep, cache: CacheDep, svc: ServiceDep) -> Response:  # type: ignore[valid-type]
+    async def embed(body: EmbedBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
         """The L2-normalized user vector (same cache, same tower as /retrieve)."""
-        return FastJSONResponse(await retrieval.embed(version, cache, svc.settings, body))
+        return FastJSONResponse(await retrieval.embed(served.version, served.cache, served.settings, body))
 
     @router.get("/healthz", response_model=HealthResponse, summary="Liveness")
     async def healthz() -> Response:
@@ -117,5 +114,3 @@ def build_router(models: RequestModels) -> APIRouter:
     )
     async def metrics(svc: ServiceDep) -> Response:
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return router

@@ -51,7 +51,12 @@ class Settings(BaseSettings):
     cache_prefix: str = Field("tt", description="Prefix of every Redis key.")
     redis_connect_timeout_s: float = Field(0.05, gt=0, description="Redis connect timeout.")
     redis_timeout_s: float = Field(0.02, gt=0, description="Redis read/write timeout.")
-    redis_max_connections: int = Field(32, ge=1, description="Redis pool size per process.")
+    redis_client: Literal["auto", "builtin", "redis-py"] = Field(
+        "auto",
+        description="auto: the built-in pipelined client for redis:// URLs (service/redis_client.py), "
+        "redis-py for other schemes (rediss://, unix://).",
+    )
+    redis_max_connections: int = Field(32, ge=1, description="Redis pool size per process (redis-py only).")
     breaker_threshold: int = Field(
         3, ge=1, description="Consecutive Redis errors that open the circuit breaker."
     )

@@ -151,11 +151,12 @@ def client(index_root: Path) -> Iterator[TestClient]:
 class RedisServer:
     """A real redis-server on a fixed loopback port that a test can stop and restart."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: list[str] | None = None) -> None:
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed (make test / .ci/run install it)")
         self.port = free_port()
         self.workdir = workdir
+        self.extra = list(extra or [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -165,16 +166,16 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.client().ping():
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return
-            except Exception:  # noqa: BLE001 - not up yet
+            except OSError:  # not up yet
                 time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
 
@@ -184,10 +185,12 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def client(self):  # noqa: ANN201 - redis.Redis
+    def client(self, password: str | None = None, db: int = 0):  # noqa: ANN201 - redis.Redis
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, db=db, password=password, socket_timeout=1, socket_connect_timeout=1
+        )
 
 
 @pytest.fixture

@@ -12,12 +12,14 @@ from service.cache import (
     CircuitBreaker,
     LocalCache,
     RedisCache,
+    RedisPyClient,
     cache_key,
     decode_vector,
     encode_vector,
     features_digest,
 )
 from service.metrics import ServiceMetrics
+from service.redis_client import FastRedis, RedisReplyError, _Incomplete, _parse, encode_command
 from tests.service.conftest import BlackHole, RedisServer
 from tests.service.helpers import unit_rows
 
@@ -134,25 +136,27 @@ def test_success_resets_the_failure_count() -> None:
 # ---- real Redis --------------------------------------------------------------------------------
 
 
-def make_redis_cache(url: str, m: ServiceMetrics, *, cooldown: float = 0.2, timeout: float = 0.02) -> RedisCache:
-    return RedisCache(
-        url,
-        ttl_s=60,
-        connect_timeout_s=0.05,
-        timeout_s=timeout,
-        max_connections=8,
-        breaker=CircuitBreaker(3, cooldown),
-        metrics=m,
-    )
+CLIENTS = ["builtin", "redis-py"]
 
 
-def test_redis_roundtrip_ttl_and_malformed_values(redis_server: RedisServer) -> None:
+def make_redis_cache(
+    url: str, m: ServiceMetrics, *, cooldown: float = 0.2, timeout: float = 0.02, client: str = "builtin"
+) -> RedisCache:
+    if client == "builtin":
+        c = FastRedis(url, connect_timeout_s=0.05, timeout_s=timeout)
+    else:
+        c = RedisPyClient(url, connect_timeout_s=0.05, timeout_s=timeout, max_connections=8)
+    return RedisCache(c, ttl_s=60, deadline_s=0.05 + timeout, breaker=CircuitBreaker(3, cooldown), metrics=m)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_redis_roundtrip_ttl_and_malformed_values(client: str, redis_server: RedisServer) -> None:
     m = ServiceMetrics()
     v = unit_rows(2, 16)
     raw = redis_server.client()
 
     async def run() -> None:
-        cache = make_redis_cache(redis_server.url, m)
+        cache = make_redis_cache(redis_server.url, m, client=client)
         await cache.set_many([("k1", v[0])])
         await cache.set_many([("k2", v[1]), ("k3", v[0])])  # pipelined
         assert raw.get("k1") == v[0].astype("<f4").tobytes()  # raw float32 bytes
@@ -172,12 +176,13 @@ def test_redis_roundtrip_ttl_and_malformed_values(redis_server: RedisServer) -> 
     assert metric(m, "service_cache_errors_total", backend="redis", reason="malformed") == 3
 
 
-def test_redis_down_opens_breaker_then_recovers_without_restart(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_redis_down_opens_breaker_then_recovers_without_restart(client: str, redis_server: RedisServer) -> None:
     m = ServiceMetrics()
     v = unit_rows(1, 8)[0]
 
     async def run() -> None:
-        cache = make_redis_cache(redis_server.url, m, cooldown=0.3)
+        cache = make_redis_cache(redis_server.url, m, cooldown=0.3, client=client)
         await cache.set_many([("k", v)])
         assert (await cache.get_many(["k"], 8))[0] is not None
         redis_server.stop()
@@ -206,12 +211,13 @@ def test_redis_down_opens_breaker_then_recovers_without_restart(redis_server: Re
     assert metric(m, "service_cache_errors_total", backend="redis", reason="connection") >= 3
 
 
-def test_hung_redis_costs_at_most_the_timeout_budget(black_hole: BlackHole) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_hung_redis_costs_at_most_the_timeout_budget(client: str, black_hole: BlackHole) -> None:
     """A socket that accepts but never answers: each call ends within connect+read timeout."""
     m = ServiceMetrics()
 
     async def run() -> list[float]:
-        cache = make_redis_cache(black_hole.url, m, cooldown=60, timeout=0.02)
+        cache = make_redis_cache(black_hole.url, m, cooldown=60, timeout=0.02, client=client)
         times = []
         for _ in range(10):
             t0 = time.perf_counter()
@@ -229,15 +235,77 @@ def test_hung_redis_costs_at_most_the_timeout_budget(black_hole: BlackHole) -> N
     assert metric(m, "service_cache_bypassed_total", backend="redis") == 57
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0"])
-def test_unreachable_redis_is_a_miss(url: str) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_unreachable_redis_is_a_miss(client: str) -> None:
+    url = "redis://127.0.0.1:1/0"
     m = ServiceMetrics()
 
     async def run() -> None:
-        cache = make_redis_cache(url, m)
+        cache = make_redis_cache(url, m, client=client)
         assert await cache.get_many(["a", "b"], 4) == [None, None]
         await cache.set_many([("a", unit_rows(1, 4)[0])])  # no exception either
         await cache.close()
 
     asyncio.run(run())
     assert metric(m, "service_cache_misses_total", backend="redis") == 2
+
+
+# ---- the built-in client ------------------------------------------------------------------------
+
+
+def test_resp_parser() -> None:
+    buf = bytearray(b"$3\r\nabc\r\n$-1\r\n+OK\r\n:42\r\n-ERR bad\r\n*2\r\n$1\r\nx\r\n$-1\r\n")
+    values = []
+    pos = 0
+    while pos < len(buf):
+        v, pos = _parse(buf, pos)
+        values.append(v)
+    assert values[:4] == [b"abc", None, b"OK", 42]
+    assert isinstance(values[4], RedisReplyError) and "bad" in str(values[4])
+    assert values[5] == [b"x", None]
+    for partial in (b"$3\r\nab", b"$3", b"*2\r\n$1\r\nx\r\n", b"$10\r\n" + b"\x00" * 10 + b"\r"):
+        with pytest.raises(_Incomplete):
+            _parse(bytearray(partial), 0)
+    assert encode_command("SET", "k", b"\x00\r\n", "EX", 5) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\x00\r\n\r\n$2\r\nEX\r\n$1\r\n5\r\n"
+    )
+
+
+def test_builtin_client_pipelines_concurrent_requests(redis_server: RedisServer) -> None:
+    """Many coroutines on one connection get their own replies, binary values intact."""
+    values = {f"k{i}": bytes([i % 256]) * (i * 37 % 5000) + b"\r\n$" for i in range(300)}
+
+    async def run() -> None:
+        c = FastRedis(redis_server.url, connect_timeout_s=1, timeout_s=1)
+        await c.set_many(list(values.items()), 60)
+        got = await asyncio.gather(*(c.get(k) for k in values))
+        assert got == list(values.values())
+        assert await c.mget(["k1", "nope", "k2"]) == [values["k1"], None, values["k2"]]
+        with pytest.raises(RedisReplyError):
+            await c.execute([encode_command("NOSUCHCOMMAND")])
+        assert await c.get("k3") == values["k3"]  # the connection survived the error reply
+        await c.close()
+
+    asyncio.run(run())
+
+
+def test_builtin_client_auth_and_database(tmp_path) -> None:  # noqa: ANN001
+    server = RedisServer(tmp_path, extra=["--requirepass", "p@ss:w/rd"])
+    server.start()
+    try:
+        url = f"redis://:p%40ss%3Aw%2Frd@127.0.0.1:{server.port}/3"
+
+        async def run() -> None:
+            c = FastRedis(url, connect_timeout_s=1, timeout_s=1)
+            await c.set_many([("k", b"v")], 60)
+            assert await c.get("k") == b"v"
+            await c.close()
+            wrong = FastRedis(f"redis://:nope@127.0.0.1:{server.port}/0", connect_timeout_s=1, timeout_s=1)
+            with pytest.raises(RedisReplyError):
+                await wrong.get("k")
+
+        asyncio.run(run())
+        raw = server.client(password="p@ss:w/rd", db=3)
+        assert raw.get("k") == b"v"
+    finally:
+        server.stop()
