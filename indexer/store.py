@@ -308,6 +308,9 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
     index reads back as a supported inner-product index with `count` vectors of `dim` and valid
     search parameters; the copied bundle in `model/` has `model_version` and `dim`, and its own
     checksums. Raises IndexVersionError naming the first problem.
+
+    `check_hashes=False` skips re-hashing the data files (used right after writing them, when
+    the hashes were just computed from the same bytes); the copied bundle is always hashed.
     """
     path = Path(path)
     if not path.is_dir():

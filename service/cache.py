@@ -223,6 +223,9 @@ class RedisPyClient:
     """The same three commands through redis-py's asyncio client (for `rediss://`, `unix://`)."""
 
     def __init__(self, url: str, *, connect_timeout_s: float, timeout_s: float, max_connections: int) -> None:
+        # redis-py applies its timeouts per socket operation; the outer deadline bounds the whole
+        # call (a connect plus a round trip), whatever it does inside
+        self._deadline = connect_timeout_s + timeout_s
         self._client = aredis.Redis.from_url(
             url,
             socket_connect_timeout=connect_timeout_s,
@@ -234,16 +237,19 @@ class RedisPyClient:
         )
 
     async def get(self, key: str) -> bytes | None:
-        return await self._client.get(key)
+        async with deadline(self._deadline):
+            return await self._client.get(key)
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return await self._client.mget(list(keys))
+        async with deadline(self._deadline):
+            return await self._client.mget(list(keys))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
         pipe = self._client.pipeline(transaction=False)
         for key, value in items:
             pipe.set(key, value, ex=ttl_s)
-        await pipe.execute()
+        async with deadline(self._deadline):
+            await pipe.execute()
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):  # best effort on shutdown
@@ -270,14 +276,11 @@ class RedisCache:
         client: RedisClient,
         *,
         ttl_s: int,
-        deadline_s: float,
         breaker: CircuitBreaker,
         metrics: ServiceMetrics,
     ) -> None:
         self._client = client
         self._ttl = ttl_s
-        # The outer deadline covers a connect plus a round trip, whatever the client does inside.
-        self._deadline = deadline_s
         self.breaker = breaker
         self._metrics = metrics
         self._hits = metrics.cache_hits.labels(self.backend)
@@ -291,8 +294,7 @@ class RedisCache:
             self._bypassed.inc()
             return False, None
         try:
-            async with deadline(self._deadline):
-                result = await fn()  # type: ignore[misc]
+            result = await fn()  # type: ignore[misc]  # each client enforces its own deadline
         except (RedisError, RedisReplyError, OSError, asyncio.TimeoutError) as exc:
             reason = _error_reason(exc)
             self._metrics.cache_errors.labels(self.backend, reason).inc()
@@ -364,7 +366,6 @@ def make_cache(settings: Settings, metrics: ServiceMetrics) -> VectorCache:
         return RedisCache(
             make_redis_client(settings.redis_url, settings),
             ttl_s=settings.cache_ttl_s,
-            deadline_s=settings.redis_connect_timeout_s + settings.redis_timeout_s,
             breaker=CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
             metrics=metrics,
         )

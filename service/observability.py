@@ -78,6 +78,9 @@ class ObservabilityMiddleware:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
+        # labels() looks the child up under a lock on every call; keep the children
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._count: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,8 +104,16 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - start
             endpoint = _route_template(scope)
             method = scope.get("method", "")
-            self.metrics.request_latency.labels(endpoint, method).observe(elapsed)
-            self.metrics.requests.labels(endpoint, method, str(status)).inc()
+            key = (endpoint, method)
+            hist = self._latency.get(key)
+            if hist is None:
+                hist = self._latency[key] = self.metrics.request_latency.labels(endpoint, method)
+            hist.observe(elapsed)
+            ckey = (endpoint, method, status)
+            counter = self._count.get(ckey)
+            if counter is None:
+                counter = self._count[ckey] = self.metrics.requests.labels(endpoint, method, str(status))
+            counter.inc()
             if self.log_requests and access_log.isEnabledFor(logging.INFO):
                 fields = {
                     "method": method,

@@ -91,3 +91,18 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings from the environment (read once, on first use)."""
     return Settings()  # type: ignore[call-arg]  # index_root comes from the environment
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (for the README): `python -m service.settings`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "(required)" if field.is_required() else field.default
+        if default is None:
+            default = "unset"
+        rows.append(f"| `SERVICE_{name.upper()}` | `{default}` | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -313,8 +313,12 @@ def test_tune_picks_the_cheapest_sufficient_value(catalog, queries):
 def test_auto_spec_by_catalog_size():
     assert fi.auto_spec(1_000, 64).factory == "Flat"
     assert fi.auto_spec(fi.AUTO_FLAT_MAX, 64).factory == "Flat"
-    big = fi.auto_spec(1_000_000, 64)
-    assert big.factory != "Flat" and fi.index_family(faiss.index_factory(64, big.factory, fi.METRIC)) in ("hnsw", "ivf")
+    assert fi.auto_spec(fi.AUTO_FLAT_MAX + 1, 64).factory == "IVF512,Flat"
+    assert fi.auto_spec(100_000, 64).factory == "IVF512,Flat"
+    assert fi.auto_spec(1_000_000, 64).factory == "IVF2048,Flat"
+    assert fi.auto_spec(10**9, 64).factory == "IVF8192,Flat"
+    for n in (fi.AUTO_FLAT_MAX + 1, 100_000, 1_000_000):  # every auto IVF gets >= 39 training points per list
+        assert n >= 39 * fi.factory_nlist(fi.auto_spec(n, 64).factory)
     with pytest.raises(ValueError):
         fi.auto_spec(0, 64)
 

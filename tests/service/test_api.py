@@ -313,3 +313,15 @@ def test_api_key_when_configured(index_root: Path) -> None:
         assert c.post("/retrieve/batch", json={"requests": [{}]}).status_code == 401
         assert c.get("/healthz").status_code == 200  # probes stay open
         assert c.get("/readyz").status_code == 200
+
+
+def test_non_finite_user_vector_is_never_searched_or_cached(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken tower (NaN output) is a 500 with a reason, not garbage from FAISS, and not cached."""
+    tower = client.app.state.service.holder.current.tower
+    monkeypatch.setattr(tower, "embed", lambda records: np.full((len(records), tower.dim), np.nan, np.float32))
+    body = {"user_id": "u9"}
+    r = client.post("/retrieve", json=body)
+    assert r.status_code == 500 and "non-finite" in r.json()["detail"]
+    monkeypatch.undo()
+    r = client.post("/retrieve", json=body)
+    assert r.status_code == 200 and r.json()["cached"] is False

@@ -146,7 +146,7 @@ def make_redis_cache(
         c = FastRedis(url, connect_timeout_s=0.05, timeout_s=timeout)
     else:
         c = RedisPyClient(url, connect_timeout_s=0.05, timeout_s=timeout, max_connections=8)
-    return RedisCache(c, ttl_s=60, deadline_s=0.05 + timeout, breaker=CircuitBreaker(3, cooldown), metrics=m)
+    return RedisCache(c, ttl_s=60, breaker=CircuitBreaker(3, cooldown), metrics=m)
 
 
 @pytest.mark.parametrize("client", CLIENTS)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.service.conftest import FEATURES, BlackHole, RedisServer, serve, wait_for
 
@@ -59,44 +61,58 @@ def test_garbage_and_wrong_length_values_are_misses(index_root: Path, redis_serv
         assert metric(c, "service_cache_errors_total", backend="redis", reason="malformed") == len(bad_values)
 
 
-def test_redis_stopped_mid_traffic_and_restarted(index_root: Path, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("client", ["builtin", "redis-py"])
+def test_redis_stopped_mid_traffic_and_restarted(index_root: Path, redis_server: RedisServer, client: str) -> None:
+    """Two threads send requests non-stop while Redis is killed and, later, started again."""
     bodies = [{"user_id": f"u{i}", "features": FEATURES, "k": 10} for i in range(5)]
-    statuses: list[int] = []
-    with serve(index_root, redis_url=redis_server.url, breaker_cooldown_s=0.2, raise_server_exceptions=False) as c:
+    log: list[tuple[float, int, bool | None]] = []  # (time, status, cached)
+    wrong: list[str] = []  # users whose answer differed from the one before the fault
+    stop = threading.Event()
+    with serve(index_root, redis_url=redis_server.url, redis_client=client, breaker_cooldown_s=0.2,
+               raise_server_exceptions=False) as c:
+        truth = {b["user_id"]: c.post("/retrieve", json=b).json()["items"] for b in bodies}
 
-        def traffic(n: int) -> list[dict]:
-            out = []
-            for i in range(n):
-                r = c.post("/retrieve", json=bodies[i % len(bodies)])
-                statuses.append(r.status_code)
-                out.append(r.json())
-            return out
+        def traffic(offset: int) -> None:
+            i = offset
+            while not stop.is_set():
+                b = bodies[i % len(bodies)]
+                r = c.post("/retrieve", json=b)
+                ok = r.status_code == 200
+                log.append((time.monotonic(), r.status_code, r.json()["cached"] if ok else None))
+                if ok and r.json()["items"] != truth[b["user_id"]]:
+                    wrong.append(b["user_id"])
+                i += 1
 
-        truth = traffic(10)
-        assert all(r["cached"] for r in truth[5:])
-        redis_server.stop()
-        t0 = time.perf_counter()
-        down = traffic(30)
-        assert time.perf_counter() - t0 < 5
-        assert not any(r["cached"] for r in down)
-        assert [r["items"] for r in down[:5]] == [r["items"] for r in truth[:5]]
-        assert metric(c, "service_cache_breaker_open") == 1
-        redis_server.start()  # same port, empty: the service reconnects on its own
-
-        def recovered() -> bool:
-            traffic(len(bodies))
-            return traffic(1)[0]["cached"]
-
-        wait_for(recovered, timeout=10, what="the cache to work again after the restart")
+        threads = [threading.Thread(target=traffic, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            redis_server.stop()
+            t_down = time.monotonic()
+            time.sleep(0.6)
+            redis_server.start()  # same port, empty: the service reconnects by itself
+            t_up = time.monotonic()
+            wait_for(lambda: any(ts > t_up and cached for ts, _, cached in log[-20:]), timeout=10,
+                     what="the cache to work again after the restart")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
         assert metric(c, "service_cache_breaker_open") == 0
         assert metric(c, "service_cache_errors_total", backend="redis", reason="connection") >= 1
-    assert set(statuses) == {200}
+    assert {status for _, status, _ in log} == {200}
+    assert wrong == []
+    down = [cached for ts, _, cached in log if t_down + 0.05 < ts < t_up]
+    assert down and not any(down)  # served, uncached, while Redis was gone
+    assert any(cached for ts, _, cached in log if ts < t_down)
 
 
-def test_hung_redis_keeps_requests_within_the_timeout_budget(index_root: Path, black_hole: BlackHole) -> None:
+@pytest.mark.parametrize("client", ["builtin", "redis-py"])
+def test_hung_redis_keeps_requests_within_the_timeout_budget(index_root: Path, black_hole: BlackHole, client: str) -> None:
     body = {"user_id": "u1", "features": FEATURES}
-    with serve(index_root, redis_url=black_hole.url, redis_timeout_s=0.02, redis_connect_timeout_s=0.05,
-               breaker_cooldown_s=0.3) as c:
+    with serve(index_root, redis_url=black_hole.url, redis_client=client, redis_timeout_s=0.02,
+               redis_connect_timeout_s=0.05, breaker_cooldown_s=0.3) as c:
         latencies = []
         for _ in range(40):
             t0 = time.perf_counter()
