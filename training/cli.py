@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+        stream=sys.stdout,  # stderr carries only the one-line error (INTERFACES.md §2)
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
     from training.bundle import BundleError
