@@ -145,6 +145,17 @@ class Redis:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
+    def stats(self) -> dict[str, int] | None:
+        """keyspace_hits / keyspace_misses from INFO stats (None while Redis is down)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        out = {}
+        for line in self.cli("info", "stats").splitlines():
+            key, _, value = line.partition(":")
+            if key in ("keyspace_hits", "keyspace_misses"):
+                out[key] = int(value)
+        return out or None
+
     def cli(self, *args: str) -> str:
         r = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=False)
         return r.stdout.strip()
@@ -230,14 +241,20 @@ def lua_pool(bodies: list[str], path: str) -> str:
     )
 
 
-def lua_unique(path: str, nonce: str, batch: int) -> str:
-    """Every request a new user id and new features (no cache hit possible)."""
+def lua_unique(path: str, nonce: int, batch: int) -> str:
+    """Every request (every user of a batch) has a cache key never seen before.
+
+    Users are known ids (u0..u19999, in the trained vocabulary: a real user whose vector is not
+    cached) and the continuous feature `age` carries a per-run nonce in its decimals, so the
+    canonical features — and the key — are new for every request of every run.
+    """
     one = (
-        '"{\\"user_id\\": \\"m' + nonce + '-" .. thread_id .. "-" .. counter .. "-" .. i .. "\\", '
-        '\\"features\\": {\\"age\\": " .. (16 + (counter * 7 + i) % 64) .. "." .. (counter % 97) .. ", '
-        '\\"country\\": \\"k" .. ((counter + i) % 20) .. "\\", \\"device\\": \\"ios\\", '
+        '"{\\"user_id\\": \\"u" .. ((counter * 13 + i * 7) % 20000) .. "\\", '
+        '\\"features\\": {\\"age\\": " .. (20 + (counter + i) % 50) .. "." .. '
+        'string.format("%07d", (NONCE + counter * 64 + i) % 10000000) .. ", '
+        '\\"country\\": \\"k" .. ((counter + i) % 12) .. "\\", \\"device\\": \\"ios\\", '
         '\\"interests\\": \\"t" .. (counter % 30) .. "|t" .. ((counter + i) % 29) .. "\\"}, \\"k\\": ' + str(K) + '}"'
-    )
+    ).replace("NONCE", str(nonce))
     if batch:
         body = (
             "  local parts = {}\n"
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--http", default="service.http:H11Protocol", help="uvicorn --http (see service/http.py)")
     p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--env", action="append", default=[], metavar="SERVICE_X=V", help="extra server setting")
     p.add_argument("--scenarios", default="healthz,retrieve_hit,retrieve_miss,batch,retrieve_redis_down")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "serve.json")
@@ -356,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed + 2)
     hit_bodies = [{**random_user(rng, f"u{i}"), "k": K} for i in range(256)]
     hit_text = [json.dumps(b) for b in hit_bodies]
-    nonce = os.urandom(3).hex()
+    nonce = os.urandom(3).hex()  # probe user ids only
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
 
     def probe(path: str, bodies: list[dict], expect_cached: bool | None) -> None:
@@ -373,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for name in scenarios:
+            warm_script = None
             if name == "healthz":
                 url, script = base + "/healthz", None
             elif name == "retrieve_hit":
@@ -381,9 +400,11 @@ def main(argv: list[str] | None = None) -> int:
                 url, script = base + "/retrieve", lua_pool(hit_text, "/retrieve")
             elif name == "retrieve_miss":
                 probe("/retrieve", [{**random_user(rng, f"probe-{nonce}-{i}"), "k": K} for i in range(8)], False)
-                url, script = base + "/retrieve", lua_unique("/retrieve", nonce, 0)
+                url = base + "/retrieve"
+                script, warm_script = (lua_unique("/retrieve", int(rng.integers(1 << 30)), 0) for _ in range(2))
             elif name == "batch":
-                url, script = base + "/retrieve/batch", lua_unique("/retrieve/batch", nonce + "b", args.batch)
+                url = base + "/retrieve/batch"
+                script, warm_script = (lua_unique(url[len(base):], int(rng.integers(1 << 30)), args.batch) for _ in range(2))
             elif name == "retrieve_redis_down":
                 redis.stop()
                 time.sleep(0.5)
@@ -392,8 +413,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise SystemExit(f"unknown scenario {name}")
             log(f"{name}: warm-up {args.warmup}s")
-            run_wrk(url, script, args.warmup, args.connections, args.wrk_threads, tmp)
+            stats_before = redis.stats()
+            run_wrk(url, warm_script or script, args.warmup, args.connections, args.wrk_threads, tmp)
+            mid = redis.stats()
             res = run_wrk(url, script, args.duration, args.connections, args.wrk_threads, tmp)
+            after = redis.stats()
+            if after and mid:  # Redis's own count: what the scenario really did
+                res["redis_hits"] = after["keyspace_hits"] - mid["keyspace_hits"]
+                res["redis_misses"] = after["keyspace_misses"] - mid["keyspace_misses"]
+            del stats_before
             if name == "batch":
                 res["users_per_s"] = round(res["rps"] * args.batch, 1)
                 res["batch_size"] = args.batch
@@ -419,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "duration_s": args.duration, "k": K, "batch": args.batch, "access_log": args.access_log,
             "ef_search": args.ef_value or catalog["search_params"].get("efSearch"), "http": args.http,
+            "env": args.env,
         },
         "catalog": catalog,
         "results": results,

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         "returned too few items (k close to the catalog size, many exclusions).",
     )
 
+    gc_freeze: bool = Field(
+        True,
+        description="gc.freeze() the loaded version after each swap, so full GC passes stay short "
+        "(see service/state.py).",
+    )
+
     # ---- logging ---------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = Field(True, description="One JSON log line per request.")
