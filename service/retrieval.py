@@ -67,7 +67,9 @@ def validate_user(version: ServingVersion, user_id: str | None, features: dict, 
     try:
         normalized = version.tower.validate(features)
     except FeatureError as e:
-        loc = (*loc_prefix, *e.field.split("."))
+        # e.field is "features.<name>"; a feature name may itself contain dots
+        head, _, name = e.field.partition(".")
+        loc = (*loc_prefix, head, name) if name else (*loc_prefix, head)
         raise RequestFieldError(loc, e.message, "feature_error") from None
     return UserRecord(user_id, normalized)
 
