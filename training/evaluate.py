@@ -74,13 +74,15 @@ def ranking_metrics(
     return out
 
 
-def _group_items(df: pd.DataFrame, item_index: pd.Index) -> dict[str, np.ndarray]:
+def group_items(df: pd.DataFrame, item_index: pd.Index) -> dict[str, np.ndarray]:
+    """Catalog rows of each user's items in `df`: {user_id: int array}."""
     rows = item_index.get_indexer(df["item_id"])
     s = pd.Series(rows, index=df["user_id"].to_numpy())
     return {u: g.to_numpy() for u, g in s.groupby(level=0, sort=False)}
 
 
-def _user_features(dataset: Dataset, user_ids: Sequence[str]) -> pd.DataFrame | None:
+def user_features(dataset: Dataset, user_ids: Sequence[str]) -> pd.DataFrame | None:
+    """users.csv rows aligned with `user_ids` (blank where a user has none), or None."""
     if dataset.users is None:
         return None
     feats = dataset.users.set_index("user_id")
@@ -114,8 +116,8 @@ def evaluate_model(
     head = item_index.isin(list(split.head_items))
     is_tail = ~head
     known = split.fit if truth_part == "val" else split.train
-    exclude_map = _group_items(known, item_index)
-    truth_map = _group_items(getattr(split, truth_part), item_index)
+    exclude_map = group_items(known, item_index)
+    truth_map = group_items(getattr(split, truth_part), item_index)
     rng = np.random.default_rng(seed)
 
     def run(truth: dict[str, np.ndarray], excl: dict[str, np.ndarray] | None) -> dict[str, float]:
@@ -125,7 +127,7 @@ def evaluate_model(
         if not users:
             return {}
         ids = [None] * len(users) if features_only else users
-        vecs = model.embed_user_table(ids, _user_features(dataset, users))
+        vecs = model.embed_user_table(ids, user_features(dataset, users))
         empty = np.empty(0, dtype=np.int64)
         exclude = [excl.get(u, empty) for u in users] if excl is not None else None
         top = topk_excluding(vecs, item_vecs, max(KS), exclude)
@@ -133,5 +135,5 @@ def evaluate_model(
 
     metrics = run(truth_map, exclude_map)
     if include_cold and truth_part == "test" and len(split.cold):
-        metrics |= {f"cold_{k}": v for k, v in run(_group_items(split.cold, item_index), None).items()}
+        metrics |= {f"cold_{k}": v for k, v in run(group_items(split.cold, item_index), None).items()}
     return {k: round(v, 4) for k, v in metrics.items()}

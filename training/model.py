@@ -25,7 +25,7 @@ from torch import nn
 from training.dataset import FeatureSpec
 from training.features import FeatureError, TowerEncoder
 
-__all__ = ["FeatureError", "ModelConfig", "Tower", "TwoTowerModel"]
+__all__ = ["FeatureError", "HistoryPooling", "ModelConfig", "Tower", "TwoTowerModel", "UserHistory", "build_history"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ModelConfig:
     dropout: float = 0.0
     user_id_dropout: float = 0.3
     item_id_dropout: float = 0.1
-    temperature: float = 0.05        # training only: logits = cos / temperature
+    temperature: float = 0.03        # training only: logits = cos / temperature (chosen on validation, docs/results)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -87,12 +87,30 @@ class Tower(nn.Module):
                 with torch.no_grad():
                     emb.weight[emb.padding_idx].zero_()
 
-    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The concatenated input of the MLP (before it), shape (n, width)."""
+    def id_drop_mask(self, n: int, device: torch.device | str) -> torch.Tensor | None:
+        """Rows whose id is dropped to OOV this step (None when id dropout is off)."""
+        if not (self.training and self.id_dropout > 0):
+            return None
+        return torch.rand(n, device=device) < self.id_dropout
+
+    def features(
+        self, batch: dict[str, torch.Tensor], id_offset: torch.Tensor | None = None, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The concatenated input of the MLP (before it), shape (n, width).
+
+        `id_offset` (n, id_dim) is added to the id embedding of each row (training-time history
+        pooling, see `HistoryPooling`); id dropout drops it together with the id. `drop` (n,)
+        bool: the rows to drop, when the caller needs to know them; else drawn here.
+        """
         ids = batch["id"]
-        if self.training and self.id_dropout > 0:
-            ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout, torch.zeros_like(ids), ids)
-        parts = [self.id_emb(ids)]
+        if drop is None:
+            drop = self.id_drop_mask(len(ids), ids.device)
+        if drop is not None:
+            ids = torch.where(drop, torch.zeros_like(ids), ids)
+            if id_offset is not None:
+                id_offset = id_offset.masked_fill(drop.unsqueeze(-1), 0.0)
+        id_vec = self.id_emb(ids)
+        parts = [id_vec if id_offset is None else id_vec + id_offset]
         for name, emb in self.cat.items():
             parts.append(emb(batch[f"cat.{name}"]))
         for name, emb in self.multi.items():
@@ -104,8 +122,10 @@ class Tower(nn.Module):
             parts.append(self.bucket[name](batch[f"bucket.{name}"]))
         return torch.cat(parts, dim=-1)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.normalize(self.mlp(self.features(batch)), dim=-1)
+    def forward(
+        self, batch: dict[str, torch.Tensor], id_offset: torch.Tensor | None = None, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.normalize(self.mlp(self.features(batch, id_offset, drop)), dim=-1)
 
 
 def _to_tensors(arrays: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -174,3 +194,116 @@ class TwoTowerModel(nn.Module):
         """Unit vectors for users given as aligned ids + feature rows (evaluation, batch jobs)."""
         arrays = self.user_encoder.encode_table(np.asarray(user_ids, dtype=object), users)
         return self._embed(self.user_tower, arrays, batch_size)
+
+
+# ---- user history pooling (training-time parametrization of the user id embedding) ----------
+
+
+@dataclass
+class UserHistory:
+    """Each user's clicked catalog items as CSR arrays: items[indptr[u]:indptr[u + 1]].
+
+    `u` indexes the trainer's user table, items are catalog positions; every item appears at
+    most once per user (its latest click), oldest first. `keys` is the sorted `u * n_items + i`
+    of every entry, for membership tests by binary search.
+    """
+
+    indptr: torch.Tensor   # (n_users + 1,) int64
+    items: torch.Tensor    # (nnz,) int64
+    keys: torch.Tensor     # (nnz,) int64, sorted
+    n_items: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def to(self, device: torch.device | str) -> UserHistory:
+        return UserHistory(self.indptr.to(device), self.items.to(device), self.keys.to(device), self.n_items)
+
+
+def build_history(
+    user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray, n_users: int, n_items: int, max_len: int | None = None
+) -> UserHistory:
+    """Per-user click history from aligned (user row, item row, timestamp) arrays.
+
+    Repeated clicks on an item count once. With `max_len`, only each user's `max_len` most
+    recent items are kept: recent taste predicts the next clicks best, and it bounds the cost.
+    """
+    if not (len(user_rows) == len(item_rows) == len(timestamps)):
+        raise ValueError(f"history arrays differ in length: {len(user_rows)}, {len(item_rows)}, {len(timestamps)}")
+    df = pd.DataFrame({"u": np.asarray(user_rows, np.int64), "i": np.asarray(item_rows, np.int64), "t": np.asarray(timestamps)})
+    df = df.sort_values(["u", "t", "i"], kind="stable").drop_duplicates(["u", "i"], keep="last")
+    if max_len is not None:
+        if max_len < 1:
+            raise ValueError(f"history max_len must be >= 1, got {max_len}")
+        df = df.groupby("u", sort=False).tail(max_len)
+    counts = np.bincount(df["u"].to_numpy(), minlength=n_users)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    items = df["i"].to_numpy(np.int64)
+    keys = np.sort(df["u"].to_numpy(np.int64) * n_items + items)
+    return UserHistory(torch.from_numpy(indptr), torch.from_numpy(items.copy()), torch.from_numpy(keys), n_items)
+
+
+class HistoryPooling(nn.Module):
+    """A user's id vector as the pooled embeddings of the items they clicked (FISM, Kabbur et al.
+    2013; the "watch history" input of Covington et al. 2016).
+
+    A free per-user embedding learns from that user's clicks alone; pooling shares strength
+    across users who clicked the same items, which is what item-based models (EASE, SLIM) exploit
+    on sparse logs. Pooled vector of user u: sum of h_i over u's history divided by n^alpha.
+
+    Training excludes the row's own positive from its user's history (leave-one-out): with it,
+    the tower could just recognise the item in its own input. At export the pooled vector over
+    the full history is computed once per user and *added into the user tower's id embedding
+    table* (`bake`), so the saved bundle has the ordinary tower format: the service and indexer
+    need no history lookup, and users unseen in training keep the out-of-vocabulary row.
+    """
+
+    def __init__(self, n_items: int, dim: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"history alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.emb = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.emb.weight, std=0.05)
+
+    def forward(self, history: UserHistory, users: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, dim) pooled vectors of `users` (user-table rows), each minus its `exclude` item."""
+        uniq, inv = torch.unique(users, return_inverse=True)
+        starts, lens = history.indptr[uniq], history.lengths[uniq]
+        offsets = torch.cumsum(lens, 0) - lens
+        pos = torch.arange(int(lens.sum()), device=users.device) - torch.repeat_interleave(offsets - starts, lens)
+        sums = F.embedding_bag(history.items[pos], self.emb.weight, offsets, mode="sum")[inv]
+        n = lens[inv].to(sums.dtype)
+        if exclude is not None:
+            keys = users.long() * history.n_items + exclude.long()
+            if len(history.keys):
+                at = torch.searchsorted(history.keys, keys).clamp(max=len(history.keys) - 1)
+                member = (history.keys[at] == keys).to(sums.dtype)
+            else:
+                member = torch.zeros_like(n)
+            sums = sums - member.unsqueeze(-1) * self.emb(exclude)
+            n = n - member
+        scale = torch.where(n > 0, n.clamp(min=1.0).pow(-self.alpha), torch.zeros_like(n))
+        return sums * scale.unsqueeze(-1)
+
+    @torch.no_grad()
+    def pooled_all(self, history: UserHistory, chunk: int = 65536) -> torch.Tensor:
+        """(n_users, dim) pooled vectors over each user's whole history (no exclusion)."""
+        n_users = len(history.indptr) - 1
+        out = [self(history, torch.arange(s, min(s + chunk, n_users), device=history.indptr.device)) for s in range(0, n_users, chunk)]
+        return torch.cat(out) if out else self.emb.weight.new_zeros((0, self.emb.embedding_dim))
+
+
+@torch.no_grad()
+def bake_history(tower: Tower, id_codes: torch.Tensor, pooled: torch.Tensor) -> None:
+    """Add each user's pooled history vector into its row of the tower's id embedding.
+
+    `id_codes[u]` is the vocabulary row of user-table row u (0 = OOV). OOV rows are skipped:
+    the OOV embedding stays what id dropout trained it to be, the fallback of unknown users.
+    Several table rows never share a non-zero code, so the additions do not collide.
+    """
+    if len(id_codes) != len(pooled):
+        raise ValueError(f"{len(id_codes)} id codes but {len(pooled)} pooled vectors")
+    known = id_codes > 0
+    tower.id_emb.weight[id_codes[known]] += pooled[known].to(tower.id_emb.weight.dtype)

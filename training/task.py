@@ -63,18 +63,21 @@ def in_batch_softmax_loss(
     log_q: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    row_logq_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (weighted) cross-entropy of cos/τ − log q over the batch, positives on the diagonal.
 
     user, item: (N, d) unit vectors; item_ids: (N,) catalog ids of the positives; log_q: (N,)
     log sampling probability of each in-batch item; extra_mask: (N, N) bool of more logits to
-    drop (e.g. other known positives of the user); weights: (N,) per-example weights.
+    drop (e.g. other known positives of the user); weights: (N,) per-example weights;
+    row_logq_scale: (N,) multiplies row i's logQ term (see `RetrievalTask.cold_logq_weight`).
     """
     if user.shape != item.shape:
         raise ValueError(f"user {tuple(user.shape)} and item {tuple(item.shape)} batches must have equal shapes")
     logits = user @ item.T / temperature
     if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)
+        lq = log_q.unsqueeze(0)
+        logits = logits - (lq if row_logq_scale is None else row_logq_scale.unsqueeze(1) * lq)
     mask = accidental_hit_mask(item_ids, item_ids)
     if extra_mask is not None:
         mask = mask | (extra_mask & ~torch.eye(len(item_ids), dtype=torch.bool, device=mask.device))
@@ -254,6 +257,7 @@ class RetrievalTask:
     objective: str = "in_batch_softmax"
     margin: float = 0.2       # triplet hinge margin m (in cosine units)
     sigma: float = 10.0       # triplet logistic scale σ
+    cold_logq_weight: float | None = None  # logQ weight of rows trained without their id (None: logq_weight)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -295,8 +299,15 @@ class RetrievalTask:
         log_q: torch.Tensor | None,
         extra_mask: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        id_dropped: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """In-batch softmax loss. `id_dropped` (N,) bool marks rows whose user id was dropped to
+        OOV (features only); with `cold_logq_weight` set their logQ term uses that weight."""
         lq = log_q * self.logq_weight if (self.logq and log_q is not None) else None
+        scale = None
+        if lq is not None and id_dropped is not None and self.cold_logq_weight is not None and self.logq_weight != 0:
+            scale = torch.where(id_dropped, self.cold_logq_weight / self.logq_weight, 1.0).to(lq.dtype)
         return in_batch_softmax_loss(
-            user, item, item_ids, temperature=self.temperature, log_q=lq, extra_mask=extra_mask, weights=weights
+            user, item, item_ids, temperature=self.temperature, log_q=lq, extra_mask=extra_mask, weights=weights,
+            row_logq_scale=scale,
         )

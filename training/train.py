@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,7 +29,14 @@ from training.dataset import Dataset, read_dataset
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
 from training.frequency import StreamingFrequencyEstimator
-from training.model import ModelConfig, TwoTowerModel
+from training.model import (
+    HistoryPooling,
+    ModelConfig,
+    TwoTowerModel,
+    UserHistory,
+    bake_history,
+    build_history,
+)
 from training.samplers import NegativeSampler, build_sampler, keep_probability, positive_weights
 from training.split import split_interactions
 from training.ssl import SSLTask
@@ -50,13 +58,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     logq: bool = True
     logq_weight: float = 1.0
+    cold_logq_weight: float | None = 3.0  # logQ weight of rows whose user id was dropped (None: logq_weight)
     mask_user_positives: bool = True  # also mask in-batch items the user clicked elsewhere
     min_count: int = 2               # rarer categorical values share the OOV row (as unseen ones do at serving)
     n_buckets: int = 10
     max_multi_len: int = 16
     item_popularity_feature: bool = False  # item tower input: log1p(training clicks); 0 for fresh items
     eval_max_users: int | None = 5000  # validation users sampled per epoch (big datasets)
+    user_history: bool = True        # user id vector += pooled embeddings of the user's clicked items
+    history_alpha: float = 1.0       # pooled = sum / n^alpha (1: mean, 0.5: FISM's usual choice)
+    history_max_len: int | None = None  # keep each user's most recent items only
+    history_free_id: bool = False    # with user_history: also learn a free per-user embedding
     device: str = "auto"
+    deterministic: bool = True       # torch deterministic algorithms during fit (same seed, same model)
     model: ModelConfig = field(default_factory=ModelConfig)
     # objective, negatives, positives, SSL (training/task.py, samplers.py, frequency.py, ssl.py)
     objective: str = "in_batch_softmax"  # | pointwise | triplet_hinge | triplet_logistic | listwise
@@ -134,6 +148,23 @@ def fit_encoders(dataset: Dataset, train: pd.DataFrame, cfg: TrainConfig) -> tup
     return user_enc, item_enc
 
 
+@contextmanager
+def baked_history(model: TwoTowerModel, pool: HistoryPooling | None, history: UserHistory | None, id_codes: torch.Tensor):
+    """Temporarily add each user's pooled history into the user id embeddings (evaluation,
+    hard-negative mining); the free embeddings are restored afterwards."""
+    if pool is None or history is None:
+        yield
+        return
+    weight = model.user_tower.id_emb.weight
+    saved = weight.detach().clone()
+    bake_history(model.user_tower, id_codes, pool.pooled_all(history))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 @torch.no_grad()
 def refresh_sampler(sampler: NegativeSampler, model: TwoTowerModel, users: dict, items: dict, chunk: int = 8192) -> None:
     """Give the sampler the current model's user and item vectors (hard-negative mining)."""
@@ -154,8 +185,23 @@ def fit(
     full: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Train a model on `data_dir` and write its bundle under `models_dir`; return the bundle path."""
+    """Train a model on `data_dir` and write its bundle under `models_dir`; return the bundle path.
+
+    With `cfg.deterministic` (the default) torch's deterministic algorithms are on for the run
+    and restored afterwards: some multi-threaded CPU kernels otherwise sum in a varying order,
+    and on ML-100K two runs with one seed drifted apart by ±0.004 recall@20 by the end.
+    """
     cfg = cfg or TrainConfig()
+    was = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    try:
+        return _fit(data_dir, models_dir, cfg, full=full, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None) -> Path:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -185,11 +231,23 @@ def fit(
     log_q_all = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum())).float().to(device)
     pos_keys = torch.from_numpy(np.unique(pair_u.astype(np.int64) * n_items + pair_i)).to(device)
     pair_u_t, pair_i_t = torch.from_numpy(pair_u).to(device), torch.from_numpy(pair_i).to(device)
+    pool, user_hist = None, None
+    if cfg.user_history:  # user id vector = free embedding + pooled clicked items (leave-one-out)
+        user_hist = build_history(pair_u, pair_i, train["timestamp"].to_numpy(), len(user_index), n_items, cfg.history_max_len).to(device)
+        pool = HistoryPooling(n_items, cfg.model.id_dim, cfg.history_alpha).to(device)
+        if not cfg.history_free_id:  # known users are their history alone; only the OOV row learns
+            id_w = model.user_tower.id_emb.weight
+            with torch.no_grad():
+                id_w[1:].zero_()
+            keep_oov = torch.zeros_like(id_w[:, :1])
+            keep_oov[0] = 1.0
+            id_w.register_hook(lambda g: g * keep_oov)
 
     # 3. train -------------------------------------------------------------------------------
     task = RetrievalTask(
         temperature=cfg.model.temperature, logq=cfg.logq, logq_weight=cfg.logq_weight,
         objective=cfg.objective, margin=cfg.triplet_margin, sigma=cfg.logistic_sigma,
+        cold_logq_weight=cfg.cold_logq_weight,
     )
     gen = torch.Generator().manual_seed(cfg.seed)  # sampler/SSL/re-sampling randomness (CPU)
     sampler = None
@@ -209,22 +267,27 @@ def fit(
     ssl = None
     if cfg.ssl_weight > 0:
         ssl = SSLTask(items_t, augmentation=cfg.ssl_augmentation, rate=cfg.ssl_rate, batch_size=cfg.ssl_batch_size, temperature=cfg.ssl_temperature)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters()) + (list(pool.parameters()) if pool is not None else [])
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def snapshot() -> tuple[dict, dict | None]:
+        return copy.deepcopy(model.state_dict()), copy.deepcopy(pool.state_dict()) if pool is not None else None
     epochs = (cfg.full_epochs or cfg.epochs) if full else cfg.epochs
-    best = (-math.inf, 0, copy.deepcopy(model.state_dict()))
+    best = (-math.inf, 0, snapshot())
     history = []
     n_batches = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(1, epochs + 1):
         model.train()
         if sampler is not None:
-            refresh_sampler(sampler, model, users_t, items_t)
+            with baked_history(model, pool, user_hist, users_t["id"]):
+                refresh_sampler(sampler, model, users_t, items_t)
         perm = torch.from_numpy(rng.permutation(len(train))).to(device)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{epochs}", disable=None if progress is None else not progress, leave=False, file=sys.stderr)
         total = 0.0
         for b in bar:
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             bu, bi = pair_u_t[idx], pair_i_t[idx]
-            u = model.user_tower({k: v[bu] for k, v in users_t.items()})
+            drop = model.user_tower.id_drop_mask(len(bu), device)
+            u = model.user_tower({k: v[bu] for k, v in users_t.items()}, pool(user_hist, bu, bi) if pool is not None else None, drop)
             v = model.item_tower({k: v[bi] for k, v in items_t.items()})
             w = weights[idx]
             if pos_w is not None:  # positive re-weighting: head clicks down, tail clicks up
@@ -237,7 +300,7 @@ def fit(
                 if stream is not None:
                     stream.update(bi.cpu().numpy())
                     lq = torch.from_numpy(stream.log_q(bi.cpu().numpy(), len(bi))).float().to(device)
-                loss = task(u, v, bi, lq, extra_mask=extra, weights=w)
+                loss = task(u, v, bi, lq, extra_mask=extra, weights=w, id_dropped=drop)
             else:  # K sampled negatives per row, each with the log q of the sampler that drew it
                 neg, neg_lq = sampler.sample(bu, bi, cfg.num_negatives, gen)
                 vn = model.item_tower({k: t[neg.reshape(-1)] for k, t in items_t.items()}).view(*neg.shape, -1)
@@ -255,17 +318,29 @@ def fit(
         row = {"epoch": epoch, "loss": round(total / n_batches, 5)}
         if not full:
             model.eval()
-            val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
+            with baked_history(model, pool, user_hist, users_t["id"]):
+                val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
             row |= {"val_recall@20": val.get("recall@20", 0.0), "val_ndcg@20": val.get("ndcg@20", 0.0)}
             if row["val_recall@20"] > best[0]:
-                best = (row["val_recall@20"], epoch, copy.deepcopy(model.state_dict()))
+                best = (row["val_recall@20"], epoch, snapshot())
         history.append(row)
         log.info("epoch %s", row)
         if not full and epoch - best[1] >= cfg.patience:
             break
     if not full:
-        model.load_state_dict(best[2])
+        model.load_state_dict(best[2][0])
+        if pool is not None:
+            pool.load_state_dict(best[2][1])
     model.eval()
+    if pool is not None:
+        # Bake the pooled history into the id embeddings for good: test users are ranked with
+        # everything they clicked in `train` (fit + val), as the EVAL.md baselines are.
+        known = clicked if full else split.train
+        final = build_history(
+            user_index.get_indexer(known["user_id"]), item_index.get_indexer(known["item_id"]),
+            known["timestamp"].to_numpy(), len(user_index), n_items, cfg.history_max_len,
+        ).to(device)
+        bake_history(model.user_tower, users_t["id"], pool.pooled_all(final))
 
     # 4. evaluate and save -----------------------------------------------------------------
     train_seconds = round(time.time() - t_start, 2)

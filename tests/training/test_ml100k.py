@@ -21,8 +21,8 @@ def test_default_config_quality(ml100k_dir: Path, tmp_path: Path) -> None:
     data = prepare_movielens_100k(ml100k_dir, tmp_path / "ml")
     bundle = load_bundle(fit(data, tmp_path / "models", progress=False))
     m = bundle.manifest["metrics"]
-    assert m["recall@20"] >= 0.15 > 0.0986  # EVAL.md popularity: 0.0986
-    assert m["recall@100"] >= 0.42
+    assert m["recall@20"] >= 0.17 > 0.0986  # EVAL.md popularity: 0.0986 (seed 0: 0.1805, seed 1: 0.1778)
+    assert m["recall@100"] >= 0.45
     assert m["tail_recall@100"] >= 0.25  # popularity: 0.0051
-    assert m["cold_recall@20"] >= 0.09
+    assert m["cold_recall@20"] >= 0.12  # cold popularity 0.1375 (seed 0: 0.1400, seed 1: 0.1307)
     assert bundle.manifest["split"]["train"] == 72501

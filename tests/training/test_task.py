@@ -173,3 +173,32 @@ def test_task_dispatch_and_errors() -> None:
         RetrievalTask().sampled(a, p, n)
     with pytest.raises(ValueError, match=r"negatives \(2, 2\) must be \(N, K, d\) = \(1, K, 2\)"):
         triplet_hinge_loss(a, p, n[0], margin=0.1)
+
+
+def test_row_logq_scale_scales_each_rows_correction() -> None:
+    u = _unit([1, 0], [0, 1], [1, 1])
+    v = _unit([1, 0], [0, 1], [1, -1])
+    ids = torch.tensor([0, 1, 2])
+    lq = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    scale = torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64)
+    tau = 0.5
+    logits = u @ v.T / tau - scale.unsqueeze(1) * lq.unsqueeze(0)
+    want = F.cross_entropy(logits, torch.arange(3))
+    got = in_batch_softmax_loss(u, v, ids, temperature=tau, log_q=lq, row_logq_scale=scale)
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_cold_logq_weight_applies_to_id_dropped_rows_only() -> None:
+    u = _unit([1, 0], [0, 1])
+    v = _unit([1, 0], [1, 1])
+    ids = torch.tensor([0, 1])
+    lq = torch.log(torch.tensor([0.8, 0.2], dtype=torch.float64))
+    dropped = torch.tensor([False, True])
+    task = RetrievalTask(temperature=0.5, logq_weight=1.0, cold_logq_weight=3.0)
+    want = in_batch_softmax_loss(u, v, ids, temperature=0.5, log_q=lq, row_logq_scale=torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert task(u, v, ids, lq, id_dropped=dropped).item() == pytest.approx(want.item(), rel=1e-9)
+    # no dropped rows, or no cold weight: the plain correction
+    plain = in_batch_softmax_loss(u, v, ids, temperature=0.5, log_q=lq)
+    assert task(u, v, ids, lq, id_dropped=torch.tensor([False, False])).item() == pytest.approx(plain.item(), rel=1e-9)
+    assert RetrievalTask(temperature=0.5)(u, v, ids, lq, id_dropped=dropped).item() == pytest.approx(plain.item(), rel=1e-9)
+    assert want.item() != pytest.approx(plain.item(), rel=1e-6)
