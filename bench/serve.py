@@ -2,6 +2,7 @@
 
     python bench/serve.py                       # full run: 1,000,000 items (builds once, ~5 min)
     python bench/serve.py --items 50000 --duration 5 --out /tmp/b.json --md /tmp/b.md   # smoke
+    python bench/serve.py --ef-search k20 --in-process   # CPU µs per request, no wrk (see 5.)
 
 What it does (docs/bench/serve.md has the results and their reading):
 
@@ -23,15 +24,25 @@ What it does (docs/bench/serve.md has the results and their reading):
    Before each scenario a probe checks the `cached` flag is what the scenario claims.
 4. **Report**: throughput and p50/p95/p99/max latency per scenario (wrk's numbers), the targets
    (miss p99 <= 15 ms; /retrieve >= 40% of /healthz throughput), machine facts (cores, load
-   average before and after: the machine may be shared) to `--out` (JSON) and `--md`.
+   average before and after: the machine may be shared) to `--out` (JSON) and `--md`. Also per
+   scenario: the CPU time the uvicorn processes, redis-server and wrk used per request (from
+   /proc and getrusage). On a dedicated box the cores are the bottleneck and
+   cpu(healthz) / cpu(retrieve) ("CPU share") predicts the throughput share; on a shared box it
+   moves much less than req/s does.
+5. **`--in-process`**: no wrk, no sockets: the app behind uvicorn's HTTP protocol class in this
+   process, fed raw requests through a fake transport, with a real redis-server; CPU µs per
+   request for healthz / retrieve_miss / retrieve_hit, rounds interleaved, min and median. The
+   tool for comparing changes on a loaded machine (what the report's "where the time goes" uses).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -47,6 +58,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.machine import cpu_model  # noqa: E402
 
 FEATURE_POOL = {"countries": 20, "devices": ["ios", "android", "web"], "interests": 30}
 K = 20
@@ -175,9 +188,15 @@ def start_server(args: argparse.Namespace, index_root: Path, redis_url: str, log
         **({"SERVICE_HNSW_EF_SEARCH": str(args.ef_value)} if args.ef_value else {}),
         PYTHONUNBUFFERED="1",
     )
+    for setting in args.env:  # --env SERVICE_X=V, applied last
+        name, sep, value = setting.partition("=")
+        if not sep or not name.startswith("SERVICE_"):
+            raise SystemExit(f"--env expects SERVICE_NAME=VALUE, got {setting!r}")
+        env[name] = value
     cmd = [
         sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(args.port),
-        "--workers", str(args.workers), "--http", args.http, "--no-access-log", "--log-level", "warning",
+        "--workers", str(args.workers), "--http", args.http, "--loop", args.loop, "--no-access-log",
+        "--log-level", "warning",
         "--backlog", "1024",
     ]
     out = log_path.open("wb")
@@ -192,6 +211,59 @@ def start_server(args: argparse.Namespace, index_root: Path, redis_url: str, log
             return proc
         time.sleep(0.5)
     raise RuntimeError(f"workers not ready after {args.start_timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of a live process, from /proc (None if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds used so far by `root` and all its live descendants (the uvicorn workers)."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(int(entry))) is not None:
+            stats[int(entry)] = st
+    total, todo, seen = 0.0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo.extend(child for child, (ppid, _) in stats.items() if ppid == pid)
+    return total
+
+
+class CpuMeter:
+    """CPU time of the server processes, redis-server and wrk over one measured run.
+
+    Throughput on a shared machine moves with whatever else runs; CPU time per request does much
+    less. On a dedicated box the cores are the bottleneck, so the /retrieve share of /healthz
+    throughput is about cpu_per_request(healthz) / cpu_per_request(retrieve): `cpu_share_of_healthz`.
+    """
+
+    def __init__(self, server_pid: int, redis_pid: int | None) -> None:
+        self.server_pid, self.redis_pid = server_pid, redis_pid
+
+    def sample(self) -> dict[str, float]:
+        redis = _stat(self.redis_pid) if self.redis_pid else None
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
+        return {
+            "server": tree_cpu_s(self.server_pid),
+            "redis": redis[1] if redis else 0.0,
+            "wrk": children.ru_utime + children.ru_stime,
+        }
+
+    @staticmethod
+    def per_request_us(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+        out = {k: round((after[k] - before[k]) / max(requests, 1) * 1e6, 1) for k in before}
+        out["total"] = round(sum(out.values()), 1)
+        return out
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -327,15 +399,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--http", default="service.http:H11Protocol", help="uvicorn --http (see service/http.py)")
+    p.add_argument("--loop", default="asyncio", help="uvicorn --loop: asyncio, uvloop (if installed) or auto")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--env", action="append", default=[], metavar="SERVICE_X=V", help="extra server setting")
     p.add_argument("--scenarios", default="healthz,retrieve_hit,retrieve_miss,batch,retrieve_redis_down")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="instead of wrk: CPU µs per request through uvicorn's HTTP protocol in this process "
+        "(fake transport, real redis-server), robust to other load; prints JSON, writes no report",
+    )
+    p.add_argument("--requests", type=int, default=2000, help="--in-process: requests per round")
+    p.add_argument("--rounds", type=int, default=5, help="--in-process: rounds (min and median reported)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "serve.json")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "bench" / "serve.md")
     args = p.parse_args(argv)
     args.port = args.port or free_port()
-    for tool in ("wrk", "redis-server", "redis-cli"):
+    for tool in ("redis-server", "redis-cli") if args.in_process else ("wrk", "redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             p.error(f"{tool} is not installed (apt-get install wrk redis-server)")
 
@@ -363,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             ef_values.append(int(catalog[f"search_params_k{K}"]["efSearch"]))
         else:
             ef_values.append(int(spec))
+    if args.in_process:
+        out = [in_process_costs(args, root, ef, log) for ef in ef_values]
+        print(json.dumps(out, indent=2))
+        return 0
 
     load_before = os.getloadavg()
     runs = []
@@ -383,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in load_after],
@@ -392,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "workers": args.workers, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "duration_s": args.duration, "warmup_s": args.warmup, "k": K, "batch": args.batch,
-            "access_log": args.access_log, "http": args.http, "env": args.env,
+            "access_log": args.access_log, "http": args.http, "loop": args.loop, "env": args.env,
         },
         "catalog": catalog,
         "runs": runs,
@@ -411,9 +496,13 @@ def targets_of(results: dict[str, dict]) -> dict:
     """The issue's targets, judged on the cache-miss scenario (the expensive path)."""
     if "healthz" in results:
         ceiling = results["healthz"]["rps"]
+        cpu_ceiling = results["healthz"].get("cpu_us_per_request", {}).get("total")
         for name in ("retrieve_hit", "retrieve_miss", "retrieve_redis_down"):
             if name in results:
                 results[name]["share_of_healthz"] = round(results[name]["rps"] / ceiling, 3)
+                cpu = results[name].get("cpu_us_per_request", {}).get("total")
+                if cpu and cpu_ceiling:
+                    results[name]["cpu_share_of_healthz"] = round(cpu_ceiling / cpu, 3)
     targets = {}
     if "retrieve_miss" in results:
         targets["miss_p99_le_15ms"] = {"value_ms": results["retrieve_miss"]["p99_ms"], "target_ms": 15.0,
@@ -480,7 +569,10 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
             log(f"{name}: warm-up {args.warmup}s")
             run_wrk(url, warm_script or script, args.warmup, args.connections, args.wrk_threads, tmp)
             before = redis.stats()
+            meter = CpuMeter(server.pid, redis.proc.pid if redis.proc and redis.proc.poll() is None else None)
+            cpu0 = meter.sample()
             res = run_wrk(url, script, args.duration, args.connections, args.wrk_threads, tmp)
+            res["cpu_us_per_request"] = CpuMeter.per_request_us(cpu0, meter.sample(), res["requests"])
             after = redis.stats()
             if after and before:  # Redis's own count: what the scenario really did
                 res["redis_hits"] = after["keyspace_hits"] - before["keyspace_hits"]
@@ -498,14 +590,187 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
     return results, [ln for ln in metrics_text.splitlines() if ln.startswith("service_cache") and "_created" not in ln]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
+# ---- in-process cost per request ---------------------------------------------------------------
+
+
+class _FakeTransport:
+    """What uvicorn's HTTP protocol needs from a socket: writes are counted and dropped."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
         pass
-    return platform.processor() or "unknown"
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _http_request(method: str, path: str, body: bytes | None = None) -> bytes:
+    if body is None:
+        return f"{method} {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None, log) -> dict:  # noqa: ANN001
+    """CPU µs per request of the whole server side, without sockets, wrk or other processes' noise.
+
+    The app runs in this process behind uvicorn's own HTTP protocol class (`--http`, `--loop`),
+    fed raw HTTP/1.1 bytes through a fake transport by `--connections / --workers` concurrent
+    keep-alive "connections" (what one worker sees under the wrk load); Redis is a real
+    redis-server. Per scenario and round: this process's CPU time
+    (`time.process_time`) and redis-server's (/proc) per request. Scenarios are interleaved
+    round by round, so that a burst of load elsewhere hits all of them alike; min and median
+    over rounds are reported. What it leaves out (the same for every endpoint, roughly): the
+    kernel's socket work and the load generator.
+    """
+    import asyncio
+    import statistics
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    redis = Redis(tmp)
+    redis.start()
+    connections = max(1, args.connections // args.workers)
+    overrides = {}
+    for setting in args.env:
+        name, _, value = setting.partition("=")
+        overrides[name.removeprefix("SERVICE_").lower()] = value
+    settings = Settings(
+        index_root=root / "index", redis_url=redis.url, access_log=args.access_log, hnsw_ef_search=ef_value,
+        **overrides,
+    )
+    rng = np.random.default_rng(args.seed + 3)
+    nonce = int(rng.integers(1 << 30))
+    hit_bodies = [json.dumps({**random_user(rng, f"u{i}"), "k": K}).encode() for i in range(256)]
+
+    def miss_body(n: int) -> bytes:  # a known user with never-seen features (as lua_unique)
+        age = f"{20 + n % 50}.{(nonce + n) % 10_000_000:07d}"
+        return (
+            f'{{"user_id": "u{(n * 13) % 20000}", "features": {{"age": {age}, "country": "k{n % 12}", '
+            f'"device": "ios", "interests": "t{n % 30}|t{n % 29}"}}, "k": {K}}}'
+        ).encode()
+
+    counter = [0]
+
+    def requests(name: str, n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            counter[0] += 1
+            if name == "healthz":
+                out.append(_http_request("GET", "/healthz"))
+            elif name == "retrieve_miss":
+                out.append(_http_request("POST", "/retrieve", miss_body(counter[0])))
+            else:
+                out.append(_http_request("POST", "/retrieve", hit_bodies[counter[0] % len(hit_bodies)]))
+        return out
+
+    async def run() -> dict:
+        app = create_app(settings, start_reloader=False)
+        async with app.router.lifespan_context(app):
+            for handler in logging.getLogger("service").handlers:  # the access log goes nowhere
+                handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
+            outcome = await asyncio.to_thread(app.state.service.reloader.check_once)
+            if outcome != "swapped":
+                raise RuntimeError(f"version did not load: {app.state.service.reloader.last_error}")
+            config = Config(app=app, http=args.http, lifespan="off", log_level="warning", access_log=False)
+            config.load()
+
+            class Protocol(config.http_protocol_class):  # type: ignore[misc, name-defined]
+                waiter: asyncio.Future | None = None
+
+                def on_response_complete(self) -> None:
+                    super().on_response_complete()
+                    if self.waiter is not None and not self.waiter.done():
+                        self.waiter.set_result(None)
+
+            loop = asyncio.get_running_loop()
+            state = ServerState()
+
+            async def one_round(name: str, n: int) -> tuple[float, float]:
+                todo = iter(requests(name, n))
+
+                async def connection() -> None:
+                    proto = Protocol(config=config, server_state=state, app_state={}, _loop=loop)
+                    proto.connection_made(_FakeTransport())
+                    for raw in todo:
+                        proto.waiter = loop.create_future()
+                        proto.data_received(raw)
+                        await proto.waiter
+                    proto.connection_lost(None)
+
+                redis0, cpu0 = _stat(redis.proc.pid)[1], time.process_time()
+                await asyncio.gather(*(connection() for _ in range(connections)))
+                cpu1, redis1 = time.process_time(), _stat(redis.proc.pid)[1]
+                return (cpu1 - cpu0) / n * 1e6, (redis1 - redis0) / n * 1e6
+
+            names = ["healthz", "retrieve_miss", "retrieve_hit"]
+            for name in names:  # warm-up; fills the cache for the hit scenario
+                await one_round(name, max(600, len(hit_bodies)))
+            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names:
+                    samples[name].append(await one_round(name, args.requests))
+                log(f"in-process round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{name} {samples[name][-1][0]:.0f} µs" for name in names))
+        return samples
+
+    load_before = os.getloadavg()
+    runner = asyncio.run
+    if args.loop in ("uvloop", "auto"):
+        try:
+            import uvloop
+        except ImportError:
+            if args.loop == "uvloop":
+                raise
+        else:
+            runner = uvloop.run
+    try:
+        samples = runner(run())
+    finally:
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = {}
+    for name, values in samples.items():
+        server = [v[0] for v in values]
+        results[name] = {
+            "server_cpu_us_min": round(min(server), 1),
+            "server_cpu_us_median": round(statistics.median(server), 1),
+            "redis_cpu_us_median": round(statistics.median(v[1] for v in values), 1),
+        }
+    ceiling = results["healthz"]["server_cpu_us_median"]
+    for name in ("retrieve_miss", "retrieve_hit"):
+        r = results[name]
+        r["x_healthz"] = round((r["server_cpu_us_median"] + r["redis_cpu_us_median"]) / ceiling, 2)
+    return {
+        "ef_search": ef_value or "manifest",
+        "http": args.http,
+        "loop": "uvloop" if runner is not asyncio.run else "asyncio",
+        "connections": connections,
+        "requests_per_round": args.requests,
+        "rounds": args.rounds,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "results": results,
+    }
 
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -544,16 +809,21 @@ def render_markdown(report: dict) -> str:
         lines += [
             f"**efSearch {run['ef_search']}** ({run['ef_search_source']})",
             "",
-            "| scenario | req/s | p50 ms | p95 ms | p99 ms | max ms | share of /healthz | Redis hits / misses | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| scenario | req/s | p50 ms | p95 ms | p99 ms | max ms | share of /healthz | CPU µs/req: server + redis + wrk"
+            " | CPU share | Redis hits / misses | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in run["results"].items():
             share = r.get("share_of_healthz")
+            cpu_share = r.get("cpu_share_of_healthz")
             rps = f"{r['rps']:.0f}" + (f" ({r['users_per_s']:.0f} users/s)" if "users_per_s" in r else "")
             redis = f"{r['redis_hits']} / {r['redis_misses']}" if "redis_hits" in r else "–"
+            c = r.get("cpu_us_per_request")
+            cpu = f"{c['total']:.0f} = {c['server']:.0f} + {c['redis']:.0f} + {c['wrk']:.0f}" if c else "–"
             lines.append(
                 f"| {name} | {rps} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | "
-                f"{'' if share is None else f'{share:.0%}'} | {redis} | {r['non_2xx'] + r['socket_errors']} |"
+                f"{'' if share is None else f'{share:.0%}'} | {cpu} | "
+                f"{'' if cpu_share is None else f'{cpu_share:.0%}'} | {redis} | {r['non_2xx'] + r['socket_errors']} |"
             )
         lines.append("")
         for name, t in run["targets"].items():

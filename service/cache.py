@@ -6,10 +6,15 @@ model version in the key is what makes a hot reload safe: a vector computed by o
 served with another model's index (invariant 2), and old entries simply expire.
 
 Redis is an accelerator, never a dependency. Every Redis call has a hard deadline of tens of
-milliseconds (connect + read timeouts, and an outer `asyncio.timeout`), is never retried, and goes
-through a circuit breaker: after `threshold` consecutive failures Redis is skipped for `cooldown`
-seconds, then one request probes it; success closes the breaker. Any failure, and any cached value
-that is not exactly `dim` finite float32s of unit norm, is a miss: the tower computes the vector.
+milliseconds (the connect timeout, then a reply deadline: see service/redis_client.py; redis-py
+gets an outer `asyncio.timeout`), is never retried, and goes through a circuit breaker: after
+`threshold` consecutive failures Redis is skipped for `cooldown` seconds, then one request probes
+it; success closes the breaker. Any failure, and any cached value that is not exactly `dim`
+finite float32s of unit norm, is a miss: the tower computes the vector.
+
+The request path reads with `get_many` (awaited: the answer decides hit or miss) and writes with
+`set_many_nowait`: the response does not wait for the SET, whose outcome reaches the breaker and
+the metrics when it arrives.
 """
 
 from __future__ import annotations
@@ -91,13 +96,21 @@ def decode_vector(raw: object, dim: int) -> np.ndarray | None:
 
 
 class VectorCache(Protocol):
-    """What the request path needs from a cache. `get_many` never raises: failures are misses."""
+    """What the request path needs from a cache. Nothing raises: a failed read is a miss, a
+    failed write is counted and forgotten.
+
+    `set_many_nowait` is the request path's write: it returns before the backend has answered
+    (Redis: the SETs are queued on the shared connection, so any later read sees them), so
+    a response never waits for a cache write. `set_many` waits for the outcome.
+    """
 
     backend: str
 
     async def get_many(self, keys: Sequence[str], dim: int) -> list[np.ndarray | None]: ...
 
     async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None: ...
+
+    def set_many_nowait(self, items: Sequence[tuple[str, np.ndarray]]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -162,6 +175,9 @@ class LocalCache:
         return out
 
     async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        self.set_many_nowait(items)
+
+    def set_many_nowait(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
         for key, vec in items:
             self.set_raw(key, encode_vector(vec))
 
@@ -235,6 +251,7 @@ class RedisPyClient:
             max_connections=max_connections,
             health_check_interval=0,
         )
+        self._background: set[asyncio.Future] = set()
 
     async def get(self, key: str) -> bytes | None:
         async with deadline(self._deadline):
@@ -251,7 +268,20 @@ class RedisPyClient:
         async with deadline(self._deadline):
             await pipe.execute()
 
+    def set_many_nowait(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> asyncio.Future:
+        """`set_many` in a background task (redis-py has no way to queue without awaiting).
+
+        Unlike the built-in client's, this write is not ordered before later reads: it may go
+        out on another pooled connection after them (a cache miss more, nothing worse).
+        """
+        task = asyncio.ensure_future(self.set_many(items, ttl_s))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         with contextlib.suppress(RedisError, OSError):  # best effort on shutdown
             await self._client.aclose()
 
@@ -262,6 +292,8 @@ class RedisClient(Protocol):
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None: ...
+
+    def set_many_nowait(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> asyncio.Future: ...
 
     async def close(self) -> None: ...
 
@@ -287,32 +319,44 @@ class RedisCache:
         self._misses = metrics.cache_misses.labels(self.backend)
         self._bypassed = metrics.cache_bypassed.labels(self.backend)
         self._malformed = metrics.cache_errors.labels(self.backend, "malformed")
+        self._closed = False
+
+    def _allow(self) -> bool:
+        if self.breaker.allow():
+            return True
+        self._bypassed.inc()
+        return False
+
+    def _succeeded(self, op: str) -> None:
+        if self.breaker.is_open:
+            log.info("redis circuit breaker closed", extra={"fields": {"op": op}})
+        self.breaker.record_success()
+        self._metrics.breaker_open.set(0)
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        reason = _error_reason(exc)
+        self._metrics.cache_errors.labels(self.backend, reason).inc()
+        was_open = self.breaker.is_open
+        self.breaker.record_failure()
+        if self.breaker.is_open and not was_open:
+            log.warning("redis circuit breaker opened", extra={"fields": {"op": op, "reason": reason}})
+        self._metrics.breaker_open.set(1 if self.breaker.is_open else 0)
 
     async def _call(self, op: str, fn: Callable[[], object]) -> tuple[bool, object]:
         """Run one Redis operation through the breaker with a hard deadline: (ok, result)."""
-        if not self.breaker.allow():
-            self._bypassed.inc()
+        if not self._allow():
             return False, None
         try:
             result = await fn()  # type: ignore[misc]  # each client enforces its own deadline
         except (RedisError, RedisReplyError, OSError, asyncio.TimeoutError) as exc:
-            reason = _error_reason(exc)
-            self._metrics.cache_errors.labels(self.backend, reason).inc()
-            was_open = self.breaker.is_open
-            self.breaker.record_failure()
-            if self.breaker.is_open and not was_open:
-                log.warning("redis circuit breaker opened", extra={"fields": {"op": op, "reason": reason}})
-            self._metrics.breaker_open.set(1 if self.breaker.is_open else 0)
+            self._failed(op, exc)
             return False, None
         except asyncio.CancelledError:
             # The request went away mid-call; release a half-open probe slot without a verdict.
             if self.breaker.is_open:
                 self.breaker.record_failure()
             raise
-        if self.breaker.is_open:
-            log.info("redis circuit breaker closed", extra={"fields": {"op": op}})
-        self.breaker.record_success()
-        self._metrics.breaker_open.set(0)
+        self._succeeded(op)
         return True, result
 
     async def get_many(self, keys: Sequence[str], dim: int) -> list[np.ndarray | None]:
@@ -343,7 +387,32 @@ class RedisCache:
         payload = [(key, encode_vector(vec)) for key, vec in items]
         await self._call("set", lambda: self._client.set_many(payload, self._ttl))
 
+    def set_many_nowait(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        """Queue the SETs through the breaker; their outcome is accounted when it arrives."""
+        if not items or self._closed or not self._allow():
+            return
+        payload = [(key, encode_vector(vec)) for key, vec in items]
+        self._client.set_many_nowait(payload, self._ttl).add_done_callback(self._set_done)
+
+    def _set_done(self, outcome: asyncio.Future) -> None:
+        if self._closed:  # shutting down: failures of the last writes are not Redis's health
+            if not outcome.cancelled():
+                outcome.exception()
+            return
+        if outcome.cancelled():
+            if self.breaker.is_open:  # release a half-open probe slot without a verdict
+                self.breaker.record_failure()
+            return
+        exc = outcome.exception()
+        if exc is None:
+            self._succeeded("set")
+            return
+        if not isinstance(exc, (RedisError, RedisReplyError, OSError, asyncio.TimeoutError)):
+            log.error("unexpected error from a background redis write", exc_info=exc)
+        self._failed("set", exc)
+
     async def close(self) -> None:
+        self._closed = True
         await self._client.close()
 
 

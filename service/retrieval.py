@@ -79,9 +79,10 @@ async def user_vectors(
 ) -> tuple[np.ndarray, list[bool]]:
     """(n, dim) user vectors and, per row, whether it came from the cache.
 
-    One cache round trip for all rows (GET or MGET), the tower for the misses, one write
-    round trip (SET or a pipeline) for what was computed. The key carries the model version,
-    so a vector is only ever reused with the model that computed it.
+    One cache round trip for all rows (GET or MGET), the tower for the misses, one write (SET or
+    a pipeline) for what was computed, which the response does not wait for (its outcome still
+    feeds the cache's breaker and metrics). The key carries the model version, so a vector is
+    only ever reused with the model that computed it.
     """
     keys = [
         cache_key(settings.cache_prefix, version.model_version, r.user_id, features_digest(r.features))
@@ -101,7 +102,7 @@ async def user_vectors(
         if not np.isfinite(computed).all():
             raise NonFiniteVectorError("user tower produced a non-finite vector; nothing was cached")
         out[missing] = computed
-        await cache.set_many([(keys[i], computed[j]) for j, i in enumerate(missing)])
+        cache.set_many_nowait([(keys[i], computed[j]) for j, i in enumerate(missing)])
     return out, flags
 
 
@@ -138,25 +139,29 @@ def exact_scores(embeddings: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> n
     different exclusion list). Row-by-row float64 sums make a score a function of (user vector,
     item row) only.
     """
-    return np.einsum("ij,j->i", embeddings[rows].astype(np.float64), vec.astype(np.float64)).astype(np.float32)
+    block = embeddings.take(rows, axis=0).astype(np.float64)  # take: ~3x cheaper than [rows]
+    return np.einsum("ij,j->i", block, vec.astype(np.float64)).astype(np.float32)
 
 
 def _finish(version: ServingVersion, vec: np.ndarray, rows: np.ndarray, q: Query) -> list[tuple[str, float]]:
     """Exact re-scoring, exclusion filter, order by (score desc, row asc), cut at k."""
-    rows = rows[rows >= 0]
+    rows = np.sort(rows[rows >= 0])  # ascending: the tie-break order
     if len(rows) == 0:
         return []
-    rows = np.unique(rows)  # sorted ascending: the tie-break order
+    if (rows[1:] == rows[:-1]).any():  # an ANN never repeats a row; the exact path never does
+        rows = np.unique(rows)
     scores = exact_scores(version.embeddings, rows, vec)
     order = np.argsort(-scores, kind="stable")
-    ids = version.item_ids
     exclude = q.exclude
+    if not exclude:
+        order = order[: q.k]
+    ids = version.item_ids
     out: list[tuple[str, float]] = []
-    for j in order:
-        item = ids[rows[j]]
+    for row, score in zip(rows[order].tolist(), scores[order].tolist(), strict=True):
+        item = ids[row]
         if item in exclude:
             continue
-        out.append((item, float(scores[j])))
+        out.append((item, score))
         if len(out) == q.k:
             break
     return out

@@ -1,15 +1,18 @@
 """HTTP routes (INTERFACES.md §3 plus /retrieve/batch and /metrics): thin by design.
 
-Each handler declares its dependencies (`VersionDep` reads the served version once, `CacheDep`,
-the API-key check) and delegates to `service.retrieval`. Responses of the hot endpoints are
-serialized by pydantic-core straight from plain dicts; `response_model` still documents them in
-the OpenAPI schema, and tests validate real responses against it.
+Each handler declares what it needs (`ServedDep`: the API-key check and the one read of the
+served version; the request body model) and delegates to `service.retrieval`. The three JSON POST
+endpoints are registered with `post_json`: FastAPI documents them from these signatures as usual,
+and `service.jsonroute.JSONBodyRoute` runs them on a lean request path (see there). Responses of
+the hot endpoints are serialized by pydantic-core straight from plain dicts; `response_model`
+still documents them in the OpenAPI schema, and tests validate real responses against it.
 
 (No `from __future__ import annotations` here: the request models are built per app from its
 settings and FastAPI must see the real classes in the signatures.)
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pydantic_core
 from fastapi import FastAPI, Response
@@ -17,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from service import retrieval
 from service.deps import ServedDep, ServiceDep
+from service.jsonroute import JSONBodyRoute
 from service.metrics import CONTENT_TYPE_LATEST
 from service.schemas import (
     BatchRetrieveResponse,
@@ -40,12 +44,28 @@ class FastJSONResponse(Response):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The body cannot be decoded (not UTF-8, numbers too long)."},
     401: {"model": ErrorResponse, "description": "SERVICE_API_KEY is set and X-API-Key is missing or wrong."},
     413: {"model": ErrorResponse, "description": "The body is larger than SERVICE_MAX_BODY_BYTES."},
-    422: {"model": ValidationErrorResponse, "description": "Invalid request; `field` names the offending field."},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "Invalid request; `field` names the offending field (`body` when the body is "
+        "not JSON: bad UTF-8, a number out of range, nesting deeper than 200, wrong Content-Type).",
+    },
     503: {"model": ErrorResponse, "description": "No verified model/index version is loaded yet."},
 }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def post_json(app: FastAPI, path: str, **kwargs: Any) -> Callable[[F], F]:
+    """`@app.post(path, ...)` served by `JSONBodyRoute` (the lean request path, same OpenAPI)."""
+
+    def register(endpoint: F) -> F:
+        app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=JSONBodyRoute, **kwargs)
+        return endpoint
+
+    return register
 
 
 def register_routes(router: FastAPI, models: RequestModels) -> None:
@@ -55,7 +75,8 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
     RetrieveBody = models.retrieve
     BatchBody = models.batch
 
-    @router.post(
+    @post_json(
+        router,
         "/retrieve",
         response_model=RetrieveResponse,
         responses=_ERRORS,
@@ -65,7 +86,8 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
         """The k items with the highest cosine to the user's vector, excluded items removed."""
         return FastJSONResponse(await retrieval.retrieve(served.version, served.cache, served.settings, body))
 
-    @router.post(
+    @post_json(
+        router,
         "/retrieve/batch",
         response_model=BatchRetrieveResponse,
         responses=_ERRORS,
@@ -75,7 +97,8 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
         """Up to SERVICE_MAX_BATCH retrievals answered by one version with one cache round trip."""
         return FastJSONResponse(await retrieval.retrieve_batch(served.version, served.cache, served.settings, body))
 
-    @router.post(
+    @post_json(
+        router,
         "/embed",
         response_model=EmbedResponse,
         responses=_ERRORS,

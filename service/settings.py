@@ -50,7 +50,12 @@ class Settings(BaseSettings):
     )
     cache_prefix: str = Field("tt", description="Prefix of every Redis key.")
     redis_connect_timeout_s: float = Field(0.05, gt=0, description="Redis connect timeout.")
-    redis_timeout_s: float = Field(0.02, gt=0, description="Redis read/write timeout.")
+    redis_timeout_s: float = Field(
+        0.02,
+        gt=0,
+        description="Deadline of a Redis reply, counted from the write; a late reply is a cache "
+        "error and closes the connection.",
+    )
     redis_client: Literal["auto", "builtin", "redis-py"] = Field(
         "auto",
         description="auto: the built-in pipelined client for redis:// URLs (service/redis_client.py), "

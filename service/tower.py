@@ -18,6 +18,7 @@ a user's vector is bit-identical whether it was computed by /retrieve, /embed or
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections.abc import Sequence
@@ -69,8 +70,10 @@ class _NumpyUserTower:
         self._multi = [
             (name, enc.vocabs[name], table(emb), enc.max_len[name]) for name, emb in tower.multi.items()
         ]
+        # boundaries as a list of Python floats: bisect on it is np.searchsorted(side="right")
+        # without the ~1 µs call overhead
         self._cont = [
-            (name, enc.stats[name], np.asarray(enc.stats[name].boundaries, dtype=np.float64), table(tower.bucket[name]))
+            (name, enc.stats[name], [float(b) for b in enc.stats[name].boundaries], table(tower.bucket[name]))
             for name in tower.cont_names
         ]
         known = set(tower.cat) | set(tower.multi) | set(tower.cont_names)
@@ -126,7 +129,7 @@ class _NumpyUserTower:
             w = tab.shape[1]
             idx = [vocab.encode_one(t) for t in list(tokens)[:max_len]]
             if idx:
-                x[pos : pos + w] = tab[idx].sum(axis=0) / np.float32(len(idx))
+                x[pos : pos + w] = tab.take(idx, axis=0).sum(axis=0) / np.float32(len(idx))
             else:
                 x[pos : pos + w] = 0.0
             pos += w
@@ -138,8 +141,8 @@ class _NumpyUserTower:
                 x[pos + 1 : pos + 1 + w] = tab[0]
             else:
                 v = float(value)
-                x[pos] = np.float32(min(5.0, max(-5.0, (v - stats.mean) / stats.std)))
-                x[pos + 1 : pos + 1 + w] = tab[int(np.searchsorted(bounds, v, side="right")) + 1]
+                x[pos] = min(5.0, max(-5.0, (v - stats.mean) / stats.std))  # rounded to float32
+                x[pos + 1 : pos + 1 + w] = tab[bisect.bisect_right(bounds, v) + 1]
             pos += 1 + w
         h = x
         for layer in self._layers:

@@ -237,6 +237,83 @@ def test_bad_input_is_a_422_naming_the_field(client: TestClient, text: str, fiel
         assert embed_err["field"] == field
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "error_type"),
+    [
+        (b'{"features": {"country": "\\ud800"}}', "application/json", "json_invalid"),  # was a 500
+        (b'{"user_id": "\\udfff"}', "application/json", "json_invalid"),
+        (b'{"features": {"country": "\xff"}}', "application/json", "json_invalid"),  # not UTF-8
+        (b'{"features": {"age": ' + b"9" * 5000 + b"}}", "application/json", "json_invalid"),
+        (b'{"features": {"a": ' + b"[" * 300 + b"]" * 300 + b"}}", "application/json", "json_invalid"),
+        (b'{"k": 5} trailing', "application/json", "json_invalid"),
+        (b"", "application/json", "missing"),
+        (b"{}", None, "content_type"),
+        (b"{}", "text/plain", "content_type"),
+        (b"{}", "application/jsonx", "content_type"),
+    ],
+)
+def test_bodies_that_are_not_json_are_a_422_at_body(
+    client: TestClient, body: bytes, content_type: str | None, error_type: str
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/retrieve", "/embed", "/retrieve/batch"):
+        r = client.post(path, content=body, headers=headers)
+        err = only_error(r)
+        assert (err["field"], err["type"]) == ("body", error_type), (path, err)
+        assert "9999" not in r.text and "ud800" not in r.text  # the input is never echoed
+
+
+def test_json_media_types_with_parameters_or_suffix_are_accepted(client: TestClient) -> None:
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"):
+        r = client.post("/retrieve", content=b'{"k": 3}', headers={"content-type": content_type})
+        assert r.status_code == 200 and len(r.json()["items"]) == 3, (content_type, r.text)
+
+
+def test_auth_and_readiness_are_checked_before_the_body(index_root: Path, tmp_path: Path) -> None:
+    bad = {"content": b'{"k": "ten"', "headers": {"content-type": "application/json"}}
+    with serve(index_root, api_key="k-1") as c:
+        assert c.post("/retrieve", **bad).status_code == 401
+        assert c.post("/retrieve", headers={"X-API-Key": "k-1", **bad["headers"]}, content=bad["content"]).status_code == 422
+    with serve(tmp_path / "empty-root", load=False) as c:
+        assert c.post("/retrieve", **bad).status_code == 503
+
+
+def test_openapi_documents_the_lean_routes_like_any_route(client: TestClient) -> None:
+    """The JSON POST routes run on JSONBodyRoute; their OpenAPI operations are FastAPI's own."""
+    doc = client.get("/openapi.json").json()
+    for path, model in (("/retrieve", "RetrieveRequest"), ("/embed", "EmbedRequest"),
+                        ("/retrieve/batch", "BatchRetrieveRequest")):
+        op = doc["paths"][path]["post"]
+        assert op["requestBody"]["required"] is True
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{model}"
+        assert op["security"] == [{"APIKeyHeader": []}]
+        assert set(op["responses"]) == {"200", "401", "413", "422", "503"}
+    assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+
+
+def test_json_body_route_refuses_endpoints_it_cannot_run() -> None:
+    from fastapi import FastAPI
+
+    from service.deps import ServedDep
+    from service.routes import post_json
+    from service.schemas import EmbedRequest
+
+    app = FastAPI()
+
+    async def no_served(body: EmbedRequest):  # noqa: ANN202
+        return None
+
+    async def extra_query(body: EmbedRequest, served: ServedDep, q: int = 0):  # noqa: ANN202
+        return None
+
+    def not_async(body: EmbedRequest, served: ServedDep):  # noqa: ANN202
+        return None
+
+    for endpoint in (no_served, extra_query, not_async):
+        with pytest.raises(TypeError, match="JSONBodyRoute"):
+            post_json(app, "/x")(endpoint)
+
+
 def test_422_never_echoes_the_input(client: TestClient) -> None:
     secret = "s3cr3t-" + "x" * 50
     for text in (

@@ -19,7 +19,15 @@ from service.cache import (
     features_digest,
 )
 from service.metrics import ServiceMetrics
-from service.redis_client import FastRedis, RedisReplyError, _Incomplete, _parse, encode_command
+from service.redis_client import (
+    FastRedis,
+    RedisReplyError,
+    _Incomplete,
+    _parse,
+    encode_command,
+    encode_get,
+    encode_set,
+)
 from tests.service.conftest import BlackHole, RedisServer
 from tests.service.helpers import unit_rows
 
@@ -269,6 +277,10 @@ def test_resp_parser() -> None:
     assert encode_command("SET", "k", b"\x00\r\n", "EX", 5) == (
         b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\x00\r\n\r\n$2\r\nEX\r\n$1\r\n5\r\n"
     )
+    for key in ("k", "tt:uv1:m:0123:uü 😀", ""):  # the hot-path encoders are the generic one
+        assert encode_get(key) == encode_command("GET", key)
+        for value, ttl in ((b"", 1), (b"\x00\r\n$*" * 50, 3600)):
+            assert encode_set(key, value, ttl) == encode_command("SET", key, value, "EX", ttl)
 
 
 def test_builtin_client_pipelines_concurrent_requests(redis_server: RedisServer) -> None:
@@ -309,3 +321,108 @@ def test_builtin_client_auth_and_database(tmp_path) -> None:  # noqa: ANN001
         assert raw.get("k") == b"v"
     finally:
         server.stop()
+
+
+def test_builtin_client_writes_one_batch_per_loop_iteration(redis_server: RedisServer) -> None:
+    """Commands issued in the same event-loop iteration leave in one write (one system call)."""
+
+    async def run() -> None:
+        c = FastRedis(redis_server.url, connect_timeout_s=1, timeout_s=1)
+        await c.set_many([("k", b"v")], 60)  # connects
+        transport = c._proto.transport
+        writes: list[bytes] = []
+        real_write = transport.write
+
+        def counting_write(data: bytes) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        transport.write = counting_write
+        got = await asyncio.gather(*(c.get("k") for _ in range(50)), c.mget(["k", "nope"]))
+        assert got == [b"v"] * 50 + [[b"v", None]]
+        assert len(writes) == 1 and writes[0] == encode_get("k") * 50 + encode_command("MGET", "k", "nope")
+        await c.close()
+
+    asyncio.run(run())
+
+
+def test_set_many_nowait_is_ordered_before_later_reads_and_accounted(redis_server: RedisServer) -> None:
+    """The request path's write: returns at once, a later read on the same process sees it, and
+    its outcome reaches the metrics without anyone awaiting it; close() still sends it."""
+    m = ServiceMetrics()
+    v = unit_rows(3, 8)
+    raw = redis_server.client()
+
+    async def run() -> None:
+        cache = make_redis_cache(redis_server.url, m, timeout=1.0)
+        await cache.set_many([("k0", v[0])])  # connects
+        cache.set_many_nowait([("k1", v[1])])  # not a coroutine: nothing to await
+        got = await cache.get_many(["k1"], 8)  # queued after the SET on the same connection
+        np.testing.assert_array_equal(got[0], v[1])
+        cache.set_many_nowait([("k2", v[2]), ("k0", v[2])])  # pipelined
+        await cache.close()  # flushes what is queued
+
+    asyncio.run(run())
+    assert raw.get("k2") == raw.get("k0") == v[2].astype("<f4").tobytes()
+    assert 0 < raw.ttl("k2") <= 60
+    assert metric(m, "service_cache_hits_total", backend="redis") == 1
+    assert sum(metric(m, "service_cache_errors_total", backend="redis", reason=r)
+               for r in ("timeout", "connection", "other")) == 0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_set_many_nowait_to_a_hung_redis_counts_timeouts_and_opens_the_breaker(
+    client: str, black_hole: BlackHole
+) -> None:
+    m = ServiceMetrics()
+    v = unit_rows(1, 8)[0]
+
+    async def run() -> None:
+        cache = make_redis_cache(black_hole.url, m, cooldown=60, timeout=0.02, client=client)
+        for i in range(3):
+            t0 = time.perf_counter()
+            cache.set_many_nowait([(f"k{i}", v)])  # a plain call: it cannot wait for Redis
+            while metric(m, "service_cache_errors_total", backend="redis", reason="timeout") < i + 1:
+                assert time.perf_counter() - t0 < 5, "the write's deadline never fired"
+                await asyncio.sleep(0.005)
+        assert cache.breaker.is_open
+        cache.set_many_nowait([("k", v)])  # skipped: the breaker is open
+        await cache.close()
+
+    asyncio.run(run())
+    assert metric(m, "service_cache_errors_total", backend="redis", reason="timeout") == 3
+    assert metric(m, "service_cache_bypassed_total", backend="redis") == 1
+    assert metric(m, "service_cache_breaker_open") == 1
+
+
+def test_builtin_client_deadline_fails_every_pending_command(black_hole: BlackHole) -> None:
+    """One watchdog per connection enforces each command's deadline, awaited or not."""
+
+    async def run() -> list[BaseException | object]:
+        c = FastRedis(black_hole.url, connect_timeout_s=1, timeout_s=0.05)
+        await c._connection()
+        t0 = time.perf_counter()
+        background = c.set_many_nowait([("a", b"1")], 60)
+        results = await asyncio.gather(*(c.get(f"k{i}") for i in range(5)), background, return_exceptions=True)
+        elapsed = time.perf_counter() - t0
+        assert 0.05 <= elapsed < 1.0, elapsed  # not before the deadline, and not much after
+        await c.close()
+        return results
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, asyncio.TimeoutError) for r in results), results
+
+
+def test_builtin_client_deadline_counts_from_the_write(redis_server: RedisServer) -> None:
+    """Time a command spends queued behind a busy event loop is not Redis being slow."""
+
+    async def run() -> None:
+        c = FastRedis(redis_server.url, connect_timeout_s=1, timeout_s=0.02)
+        await c.set_many([("k", b"v")], 60)  # connects
+        outcome = c.set_many_nowait([("k2", b"w")], 60)
+        time.sleep(0.06)  # blocks the loop: the write leaves only after this callback, 60 ms on
+        assert await outcome == b"OK"
+        assert await c.get("k2") == b"w"
+        await c.close()
+
+    asyncio.run(run())

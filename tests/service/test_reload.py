@@ -46,6 +46,39 @@ def test_background_reloader_picks_up_a_new_version(
         assert reload_count(c, "success") == 2
 
 
+def test_a_swap_is_in_the_metrics_before_it_is_served(
+    index_root: Path, bundle_b: Path, catalog: tuple[np.ndarray, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever sees the new version on /readyz also sees it counted and labelled in /metrics,
+    however long the GC pass after the swap takes (it is held here until the check is done)."""
+    from service import state
+
+    with serve(index_root) as c:
+        reloader = c.app.state.service.reloader
+        release = threading.Event()
+        real_freeze = state._freeze_heap
+
+        def slow_freeze() -> float:
+            assert release.wait(30)
+            return real_freeze()
+
+        monkeypatch.setattr(state, "_freeze_heap", slow_freeze)
+        new_dir = write_version(index_root, bundle_b, catalog[0], catalog[1])
+        poll = threading.Thread(target=reloader.check_once)
+        poll.start()
+        try:
+            wait_for(lambda: pair(c)[1] == new_dir.name, what="the swap")
+            assert reload_count(c, "success") == 2
+            info = c.app.state.service.metrics.registry.get_sample_value(
+                "service_loaded_version_info",
+                {"model_version": read_manifest(new_dir)["model_version"], "index_version": new_dir.name},
+            )
+            assert info == 1
+        finally:
+            release.set()
+            poll.join()
+
+
 def _corrupt_checksum(d: Path, dim: int) -> None:
     data = bytearray((d / "embeddings.npy").read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the payload, manifest unchanged
