@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.artifacts import write_json
+from bench.experiments import merge_overrides
+from training.artifacts import atomic_write_json, atomic_write_text
 from training.bundle import load_bundle
 from training.dataset import read_dataset
 from training.split import split_interactions
@@ -88,15 +89,16 @@ def write_nested_dataset(data_dir: str | Path, out_dir: str | Path) -> Path:
 
 def _set(cfg: dict, field: str, value: object) -> dict:
     """`cfg` with dotted `field` (e.g. `model.temperature`) set to `value`."""
-    cfg = json.loads(json.dumps(cfg))
-    node = cfg
     *path, last = field.split(".")
+    node = cfg
     for p in path:
-        node = node[p]
+        node = node.get(p, {})
     if last not in node:
         raise ValueError(f"unknown config field {field!r}")
-    node[last] = value
-    return cfg
+    override: dict = {last: value}
+    for p in reversed(path):
+        override = {p: override}
+    return merge_overrides(cfg, override)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.cold_validation " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"command": cmd, "field": args.field, "split": split.summary(), "rows": rows, "base_config": base}
-    write_json(out / f"cold_validation_{args.field}.json", report)
+    atomic_write_json(out / f"cold_validation_{args.field}.json", report)
     lines = [
         f"# Cold-start validation: `{args.field}`",
         "",
@@ -142,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {json.dumps(r['value'])} | " + " | ".join(f"{r[k]:.4f}" for k in KEYS) + f" | {r['seconds']} |")
     best = max(rows, key=lambda r: r["cold_recall@20"])
     lines += ["", f"Best pseudo-cold recall@20: `{args.field}` = {json.dumps(best['value'])} ({best['cold_recall@20']:.4f})."]
-    tmp_md = out / f".cold_validation_{args.field}.md.tmp"
-    tmp_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp_md, out / f"cold_validation_{args.field}.md")
+    atomic_write_text(out / f"cold_validation_{args.field}.md", "\n".join(lines) + "\n")
     return 0
 
 

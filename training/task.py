@@ -303,10 +303,12 @@ class RetrievalTask:
     ) -> torch.Tensor:
         """In-batch softmax loss. `id_dropped` (N,) bool marks rows whose user id was dropped to
         OOV (features only); with `cold_logq_weight` set their logQ term uses that weight."""
-        lq = log_q * self.logq_weight if (self.logq and log_q is not None) else None
+        lq = log_q if (self.logq and log_q is not None) else None
         scale = None
-        if lq is not None and id_dropped is not None and self.cold_logq_weight is not None and self.logq_weight != 0:
-            scale = torch.where(id_dropped, self.cold_logq_weight / self.logq_weight, 1.0).to(lq.dtype)
+        if lq is not None and id_dropped is not None and self.cold_logq_weight is not None:
+            scale = torch.where(id_dropped, self.cold_logq_weight, self.logq_weight).to(lq.dtype)
+        elif lq is not None:
+            lq = lq * self.logq_weight
         return in_batch_softmax_loss(
             user, item, item_ids, temperature=self.temperature, log_q=lq, extra_mask=extra_mask, weights=weights,
             row_logq_scale=scale,
