@@ -150,7 +150,9 @@ class _NumpyUserTower:
             h += layer.bias
             if layer.relu:
                 np.maximum(h, 0.0, out=h)
-        norm = float(np.sqrt(np.dot(h, h)))
+        # math.sqrt of the float32 dot: the same float32 result as np.sqrt (a correctly rounded
+        # double sqrt rounds to the correctly rounded float one) without a numpy scalar ufunc call
+        norm = math.sqrt(float(np.dot(h, h)))
         h /= max(norm, 1e-12)
         return h
 
@@ -189,9 +191,16 @@ class UserTower:
     # ---- embedding ----------------------------------------------------------------------------
     def embed(self, records: Sequence[UserRecord]) -> np.ndarray:
         """(n, dim) float32 unit rows, one row computed per record (see module docstring)."""
+        if len(records) == 1:  # the request path's case: the fast path's row as a (1, dim) view
+            row = self._embed_one(records[0])
+            if row.dtype == np.float32 and row.shape == (self.dim,):
+                return row.reshape(1, self.dim)
+            rows: Sequence[np.ndarray] = [row]
+        else:
+            rows = [self._embed_one(rec) for rec in records]
         out = np.empty((len(records), self.dim), dtype=np.float32)
-        for i, rec in enumerate(records):
-            out[i] = self._embed_one(rec)
+        for i, row in enumerate(rows):
+            out[i] = row
         return out
 
     def _embed_one(self, record: UserRecord) -> np.ndarray:
