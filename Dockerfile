@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 # One image for every role of the two-tower system:
-#   default CMD           the retrieval API (uvicorn service.app:app on port 8000)
+#   default CMD           the retrieval API (python -m service.run: uvicorn workers on port 8000)
 #   trainer ...           e.g. `trainer fit --data /data --out /models --full`
 #   indexer ...           e.g. `indexer rebuild --model /models --data /data --out /index`
 # Data, model bundles and index versions live on volumes (/data, /models, /index), never in the image.
@@ -89,4 +89,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/app/docker/healthcheck.py"]
 
-CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "service.run", "--host", "0.0.0.0", "--port", "8000"]

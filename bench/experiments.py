@@ -108,7 +108,14 @@ VARIANTS: list[Variant] = [
             "free user id embedding only, one logQ weight (the previous default)"),
     Variant("history_free_id", "history", {"history_free_id": True}, "pooled history + a free per-user embedding"),
     Variant("no_cold_logq", "cold", {"cold_logq_weight": None}, "id-dropped rows use the same logQ weight (1.0)"),
+    Variant("cold_logq_2", "cold", {"cold_logq_weight": 2.0}, "id-dropped rows: logQ weight 2"),
     Variant("cold_logq_5", "cold", {"cold_logq_weight": 5.0}, "id-dropped rows: logQ weight 5"),
+    # recency weighting of each user's clicks, and the refit on fit + val after early stopping
+    Variant("no_recency", "recency", {"recency_boost": 0.0}, "all of a user's clicks weigh the same"),
+    Variant("recency_3", "recency", {"recency_boost": 3.0}, "newest click weighs 4x the oldest (before mean-1 scaling)"),
+    Variant("recency_30", "recency", {"recency_boost": 30.0}, "newest click weighs 31x the oldest"),
+    Variant("no_refit", "recency", {"refit": False}, "keep the early-stopped model trained on the fit split only"),
+    Variant("no_recency_no_refit", "recency", {"recency_boost": 0.0, "refit": False}, "both off (the previous default)"),
     # logQ on/off
     Variant("no_logq", "logq", {"logq": False}, "in-batch softmax without the logQ correction"),
     # self-supervised item tower
@@ -120,7 +127,7 @@ VARIANTS: list[Variant] = [
     Variant("ssl_correlated", "ssl", SSL_CORR, f"alpha {SSL_WEIGHT}, correlated feature masking"),
     Variant("no_logq_ssl_correlated", "ssl", SSL_CORR | {"logq": False}, "no logQ + SSL (the 2x2 with default / no_logq)"),
     # temperature (ModelConfig.temperature, 0.05 by default)
-    Variant("temperature_0.03", "temperature", {"model": {"temperature": 0.03}}, "sharper softmax"),
+    Variant("temperature_0.05", "temperature", {"model": {"temperature": 0.05}}, "softer softmax (the default before 0.03)"),
     Variant("temperature_0.1", "temperature", {"model": {"temperature": 0.1}}, "softer softmax"),
     # objectives (sampled ones with popularity negatives, so the loss is what differs)
     Variant("pointwise", "objective", {"objective": "pointwise", "negative_sampler": "popularity", "num_negatives": 3},
@@ -137,6 +144,8 @@ VARIANTS: list[Variant] = [
     Variant("listwise_hard", "sampler", LISTWISE | {"negative_sampler": "hard"}, "model ranks 20-100, mined per epoch"),
     Variant("listwise_mixture", "sampler", LISTWISE | {"negative_sampler": "mixture", "mixture_hard_fraction": 0.5},
             "50% hard / 50% popularity"),
+    Variant("mixed_negatives_1024", "sampler", {"mixed_negatives": 1024},
+            "in-batch softmax + 1024 uniform catalog negatives per step (MNS), mixture logQ"),
     Variant("listwise_no_logq", "logq", LISTWISE | {"logq": False}, "listwise (popularity) without logQ"),
 ]
 

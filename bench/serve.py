@@ -12,8 +12,10 @@ What it does (docs/bench/serve.md has the results and their reading):
    `indexer rebuild --index HNSW32`, which embeds every item, builds the graph, tunes efSearch
    to its recall@100 >= 0.95 gate and switches `INDEX_ROOT/current`. Also recorded: the efSearch
    that reaches recall@20 >= 0.95 (what these k=20 requests need), see `--ef-search`.
-2. **Server**: a `redis-server` on a free loopback port and `uvicorn service.app:app` with
-   `--workers` processes, configured only through `SERVICE_*` variables.
+2. **Server**: a `redis-server` on a free loopback port and `python -m service.run` with
+   `--workers` uvicorn processes, each on its own SO_REUSEPORT listener (`--supervisor uvicorn`:
+   `uvicorn --workers` and its one shared socket instead), configured only through `SERVICE_*`
+   variables. The worker CPU split per scenario shows whether the load reached every worker.
 3. **Load**: `wrk` (Lua scripts for the POST bodies) at `--connections` connections, one warm-up
    then one measured run per scenario:
    - `healthz`: GET /healthz — the framework ceiling of the same server;
@@ -193,8 +195,9 @@ def start_server(args: argparse.Namespace, index_root: Path, redis_url: str, log
         if not sep or not name.startswith("SERVICE_"):
             raise SystemExit(f"--env expects SERVICE_NAME=VALUE, got {setting!r}")
         env[name] = value
+    launcher = ["-m", "service.run"] if args.supervisor == "service.run" else ["-m", "uvicorn", "service.app:app"]
     cmd = [
-        sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(args.port),
+        sys.executable, *launcher, "--host", "127.0.0.1", "--port", str(args.port),
         "--workers", str(args.workers), "--http", args.http, "--loop", args.loop, "--no-access-log",
         "--log-level", "warning",
         "--backlog", "1024",
@@ -237,6 +240,29 @@ def tree_cpu_s(root: int) -> float:
         total += stats[pid][1]
         todo.extend(child for child, (ppid, _) in stats.items() if ppid == pid)
     return total
+
+
+def child_cpu_s(root: int) -> dict[int, float]:
+    """CPU seconds so far of each direct child of `root` (the uvicorn workers under the supervisor)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(int(entry))) is not None and st[0] == root:
+            out[int(entry)] = st[1]
+    return out
+
+
+def worker_split(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """Each worker's share of the workers' CPU over a run, largest first.
+
+    uvicorn's workers share one listening socket and asyncio accepts every pending connection
+    on a wake-up, so a load generator that opens all its connections at once can land most of
+    them on one worker: then that worker's core is the limit and the other one idles.
+    """
+    used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    total = sum(used.values())
+    if total <= 0:
+        return []
+    return sorted((round(v / total, 2) for v in used.values()), reverse=True)
 
 
 class CpuMeter:
@@ -391,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         "what these k=20 requests need) or a number; passed as SERVICE_HNSW_EF_SEARCH",
     )
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--supervisor", choices=("service.run", "uvicorn"), default="service.run",
+                   help="service.run: one SO_REUSEPORT socket per worker; uvicorn: `uvicorn --workers` (one shared socket)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--duration", type=float, default=15.0)
@@ -475,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             "shared": "the 2 cores were shared with other jobs; see loadavg",
         },
         "config": {
-            "workers": args.workers, "connections": args.connections, "wrk_threads": args.wrk_threads,
+            "workers": args.workers, "supervisor": args.supervisor, "connections": args.connections, "wrk_threads": args.wrk_threads,
             "duration_s": args.duration, "warmup_s": args.warmup, "k": K, "batch": args.batch,
             "access_log": args.access_log, "http": args.http, "loop": args.loop, "env": args.env,
         },
@@ -570,9 +598,11 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
             run_wrk(url, warm_script or script, args.warmup, args.connections, args.wrk_threads, tmp)
             before = redis.stats()
             meter = CpuMeter(server.pid, redis.proc.pid if redis.proc and redis.proc.poll() is None else None)
-            cpu0 = meter.sample()
+            cpu0, workers0 = meter.sample(), child_cpu_s(server.pid)
             res = run_wrk(url, script, args.duration, args.connections, args.wrk_threads, tmp)
             res["cpu_us_per_request"] = CpuMeter.per_request_us(cpu0, meter.sample(), res["requests"])
+            res["worker_cpu_split"] = worker_split(workers0, child_cpu_s(server.pid))
+            res["cores_busy"] = round(res["cpu_us_per_request"]["total"] * res["rps"] / 1e6, 2)
             after = redis.stats()
             if after and before:  # Redis's own count: what the scenario really did
                 res["redis_hits"] = after["keyspace_hits"] - before["keyspace_hits"]
@@ -798,7 +828,7 @@ def render_markdown(report: dict) -> str:
         f"- catalog: {cat['items']:,} items, dim {cat['dim']}, {cat['factory']}; the indexer's efSearch "
         f"{cat['search_params'].get('efSearch')} (recall@100 {recall}); efSearch "
         f"{cat[f'search_params_k{K}'].get('efSearch')} reaches recall@{K} {cat[f'recall@{K}_at_k{K}_params']}",
-        f"- server: {c['workers']} uvicorn workers (`--http {c['http']}`), access log "
+        f"- server: {c['workers']} uvicorn workers under `{c.get('supervisor', 'uvicorn')}` (`--http {c['http']}`), access log "
         f"{'on' if c['access_log'] else 'off'}, Redis cache; load: wrk, {c['connections']} connections, "
         f"{c['duration_s']:g} s per scenario after {c['warmup_s']:g} s warm-up, k={c['k']}, batch={c['batch']}",
         f"- machine: {m['cpus']} × {m['cpu']}, Python {m['python']}; load average {m['loadavg_before'][0]} "
@@ -810,8 +840,8 @@ def render_markdown(report: dict) -> str:
             f"**efSearch {run['ef_search']}** ({run['ef_search_source']})",
             "",
             "| scenario | req/s | p50 ms | p95 ms | p99 ms | max ms | share of /healthz | CPU µs/req: server + redis + wrk"
-            " | CPU share | Redis hits / misses | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            " | CPU share | cores busy | worker CPU split | Redis hits / misses | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in run["results"].items():
             share = r.get("share_of_healthz")
@@ -820,10 +850,12 @@ def render_markdown(report: dict) -> str:
             redis = f"{r['redis_hits']} / {r['redis_misses']}" if "redis_hits" in r else "–"
             c = r.get("cpu_us_per_request")
             cpu = f"{c['total']:.0f} = {c['server']:.0f} + {c['redis']:.0f} + {c['wrk']:.0f}" if c else "–"
+            busy = f"{r['cores_busy']:.2f}" if "cores_busy" in r else "–"
+            split = " / ".join(f"{x:.0%}" for x in r.get("worker_cpu_split") or []) or "–"
             lines.append(
                 f"| {name} | {rps} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | "
                 f"{'' if share is None else f'{share:.0%}'} | {cpu} | "
-                f"{'' if cpu_share is None else f'{cpu_share:.0%}'} | {redis} | {r['non_2xx'] + r['socket_errors']} |"
+                f"{'' if cpu_share is None else f'{cpu_share:.0%}'} | {busy} | {split} | {redis} | {r['non_2xx'] + r['socket_errors']} |"
             )
         lines.append("")
         for name, t in run["targets"].items():

@@ -35,6 +35,7 @@ negatives' distribution *is* the training signal, which is why the sampler choic
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,10 @@ def in_batch_softmax_loss(
     extra_mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     row_logq_scale: torch.Tensor | None = None,
+    neg_item: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+    neg_log_q: torch.Tensor | None = None,
+    neg_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (weighted) cross-entropy of cos/τ − log q over the batch, positives on the diagonal.
 
@@ -71,22 +76,58 @@ def in_batch_softmax_loss(
     log sampling probability of each in-batch item; extra_mask: (N, N) bool of more logits to
     drop (e.g. other known positives of the user); weights: (N,) per-example weights;
     row_logq_scale: (N,) multiplies row i's logQ term (see `RetrievalTask.cold_logq_weight`).
+
+    Mixed negative sampling (Yang et al. 2020): `neg_item` (M, d) with ids `neg_ids` (M,) are
+    M more candidates shared by every row (e.g. drawn uniformly from the catalog), appended as
+    columns after the N in-batch ones; `neg_log_q` (M,) is their correction (required with
+    `log_q`), `neg_mask` (N, M) more of their logits to drop. A column equal to the row's
+    positive is always masked (an accidental hit).
     """
     if user.shape != item.shape:
         raise ValueError(f"user {tuple(user.shape)} and item {tuple(item.shape)} batches must have equal shapes")
-    logits = user @ item.T / temperature
+    cand, cand_ids = item, item_ids
+    if neg_item is not None:
+        if neg_ids is None or neg_item.dim() != 2 or neg_item.shape[1] != item.shape[1] or neg_ids.shape != neg_item.shape[:1]:
+            got = None if neg_ids is None else tuple(neg_ids.shape)
+            raise ValueError(f"neg_item {tuple(neg_item.shape)} must be (M, {item.shape[1]}) with neg_ids (M,); got neg_ids {got}")
+        if log_q is not None and (neg_log_q is None or neg_log_q.shape != neg_ids.shape):
+            raise ValueError(f"with log_q, neg_log_q must be given with shape {tuple(neg_ids.shape)}")
+        cand, cand_ids = torch.cat([item, neg_item]), torch.cat([item_ids, neg_ids])
+        if log_q is not None:
+            log_q = torch.cat([log_q, neg_log_q])
+    logits = user @ cand.T / temperature
     if log_q is not None:
         lq = log_q.unsqueeze(0)
         logits = logits - (lq if row_logq_scale is None else row_logq_scale.unsqueeze(1) * lq)
-    mask = accidental_hit_mask(item_ids, item_ids)
+    n = len(item_ids)
+    mask = item_ids.unsqueeze(1) == cand_ids.unsqueeze(0)
+    mask[:, :n].fill_diagonal_(False)
     if extra_mask is not None:
-        mask = mask | (extra_mask & ~torch.eye(len(item_ids), dtype=torch.bool, device=mask.device))
+        mask[:, :n] |= extra_mask & ~torch.eye(n, dtype=torch.bool, device=mask.device)
+    if neg_mask is not None:
+        if neg_item is None or neg_mask.shape != (n, len(neg_ids)):
+            raise ValueError(f"neg_mask {tuple(neg_mask.shape)} needs neg_item and shape ({n}, M)")
+        mask[:, n:] |= neg_mask
     logits = logits.masked_fill(mask, NEG_INF)
     labels = torch.arange(len(user), device=user.device)
     losses = F.cross_entropy(logits, labels, reduction="none")
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def mixed_log_q(log_p: torch.Tensor, batch_size: int, n_uniform: int, n_items: int) -> torch.Tensor:
+    """log of the expected number of times each item appears among the candidates of a
+    mixed-negative batch: `batch_size` in-batch positives drawn ∝ clicks (probability p) plus
+    `n_uniform` items drawn uniformly from `n_items`, i.e. log(B·p + M/n).
+
+    With two proposals in one softmax, each candidate's correction must come from the mixture
+    that actually produced the candidate set (an item can arrive by either route); with
+    M = 0 it is log p + log B, and the constant log B cancels in the softmax.
+    """
+    if batch_size < 1 or n_uniform < 0 or n_items < 1:
+        raise ValueError(f"need batch_size >= 1, n_uniform >= 0, n_items >= 1; got {batch_size}, {n_uniform}, {n_items}")
+    return torch.logaddexp(log_p + math.log(batch_size), torch.full_like(log_p, math.log(n_uniform / n_items) if n_uniform else -math.inf))
 
 
 def known_positive_mask(
@@ -300,16 +341,25 @@ class RetrievalTask:
         extra_mask: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
         id_dropped: torch.Tensor | None = None,
+        *,
+        neg_item: torch.Tensor | None = None,
+        neg_ids: torch.Tensor | None = None,
+        neg_log_q: torch.Tensor | None = None,
+        neg_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """In-batch softmax loss. `id_dropped` (N,) bool marks rows whose user id was dropped to
-        OOV (features only); with `cold_logq_weight` set their logQ term uses that weight."""
-        lq = log_q if (self.logq and log_q is not None) else None
+        OOV (features only); with `cold_logq_weight` set their logQ term uses that weight.
+        `neg_*`: mixed negative sampling, see `in_batch_softmax_loss`."""
+        use_q = self.logq and log_q is not None
+        lq = log_q if use_q else None
+        nlq = neg_log_q if use_q else None
         scale = None
         if lq is not None and id_dropped is not None and self.cold_logq_weight is not None:
             scale = torch.where(id_dropped, self.cold_logq_weight, self.logq_weight).to(lq.dtype)
         elif lq is not None:
             lq = lq * self.logq_weight
+            nlq = None if nlq is None else nlq * self.logq_weight
         return in_batch_softmax_loss(
             user, item, item_ids, temperature=self.temperature, log_q=lq, extra_mask=extra_mask, weights=weights,
-            row_logq_scale=scale,
+            row_logq_scale=scale, neg_item=neg_item, neg_ids=neg_ids, neg_log_q=nlq, neg_mask=neg_mask,
         )

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -37,10 +38,16 @@ from training.model import (
     bake_history,
     build_history,
 )
-from training.samplers import NegativeSampler, build_sampler, keep_probability, positive_weights
-from training.split import split_interactions
+from training.samplers import (
+    NegativeSampler,
+    build_sampler,
+    keep_probability,
+    positive_weights,
+    recency_weights,
+)
+from training.split import Split, split_interactions
 from training.ssl import SSLTask
-from training.task import RetrievalTask, known_positive_mask, sampled_hit_mask
+from training.task import RetrievalTask, known_positive_mask, mixed_log_q, sampled_hit_mask
 
 log = logging.getLogger("trainer")
 
@@ -60,6 +67,7 @@ class TrainConfig:
     logq_weight: float = 1.0
     cold_logq_weight: float | None = 3.0  # logQ weight of rows whose user id was dropped (None: logq_weight)
     mask_user_positives: bool = True  # also mask in-batch items the user clicked elsewhere
+    mixed_negatives: int = 0         # in-batch softmax: + this many uniform catalog negatives per step (MNS)
     min_count: int = 2               # rarer categorical values share the OOV row (as unseen ones do at serving)
     n_buckets: int = 10
     max_multi_len: int = 16
@@ -71,6 +79,7 @@ class TrainConfig:
     history_free_id: bool = False    # with user_history: also learn a free per-user embedding
     device: str = "auto"
     deterministic: bool = True       # torch deterministic algorithms during fit (same seed, same model)
+    refit: bool = True               # after early stopping: retrain on fit + val for the chosen epoch count
     model: ModelConfig = field(default_factory=ModelConfig)
     # objective, negatives, positives, SSL (training/task.py, samplers.py, frequency.py, ssl.py)
     objective: str = "in_batch_softmax"  # | pointwise | triplet_hinge | triplet_logistic | listwise
@@ -87,6 +96,7 @@ class TrainConfig:
     stream_hashes: int = 2
     stream_alpha: float = 0.01
     positive_beta: float = 0.0           # positive re-weighting ∝ count^−β (0 = off)
+    recency_boost: float = 10.0          # row weight 1 + boost·(position in the user's clicks by time, 0..1); id-kept rows
     positive_keep_t: float = 0.0         # head sub-sampling: keep a click w.p. min(1, sqrt(t/f)) (0 = off)
     ssl_weight: float = 0.0              # α of L_main + α·L_self (0 = no SSL)
     ssl_augmentation: str = "correlated"  # random | multi_dropout | complementary | correlated
@@ -203,8 +213,6 @@ def fit(
 
 def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None) -> Path:
     t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
 
     # 1. data ------------------------------------------------------------------------------
@@ -216,7 +224,72 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
         raise ValueError(f"{data_dir}: no training interactions after the EVAL.md split")
     log.info("data: %s; training on %d rows (%s)", split.summary(), len(train), "full" if full else "fit split")
 
-    # 2. encoders and encoded tables -----------------------------------------------------
+    # 2-3. encoders, model, training (early stopping on validation) -------------------------
+    run = _train(dataset, split, train, cfg, device, epochs=(cfg.full_epochs or cfg.epochs) if full else cfg.epochs, validate=not full, progress=progress)
+    if cfg.refit and not full:
+        # Validation chose the epoch count; train again from scratch on fit + val for that many
+        # epochs, so the model also learns from each user's latest clicks (the val rows): the
+        # ones closest in time to what comes next, which `recency_boost` weighs most.
+        log.info("refit on the train split (fit + val, %d rows) for %d epochs", len(split.train), run.best_epoch)
+        first = run
+        run = _train(dataset, split, split.train, cfg, device, epochs=first.best_epoch, validate=False, progress=progress)
+        run = dataclasses.replace(run, best_epoch=first.best_epoch, history=first.history)
+    model, pool = run.model, run.pool
+    model.eval()
+    if pool is not None:
+        # Bake the pooled history into the id embeddings for good: test users are ranked with
+        # everything they clicked in `train` (fit + val), as the EVAL.md baselines are.
+        known = clicked if full else split.train
+        final = build_history(
+            run.user_index.get_indexer(known["user_id"]), run.item_index.get_indexer(known["item_id"]),
+            known["timestamp"].to_numpy(), len(run.user_index), len(run.item_index), cfg.history_max_len,
+        ).to(device)
+        bake_history(model.user_tower, run.user_codes, pool.pooled_all(final))
+
+    # 4. evaluate and save -----------------------------------------------------------------
+    train_seconds = round(time.time() - t_start, 2)
+    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
+    model.cpu()
+    item_counts = {str(i): int(c) for i, c in zip(run.item_index, run.counts, strict=True) if c > 0}
+    path = save_bundle(
+        model,
+        models_dir,
+        train_config=asdict(cfg),
+        schema=dataset.schema.to_json(),
+        item_counts=item_counts,
+        data_fingerprint=dataset.fingerprint(),
+        metrics=metrics,
+        full=full,
+        extra={"train_seconds": train_seconds, "best_epoch": run.best_epoch, "history": run.history, "split": split.summary()},
+    )
+    log.info("metrics %s; trained in %.1fs; bundle %s", metrics, train_seconds, path)
+    return path
+
+
+@dataclass
+class _Run:
+    """What one training pass leaves behind (the model, its history pooling and tables)."""
+
+    model: TwoTowerModel
+    pool: HistoryPooling | None
+    user_index: pd.Index          # trainer user-table rows
+    item_index: pd.Index          # catalog rows
+    user_codes: torch.Tensor      # user id vocabulary code of each user-table row
+    counts: np.ndarray            # training clicks per catalog row (the logQ input)
+    history: list[dict]           # per-epoch loss (and validation metrics)
+    best_epoch: int
+
+
+def _train(
+    dataset: Dataset, split: Split, train: pd.DataFrame, cfg: TrainConfig, device: torch.device,
+    *, epochs: int, validate: bool, progress: bool | None,
+) -> _Run:
+    """One training pass over `train` rows from a fresh, seeded model. With `validate`, recall@20
+    on the validation split after each epoch picks the best epoch (its weights are restored)
+    and stops after `patience` epochs without improvement; else it trains `epochs` epochs."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
     user_enc, item_enc = fit_encoders(dataset, train, cfg)
     model = TwoTowerModel(cfg.model, user_enc, item_enc).to(device)
     user_ids, user_feats = user_table(dataset)
@@ -226,6 +299,9 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
     pair_u = user_index.get_indexer(train["user_id"])
     pair_i = item_index.get_indexer(train["item_id"])
     weights = torch.from_numpy(train["weight"].to_numpy(np.float32, copy=True)).to(device)
+    recency = None
+    if cfg.recency_boost:
+        recency = torch.from_numpy(recency_weights(pair_u, train["timestamp"].to_numpy(), cfg.recency_boost)).float().to(device)
     n_items = len(item_index)
     counts = np.bincount(pair_i, minlength=n_items).astype(np.float64)
     log_q_all = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum())).float().to(device)
@@ -257,6 +333,8 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
             alpha=cfg.popularity_alpha, rank_band=tuple(cfg.hard_rank_band),
             hard_fraction=cfg.mixture_hard_fraction, easy=cfg.mixture_easy,
         )
+    if cfg.mixed_negatives < 0 or (cfg.mixed_negatives and task.uses_sampled_negatives):
+        raise ValueError(f"mixed_negatives={cfg.mixed_negatives}: must be >= 0, and applies to objective 'in_batch_softmax' only")
     if cfg.frequency not in ("exact", "streaming"):
         raise ValueError(f"frequency {cfg.frequency!r} is not 'exact' or 'streaming'")
     stream = None
@@ -271,7 +349,6 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     def snapshot() -> tuple[dict, dict | None]:
         return copy.deepcopy(model.state_dict()), copy.deepcopy(pool.state_dict()) if pool is not None else None
-    epochs = (cfg.full_epochs or cfg.epochs) if full else cfg.epochs
     best = (-math.inf, 0, snapshot())
     history = []
     n_batches = math.ceil(len(train) / cfg.batch_size)
@@ -290,6 +367,8 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
             u = model.user_tower({k: v[bu] for k, v in users_t.items()}, pool(user_hist, bu, bi) if pool is not None else None, drop)
             v = model.item_tower({k: v[bi] for k, v in items_t.items()})
             w = weights[idx]
+            if recency is not None:  # recent clicks weigh more on the id path; cold users are judged on all of theirs
+                w = w * (recency[idx] if drop is None else torch.where(drop, 1.0, recency[idx]))
             if pos_w is not None:  # positive re-weighting: head clicks down, tail clicks up
                 w = w * pos_w[bi]
             if keep_p is not None:  # head sub-sampling; dropped rows still serve as in-batch negatives
@@ -300,7 +379,18 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
                 if stream is not None:
                     stream.update(bi.cpu().numpy())
                     lq = torch.from_numpy(stream.log_q(bi.cpu().numpy(), len(bi))).float().to(device)
-                loss = task(u, v, bi, lq, extra_mask=extra, weights=w, id_dropped=drop)
+                mns = {}
+                if cfg.mixed_negatives:  # + M uniform catalog items shared by the batch; logQ of the mixture
+                    neg = torch.randint(n_items, (cfg.mixed_negatives,), generator=gen).to(device)
+                    nlq = log_q_all[neg]
+                    if stream is not None:
+                        nlq = torch.from_numpy(stream.log_q(neg.cpu().numpy(), len(bi))).float().to(device)
+                    lq, nlq = (mixed_log_q(x, len(bi), cfg.mixed_negatives, n_items) for x in (lq, nlq))
+                    mns = {
+                        "neg_item": model.item_tower({k: t[neg] for k, t in items_t.items()}), "neg_ids": neg, "neg_log_q": nlq,
+                        "neg_mask": known_positive_mask(bu, neg, pos_keys, n_items) if cfg.mask_user_positives else None,
+                    }
+                loss = task(u, v, bi, lq, extra_mask=extra, weights=w, id_dropped=drop, **mns)
             else:  # K sampled negatives per row, each with the log q of the sampler that drew it
                 neg, neg_lq = sampler.sample(bu, bi, cfg.num_negatives, gen)
                 vn = model.item_tower({k: t[neg.reshape(-1)] for k, t in items_t.items()}).view(*neg.shape, -1)
@@ -316,7 +406,7 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
         row = {"epoch": epoch, "loss": round(total / n_batches, 5)}
-        if not full:
+        if validate:
             model.eval()
             with baked_history(model, pool, user_hist, users_t["id"]):
                 val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
@@ -325,38 +415,10 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
                 best = (row["val_recall@20"], epoch, snapshot())
         history.append(row)
         log.info("epoch %s", row)
-        if not full and epoch - best[1] >= cfg.patience:
+        if validate and epoch - best[1] >= cfg.patience:
             break
-    if not full:
+    if validate:
         model.load_state_dict(best[2][0])
         if pool is not None:
             pool.load_state_dict(best[2][1])
-    model.eval()
-    if pool is not None:
-        # Bake the pooled history into the id embeddings for good: test users are ranked with
-        # everything they clicked in `train` (fit + val), as the EVAL.md baselines are.
-        known = clicked if full else split.train
-        final = build_history(
-            user_index.get_indexer(known["user_id"]), item_index.get_indexer(known["item_id"]),
-            known["timestamp"].to_numpy(), len(user_index), n_items, cfg.history_max_len,
-        ).to(device)
-        bake_history(model.user_tower, users_t["id"], pool.pooled_all(final))
-
-    # 4. evaluate and save -----------------------------------------------------------------
-    train_seconds = round(time.time() - t_start, 2)
-    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
-    model.cpu()
-    item_counts = {str(i): int(c) for i, c in zip(item_index, counts, strict=True) if c > 0}
-    path = save_bundle(
-        model,
-        models_dir,
-        train_config=asdict(cfg),
-        schema=dataset.schema.to_json(),
-        item_counts=item_counts,
-        data_fingerprint=dataset.fingerprint(),
-        metrics=metrics,
-        full=full,
-        extra={"train_seconds": train_seconds, "best_epoch": best[1] if not full else epochs, "history": history, "split": split.summary()},
-    )
-    log.info("metrics %s; trained in %.1fs; bundle %s", metrics, train_seconds, path)
-    return path
+    return _Run(model, pool, user_index, item_index, users_t["id"], counts, history, best[1] if validate else epochs)

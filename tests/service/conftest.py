@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -128,6 +129,16 @@ def serve(
             if outcome != "swapped":
                 raise AssertionError(f"version did not load: {outcome}: {app.state.service.reloader.last_error}")
         yield client
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """SIGTERM a server process, wait for its graceful exit (SIGKILL after `timeout`); its status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a hung server: the test fails on the status
+        proc.kill()
+        return proc.wait()
 
 
 def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:  # noqa: ANN001

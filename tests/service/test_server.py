@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import FEATURES, RedisServer, free_port, wait_for
+from tests.service.conftest import FEATURES, RedisServer, free_port, terminate, wait_for
 from tests.service.helpers import write_version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,12 +69,7 @@ def test_uvicorn_process_serves_reloads_and_stops(
             assert 'service_reloads_total{result="success"} 2.0' in metrics
             assert 'service_cache_hits_total{backend="redis"} 1.0' in metrics
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=20)
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15)
     assert proc.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
     lines = log.read_text().splitlines()

@@ -1,8 +1,9 @@
 """ML-100K with the default config: a regression guard on quality (not a timing test).
 
-The issue targets (recall@20 ≥ 0.17, cold > popularity) are tracked in the README's results;
-this test fails if the default model falls clearly below where it stands today, or below the
-popularity baseline of EVAL.md on warm users.
+Where the default stands against the experiment issue's targets is in the README and
+docs/results/ml100k.md; this test fails if the default model falls clearly below where it stands
+today (seed 0: recall@20 0.2001, recall@100 0.5109, tail_recall@100 0.3653, cold recall@20
+0.1342; training is deterministic), or below EVAL.md's popularity baseline on warm users.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def test_default_config_quality(ml100k_dir: Path, tmp_path: Path) -> None:
     data = prepare_movielens_100k(ml100k_dir, tmp_path / "ml")
     bundle = load_bundle(fit(data, tmp_path / "models", progress=False))
     m = bundle.manifest["metrics"]
-    assert m["recall@20"] >= 0.17 > 0.0986  # EVAL.md popularity: 0.0986 (seed 0: 0.1805, seed 1: 0.1778)
-    assert m["recall@100"] >= 0.45
-    assert m["tail_recall@100"] >= 0.25  # popularity: 0.0051
-    assert m["cold_recall@20"] >= 0.12  # cold popularity 0.1375 (seed 0: 0.1400, seed 1: 0.1307)
+    assert m["recall@20"] >= 0.19 > 0.0986  # EVAL.md popularity: 0.0986
+    assert m["recall@100"] >= 0.49
+    assert m["tail_recall@100"] >= 0.34  # popularity: 0.0051
+    assert m["cold_recall@20"] >= 0.12  # cold popularity: 0.1375 (the cold margin is seed noise)
     assert bundle.manifest["split"]["train"] == 72501

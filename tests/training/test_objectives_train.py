@@ -24,8 +24,13 @@ from training.train import fit
         {"objective": "listwise", "negative_sampler": "mixture", "num_negatives": 4, "positive_beta": 0.5},
         {"objective": "listwise", "negative_sampler": "popularity", "ssl_weight": 0.3, "ssl_augmentation": "correlated"},
         {"frequency": "streaming", "positive_keep_t": 0.01, "ssl_weight": 0.3, "ssl_augmentation": "random"},
+        {"mixed_negatives": 64},
+        {"mixed_negatives": 32, "frequency": "streaming", "cold_logq_weight": None},
     ],
-    ids=["pointwise-uniform", "hinge-hard", "logistic-inbatch", "listwise-mixture", "listwise-pop-ssl", "inbatch-stream-ssl"],
+    ids=[
+        "pointwise-uniform", "hinge-hard", "logistic-inbatch", "listwise-mixture", "listwise-pop-ssl", "inbatch-stream-ssl",
+        "inbatch-mixed", "inbatch-mixed-stream",
+    ],
 )
 def test_objective_trains_one_epoch(tiny_dataset: Path, tmp_path: Path, over: dict) -> None:
     path = fit(tiny_dataset, tmp_path, tiny_train_config(epochs=1, **over), progress=False)
@@ -79,3 +84,10 @@ def test_exposures_are_never_negatives(tiny_dataset: Path, tmp_path: Path, monke
     monkeypatch.setattr(samplers_mod.InBatchSampler, "sample", spy_sample)
     fit(data, tmp_path / "m2", tiny_train_config(epochs=1, objective="listwise", negative_sampler="in_batch"), progress=False)
     assert negs and not (negs & expo_rows)
+
+
+def test_mixed_negatives_need_in_batch_softmax(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mixed_negatives=8: .*'in_batch_softmax' only"):
+        fit(tiny_dataset, tmp_path, tiny_train_config(epochs=1, mixed_negatives=8, objective="listwise"), progress=False)
+    with pytest.raises(ValueError, match="mixed_negatives=-1"):
+        fit(tiny_dataset, tmp_path, tiny_train_config(epochs=1, mixed_negatives=-1), progress=False)

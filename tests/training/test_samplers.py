@@ -17,6 +17,7 @@ from training.samplers import (
     build_sampler,
     keep_probability,
     positive_weights,
+    recency_weights,
 )
 
 N_DRAWS = 20_000
@@ -127,3 +128,15 @@ def test_positive_resampling_by_hand() -> None:
     p = keep_probability(np.array([90.0, 10.0]), t=0.01)
     assert p == pytest.approx([math.sqrt(0.01 / 0.9), math.sqrt(0.01 / 0.1)])
     assert keep_probability(np.array([90.0, 10.0]), t=0.0) == pytest.approx([1.0, 1.0])
+
+
+def test_recency_weights_by_hand() -> None:
+    # user 0 clicked at t=5, 3, 9 (rows 0, 2, 3): positions 1/2, 0, 1; users 1 and 2 once (r = 1)
+    w = recency_weights(np.array([0, 1, 0, 0, 2]), np.array([5, 1, 3, 9, 4]), boost=1.0)
+    raw = np.array([1.5, 2.0, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(w, raw / raw.mean())
+    assert recency_weights(np.array([3, 3]), np.array([1, 2]), boost=0.0).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="same shape"):
+        recency_weights(np.array([0, 1]), np.array([1]), boost=1.0)
+    with pytest.raises(ValueError, match=">= 0, got -1"):
+        recency_weights(np.array([0]), np.array([1]), boost=-1.0)

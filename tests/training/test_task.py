@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.task import RetrievalTask, accidental_hit_mask, in_batch_softmax_loss
+from training.task import RetrievalTask, accidental_hit_mask, in_batch_softmax_loss, mixed_log_q
 
 
 def _unit(*rows: list[float]) -> torch.Tensor:
@@ -75,6 +75,54 @@ def test_extra_mask_never_masks_the_positive_and_weights() -> None:
 def test_shape_mismatch_names_shapes() -> None:
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
         in_batch_softmax_loss(torch.zeros(2, 2), torch.zeros(3, 2), torch.arange(3), temperature=1.0)
+
+
+def test_mixed_negatives_by_hand() -> None:
+    """Two in-batch positives plus two shared uniform negatives (ids 9 and 2): each row is a
+    softmax over four columns, logQ per column, the uniform copy of row 1's positive (id 2)
+    masked as an accidental hit, and a neg_mask entry dropping (row 0, id 9)."""
+    u = _unit([1, 0], [0, 1])
+    v = _unit([1, 0], [1, 1])
+    n = _unit([0, 1], [1, 1])
+    lq = torch.tensor([math.log(0.5), math.log(0.25)], dtype=torch.float64)
+    nlq = torch.tensor([math.log(0.1), math.log(0.3)], dtype=torch.float64)
+    tau, c = 0.5, 1 / math.sqrt(2)
+    q = [math.log(0.5), math.log(0.25), math.log(0.1), math.log(0.3)]
+    cos0 = [1, c, 0, c]      # row 0 against columns [v0, v1, n0, n1]
+    cos1 = [0, c, 1, c]
+    row0 = [cos0[j] / tau - q[j] for j in (0, 1, 3)]   # n0 (id 9) dropped by neg_mask
+    row1 = [cos1[j] / tau - q[j] for j in (0, 1, 2)]   # n1 has row 1's positive id 2: a hit
+    l0 = -(row0[0] - math.log(sum(math.exp(x) for x in row0)))
+    l1 = -(row1[1] - math.log(sum(math.exp(x) for x in row1)))
+    got = in_batch_softmax_loss(
+        u, v, torch.tensor([1, 2]), temperature=tau, log_q=lq, neg_item=n, neg_ids=torch.tensor([9, 2]),
+        neg_log_q=nlq, neg_mask=torch.tensor([[True, False], [False, False]]),
+    )
+    assert got.item() == pytest.approx((l0 + l1) / 2, rel=1e-9)
+    # through the task: logq_weight scales both parts of the correction alike
+    task = RetrievalTask(temperature=tau, logq_weight=0.5)
+    want = in_batch_softmax_loss(u, v, torch.tensor([1, 2]), temperature=tau, log_q=lq * 0.5, neg_item=n,
+                                 neg_ids=torch.tensor([9, 2]), neg_log_q=nlq * 0.5)
+    got = task(u, v, torch.tensor([1, 2]), lq, neg_item=n, neg_ids=torch.tensor([9, 2]), neg_log_q=nlq)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_mixed_negatives_shape_errors_name_shapes() -> None:
+    u = _unit([1, 0], [0, 1])
+    with pytest.raises(ValueError, match=r"neg_item \(1, 3\) must be \(M, 2\)"):
+        in_batch_softmax_loss(u, u, torch.arange(2), temperature=1.0, neg_item=torch.zeros(1, 3), neg_ids=torch.arange(1))
+    with pytest.raises(ValueError, match="neg_log_q"):
+        in_batch_softmax_loss(u, u, torch.arange(2), temperature=1.0, log_q=torch.zeros(2), neg_item=u, neg_ids=torch.arange(2))
+
+
+def test_mixed_log_q_is_the_expected_candidate_count() -> None:
+    p = torch.tensor([0.5, 0.01, 0.0], dtype=torch.float64)
+    got = mixed_log_q(torch.log(p), batch_size=100, n_uniform=50, n_items=1000).exp()
+    assert got.tolist() == pytest.approx([100 * 0.5 + 0.05, 100 * 0.01 + 0.05, 0.05], rel=1e-12)
+    # without uniform negatives it is log p + log B: a per-row constant the softmax ignores
+    assert mixed_log_q(torch.log(p[:2]), 100, 0, 1000).tolist() == pytest.approx((torch.log(p[:2]) + math.log(100)).tolist())
+    with pytest.raises(ValueError, match="batch_size"):
+        mixed_log_q(torch.log(p), 0, 1, 10)
 
 
 # ---- sampled-negative objectives ---------------------------------------------------------------

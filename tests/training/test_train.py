@@ -39,6 +39,31 @@ def test_full_mode_trains_on_everything_and_skips_metrics(tiny_dataset: Path, tm
     assert sum(counts.values()) == total
 
 
+def test_refit_retrains_on_fit_plus_val_for_the_chosen_epochs(tiny_dataset: Path, tmp_path: Path) -> None:
+    from training.dataset import read_dataset
+    from training.split import split_interactions
+
+    plain = load_bundle(fit(tiny_dataset, tmp_path / "a", tiny_train_config(epochs=3, patience=1, refit=False), progress=False))
+    refit = load_bundle(fit(tiny_dataset, tmp_path / "b", tiny_train_config(epochs=3, patience=1, refit=True), progress=False))
+    # the same first pass chose the epoch count; its validation history is kept
+    assert refit.manifest["best_epoch"] == plain.manifest["best_epoch"]
+    assert refit.manifest["history"] == plain.manifest["history"]
+    split = split_interactions(read_dataset(tiny_dataset).interactions)
+    # the logQ counts (and so the training rows) are those of fit + val, not fit alone
+    counts = json.loads((refit.path / "item_counts.json").read_text())
+    assert sum(counts.values()) == len(split.train) > len(split.fit)
+    assert sum(json.loads((plain.path / "item_counts.json").read_text()).values()) == len(split.fit)
+    assert set(refit.manifest["metrics"]) == set(plain.manifest["metrics"])
+    assert refit.manifest["metrics"] != plain.manifest["metrics"]
+
+
+def test_recency_boost_trains_and_changes_the_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    a = fit(tiny_dataset, tmp_path / "a", tiny_train_config(epochs=1, recency_boost=0.0), progress=False)
+    b = fit(tiny_dataset, tmp_path / "b", tiny_train_config(epochs=1, recency_boost=3.0), progress=False)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert any((wa[k] != wb[k]).any() for k in wa)
+
+
 def test_failure_leaves_no_bundle(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import training.bundle as bundle_mod
 

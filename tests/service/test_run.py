@@ -1,0 +1,173 @@
+"""`python -m service.run`: per-worker SO_REUSEPORT listeners, argument checks, restart and stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import run
+from tests.service.conftest import FEATURES, RedisServer, free_port, terminate, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--workers", "0"], {}, "--workers must be >= 1, got 0"),
+        (["--workers", "2", "--port", "0"], {}, "--port 0 with --workers > 1"),
+        (["--port", "70000"], {}, "--port must be in 0..65535, got 70000"),
+        (["--backlog", "0"], {}, "--backlog must be >= 1, got 0"),
+        ([], {"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY must be an integer, got 'two'"),
+    ],
+)
+def test_bad_arguments_name_the_problem(
+    argv: list[str], env: dict, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        run.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_workers_default_to_web_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    assert run.parse_args([]).workers == 1
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    assert run.parse_args(["--port", "9000"]).workers == 3
+    assert run.parse_args(["--workers", "2"]).workers == 2  # the flag wins
+
+
+def test_reuseport_sockets_share_a_port_and_are_tcp() -> None:
+    a = run.reuseport_socket("127.0.0.1", 0)
+    try:
+        port = a.getsockname()[1]
+        b = run.reuseport_socket("127.0.0.1", port)
+        try:
+            assert b.getsockname()[1] == port
+            for s in (a, b):
+                # proto TCP is what makes asyncio set TCP_NODELAY on accepted connections
+                assert s.proto == socket.IPPROTO_TCP
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_a_port_held_without_reuseport_is_a_clear_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen(1)
+        port = plain.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port} with SO_REUSEPORT"):
+            run.reuseport_socket("127.0.0.1", port)
+
+
+# ---- the real thing ------------------------------------------------------------------------
+
+
+def _workers(supervisor: int) -> list[int]:
+    """Pids of the supervisor's worker processes (not multiprocessing's resource tracker)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == supervisor and b"spawn_main" in cmdline:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def _established_on(port: int) -> dict[int, int]:
+    """inode -> 1 for every ESTABLISHED server-side IPv4 socket whose local port is `port`."""
+    inodes = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and f[3] == "01":
+            inodes[int(f[9])] = 1
+    return inodes
+
+
+def _connections_of(pid: int, inodes: dict[int, int]) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+            n += 1
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_two_workers_share_connections_restart_and_stop(
+    index_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_") and k != "WEB_CONCURRENCY"}
+    env.update(SERVICE_INDEX_ROOT=str(index_root), SERVICE_REDIS_URL=redis_server.url, PYTHONUNBUFFERED="1")
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.run", "--port", str(port), "--workers", "2", "--log-level", "info"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"service.run exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(base + "/readyz", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, timeout=90, what="service.run readiness")
+        wait_for(lambda: len(_workers(proc.pid)) == 2, timeout=30, what="two workers")
+        first = _workers(proc.pid)
+        # 32 keep-alive connections opened at once, as a connection pool would: both workers get some
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
+        try:
+            for s in socks:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            for s in socks:
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            inodes = _established_on(port)
+            per_worker = [_connections_of(pid, inodes) for pid in first]
+            assert sum(per_worker) == 32 and min(per_worker) >= 1, per_worker
+        finally:
+            for s in socks:
+                s.close()
+        with httpx.Client(base_url=base, timeout=10) as c:
+            body = {"user_id": "196", "features": FEATURES, "k": 5}
+            assert len(c.post("/retrieve", json=body).json()["items"]) == 5
+
+            # a worker that dies is replaced, and the service keeps answering meanwhile
+            os.kill(first[0], signal.SIGKILL)
+            wait_for(lambda: len(w := _workers(proc.pid)) == 2 and first[0] not in w, timeout=60,
+                     what="the killed worker's replacement")
+            wait_for(ready, timeout=60, what="readiness after the restart")
+            assert c.get("/healthz").status_code == 200
+        assert "restarting it" in log.read_text()
+    finally:
+        terminate(proc, timeout=40)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert _workers(proc.pid) == []
