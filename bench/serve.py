@@ -225,12 +225,14 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _all_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds) of every live process."""
+    return {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := _stat(int(e))) is not None}
+
+
 def tree_cpu_s(root: int) -> float:
     """CPU seconds used so far by `root` and all its live descendants (the uvicorn workers)."""
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None:
-            stats[int(entry)] = st
+    stats = _all_stats()
     total, todo, seen = 0.0, [root], set()
     while todo:
         pid = todo.pop()
@@ -244,11 +246,7 @@ def tree_cpu_s(root: int) -> float:
 
 def child_cpu_s(root: int) -> dict[int, float]:
     """CPU seconds so far of each direct child of `root` (the uvicorn workers under the supervisor)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None and st[0] == root:
-            out[int(entry)] = st[1]
-    return out
+    return {pid: cpu for pid, (ppid, cpu) in _all_stats().items() if ppid == root}
 
 
 def worker_split(before: dict[int, float], after: dict[int, float]) -> list[float]:

@@ -328,14 +328,13 @@ class RedisCache:
         return False
 
     def _succeeded(self, op: str) -> None:
+        was_open = self.breaker.is_open
+        self.breaker.record_success()
         # the gauge changes only when the breaker closes (`_failed` sets it on every failure):
         # a success while closed — every command of a healthy Redis — leaves it alone
-        if self.breaker.is_open:
+        if was_open:
             log.info("redis circuit breaker closed", extra={"fields": {"op": op}})
-            self.breaker.record_success()
             self._metrics.breaker_open.set(0)
-        else:
-            self.breaker.record_success()
 
     def _failed(self, op: str, exc: BaseException) -> None:
         reason = _error_reason(exc)

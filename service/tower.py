@@ -191,13 +191,9 @@ class UserTower:
     # ---- embedding ----------------------------------------------------------------------------
     def embed(self, records: Sequence[UserRecord]) -> np.ndarray:
         """(n, dim) float32 unit rows, one row computed per record (see module docstring)."""
-        if len(records) == 1:  # the request path's case: the fast path's row as a (1, dim) view
-            row = self._embed_one(records[0])
-            if row.dtype == np.float32 and row.shape == (self.dim,):
-                return row.reshape(1, self.dim)
-            rows: Sequence[np.ndarray] = [row]
-        else:
-            rows = [self._embed_one(rec) for rec in records]
+        rows = [self._embed_one(rec) for rec in records]
+        if len(rows) == 1 and rows[0].dtype == np.float32 and rows[0].shape == (self.dim,):
+            return rows[0].reshape(1, self.dim)  # the request path's case: the row as a (1, dim) view, no copy
         out = np.empty((len(records), self.dim), dtype=np.float32)
         for i, row in enumerate(rows):
             out[i] = row

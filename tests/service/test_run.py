@@ -93,17 +93,17 @@ def _workers(supervisor: int) -> list[int]:
     return sorted(out)
 
 
-def _established_on(port: int) -> dict[int, int]:
-    """inode -> 1 for every ESTABLISHED server-side IPv4 socket whose local port is `port`."""
-    inodes = {}
+def _established_on(port: int) -> set[int]:
+    """Socket inodes of every ESTABLISHED server-side IPv4 connection whose local port is `port`."""
+    inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
         if int(f[1].split(":")[1], 16) == port and f[3] == "01":
-            inodes[int(f[9])] = 1
+            inodes.add(int(f[9]))
     return inodes
 
 
-def _connections_of(pid: int, inodes: dict[int, int]) -> int:
+def _connections_of(pid: int, inodes: set[int]) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
