@@ -3,8 +3,11 @@
 1. Read and validate the dataset; apply the EVAL.md split (or take every click with --full).
 2. Fit the encoders on training data only; encode every user and every catalog item once.
 3. Train both towers with the configured retrieval task, evaluating recall@20 on the
-   validation split after each epoch and keeping the best weights (early stopping).
-4. Evaluate on the test split (not with --full) and write a model bundle atomically.
+   validation split after each epoch and keeping the best weights (early stopping); then
+   (`refit`) train again on fit + val for that many epochs.
+4. Bake the users' pooled histories into the id table and calibrate the OOV id row that serves
+   unseen users (training/cold.py).
+5. Evaluate on the test split (not with --full) and write a model bundle atomically.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from training.bundle import save_bundle
+from training.cold import calibrate_cold_start
 from training.dataset import Dataset, read_dataset
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
@@ -80,6 +84,8 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = True       # torch deterministic algorithms during fit (same seed, same model)
     refit: bool = True               # after early stopping: retrain on fit + val for the chosen epoch count
+    cold_calibration_steps: int = 300     # after training: fit the OOV id row, each user counting once (0 = off)
+    cold_calibration_temperature: float = 0.2  # its softmax temperature (chosen on pseudo-cold users, docs/results)
     model: ModelConfig = field(default_factory=ModelConfig)
     # objective, negatives, positives, SSL (training/task.py, samplers.py, frequency.py, ssl.py)
     objective: str = "in_batch_softmax"  # | pointwise | triplet_hinge | triplet_logistic | listwise
@@ -214,6 +220,11 @@ def fit(
 def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None) -> Path:
     t_start = time.time()
     device = pick_device(cfg.device)
+    if cfg.cold_calibration_steps < 0 or cfg.cold_calibration_temperature <= 0:
+        raise ValueError(
+            f"cold_calibration_steps={cfg.cold_calibration_steps} must be >= 0 and "
+            f"cold_calibration_temperature={cfg.cold_calibration_temperature} must be > 0"
+        )
 
     # 1. data ------------------------------------------------------------------------------
     dataset = read_dataset(data_dir)
@@ -236,17 +247,28 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
         run = dataclasses.replace(run, best_epoch=first.best_epoch, history=first.history)
     model, pool = run.model, run.pool
     model.eval()
+
+    # 4. bake the histories, calibrate the cold-start row --------------------------------------
+    known = clicked if full else split.train
     if pool is not None:
         # Bake the pooled history into the id embeddings for good: test users are ranked with
         # everything they clicked in `train` (fit + val), as the EVAL.md baselines are.
-        known = clicked if full else split.train
         final = build_history(
             run.user_index.get_indexer(known["user_id"]), run.item_index.get_indexer(known["item_id"]),
             known["timestamp"].to_numpy(), len(run.user_index), len(run.item_index), cfg.history_max_len,
         ).to(device)
-        bake_history(model.user_tower, run.user_codes, pool.pooled_all(final))
+        bake_history(model.user_tower, run.users["id"], pool.pooled_all(final))
+    if cfg.cold_calibration_steps:
+        # Users unseen in training are served by the OOV id row; fit it to what the cold-start
+        # metric measures (every user counts once), leaving every other weight as trained.
+        calibrate_cold_start(
+            model.user_tower, model.item_tower, run.users, run.items,
+            run.user_index.get_indexer(known["user_id"]), run.item_index.get_indexer(known["item_id"]),
+            steps=cfg.cold_calibration_steps, temperature=cfg.cold_calibration_temperature,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
 
-    # 4. evaluate and save -----------------------------------------------------------------
+    # 5. evaluate and save -----------------------------------------------------------------
     train_seconds = round(time.time() - t_start, 2)
     metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
     model.cpu()
@@ -274,7 +296,8 @@ class _Run:
     pool: HistoryPooling | None
     user_index: pd.Index          # trainer user-table rows
     item_index: pd.Index          # catalog rows
-    user_codes: torch.Tensor      # user id vocabulary code of each user-table row
+    users: dict[str, torch.Tensor]  # encoded user table ("id": vocabulary code of each row)
+    items: dict[str, torch.Tensor]  # encoded catalog
     counts: np.ndarray            # training clicks per catalog row (the logQ input)
     history: list[dict]           # per-epoch loss (and validation metrics)
     best_epoch: int
@@ -393,7 +416,10 @@ def _train(
                 loss = task(u, v, bi, lq, extra_mask=extra, weights=w, id_dropped=drop, **mns)
             else:  # K sampled negatives per row, each with the log q of the sampler that drew it
                 neg, neg_lq = sampler.sample(bu, bi, cfg.num_negatives, gen)
-                vn = model.item_tower({k: t[neg.reshape(-1)] for k, t in items_t.items()}).view(*neg.shape, -1)
+                # The item tower runs once per distinct negative: B·K draws from a small catalog
+                # repeat items many times (ML-100K: 20,480 draws, at most 1,682 items).
+                uniq, inv = torch.unique(neg.reshape(-1), return_inverse=True)
+                vn = model.item_tower({k: t[uniq] for k, t in items_t.items()})[inv].view(*neg.shape, -1)
                 hits = sampled_hit_mask(bi, neg, bu if cfg.mask_user_positives else None, pos_keys, n_items)
                 loss = task.sampled(u, v, vn, neg_log_q=neg_lq, neg_mask=hits, weights=w)
             if ssl is not None:  # L_main + α·L_self over items drawn uniformly from the catalog
@@ -421,4 +447,4 @@ def _train(
         model.load_state_dict(best[2][0])
         if pool is not None:
             pool.load_state_dict(best[2][1])
-    return _Run(model, pool, user_index, item_index, users_t["id"], counts, history, best[1] if validate else epochs)
+    return _Run(model, pool, user_index, item_index, users_t, items_t, counts, history, best[1] if validate else epochs)

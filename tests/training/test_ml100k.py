@@ -3,7 +3,8 @@
 Where the default stands against the experiment issue's targets is in the README and
 docs/results/ml100k.md; this test fails if the default model falls clearly below where it stands
 today (seed 0: recall@20 0.2001, recall@100 0.5109, tail_recall@100 0.3653, cold recall@20
-0.1342; training is deterministic), or below EVAL.md's popularity baseline on warm users.
+0.1476; training is deterministic), or below EVAL.md's popularity baseline on warm users. The
+cold bound also guards the cold-start calibration: without it cold recall@20 is 0.1342.
 """
 
 from __future__ import annotations
@@ -25,5 +26,5 @@ def test_default_config_quality(ml100k_dir: Path, tmp_path: Path) -> None:
     assert m["recall@20"] >= 0.19 > 0.0986  # EVAL.md popularity: 0.0986
     assert m["recall@100"] >= 0.49
     assert m["tail_recall@100"] >= 0.34  # popularity: 0.0051
-    assert m["cold_recall@20"] >= 0.12  # cold popularity: 0.1375 (the cold margin is seed noise)
+    assert m["cold_recall@20"] >= 0.14  # cold popularity: 0.1375
     assert bundle.manifest["split"]["train"] == 72501
