@@ -31,12 +31,6 @@ import torch.nn.functional as F
 from training.model import Tower
 
 
-@torch.no_grad()
-def _item_vectors(tower: Tower, items: dict[str, torch.Tensor], chunk: int = 65536) -> torch.Tensor:
-    n = len(items["id"])
-    return torch.cat([tower({k: v[s : s + chunk] for k, v in items.items()}) for s in range(0, n, chunk)])
-
-
 def calibrate_cold_start(
     user_tower: Tower,
     item_tower: Tower,
@@ -81,12 +75,8 @@ def calibrate_cold_start(
     was = user_tower.training, item_tower.training
     user_tower.eval()
     item_tower.eval()
-    vecs = _item_vectors(item_tower, items)
+    vecs = item_tower.embed_encoded(items)
     emb = user_tower.id_emb.weight
-    params = list(user_tower.parameters()) + list(item_tower.parameters())
-    grad_flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     oov = torch.nn.Parameter(emb[0].detach().clone())
     opt = torch.optim.Adam([oov], lr=lr)
     losses: list[float] = []
@@ -97,7 +87,7 @@ def calibrate_cold_start(
             rows = who_t[pick].to(device)
             pos = clicks_t[starts_t[pick] + nth].to(device)
             batch = {k: v[rows] for k, v in users.items() if k != "id"}
-            offset = (oov - emb[0]).expand(batch_users, -1)  # id row 0 + (oov − row 0) = oov
+            offset = (oov - emb[0].detach()).expand(batch_users, -1)  # id row 0 + (oov − row 0) = oov
             batch["id"] = torch.zeros(batch_users, dtype=torch.long, device=device)
             u = user_tower(batch, offset, None)
             if n_items <= candidates:
@@ -107,15 +97,12 @@ def calibrate_cold_start(
                 pos_logit = (u * vecs[pos]).sum(-1, keepdim=True) / temperature
                 neg_logit = (u @ vecs[neg].T / temperature).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
                 loss = -F.log_softmax(torch.cat([pos_logit, neg_logit], dim=1), dim=1)[:, 0].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (oov.grad,) = torch.autograd.grad(loss, [oov])  # the towers' own .grad stay untouched
             opt.step()
             losses.append(loss.item())
         with torch.no_grad():
             emb[0].copy_(oov.detach())
     finally:
-        for p, flag in zip(params, grad_flags, strict=True):
-            p.requires_grad_(flag)
         user_tower.train(was[0])
         item_tower.train(was[1])
     return losses

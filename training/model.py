@@ -127,6 +127,14 @@ class Tower(nn.Module):
     ) -> torch.Tensor:
         return F.normalize(self.mlp(self.features(batch, id_offset, drop)), dim=-1)
 
+    @torch.no_grad()
+    def embed_encoded(self, table: dict[str, torch.Tensor], chunk: int = 65536) -> torch.Tensor:
+        """Unit rows for a whole encoded table (tensors already on the tower's device), in
+        chunks and without autograd: a snapshot of the current weights (the caller picks the
+        train/eval mode)."""
+        n = len(table["id"])
+        return torch.cat([self({k: v[s : s + chunk] for k, v in table.items()}) for s in range(0, n, chunk)])
+
 
 def _to_tensors(arrays: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}

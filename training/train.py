@@ -186,10 +186,10 @@ def refresh_sampler(sampler: NegativeSampler, model: TwoTowerModel, users: dict,
     """Give the sampler the current model's user and item vectors (hard-negative mining)."""
     was = model.training
     model.eval()
-    def embed(tower: torch.nn.Module, table: dict) -> np.ndarray:
-        n = len(table["id"])
-        return np.concatenate([tower({k: v[s : s + chunk] for k, v in table.items()}).float().cpu().numpy() for s in range(0, n, chunk)])
-    sampler.refresh(embed(model.user_tower, users), embed(model.item_tower, items))
+    sampler.refresh(
+        model.user_tower.embed_encoded(users, chunk).float().cpu().numpy(),
+        model.item_tower.embed_encoded(items, chunk).float().cpu().numpy(),
+    )
     model.train(was)
 
 
@@ -250,20 +250,19 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
 
     # 4. bake the histories, calibrate the cold-start row --------------------------------------
     known = clicked if full else split.train
+    known_u, known_i = run.user_index.get_indexer(known["user_id"]), run.item_index.get_indexer(known["item_id"])
     if pool is not None:
         # Bake the pooled history into the id embeddings for good: test users are ranked with
         # everything they clicked in `train` (fit + val), as the EVAL.md baselines are.
         final = build_history(
-            run.user_index.get_indexer(known["user_id"]), run.item_index.get_indexer(known["item_id"]),
-            known["timestamp"].to_numpy(), len(run.user_index), len(run.item_index), cfg.history_max_len,
+            known_u, known_i, known["timestamp"].to_numpy(), len(run.user_index), len(run.item_index), cfg.history_max_len,
         ).to(device)
         bake_history(model.user_tower, run.users["id"], pool.pooled_all(final))
     if cfg.cold_calibration_steps:
         # Users unseen in training are served by the OOV id row; fit it to what the cold-start
         # metric measures (every user counts once), leaving every other weight as trained.
         calibrate_cold_start(
-            model.user_tower, model.item_tower, run.users, run.items,
-            run.user_index.get_indexer(known["user_id"]), run.item_index.get_indexer(known["item_id"]),
+            model.user_tower, model.item_tower, run.users, run.items, known_u, known_i,
             steps=cfg.cold_calibration_steps, temperature=cfg.cold_calibration_temperature,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
