@@ -110,6 +110,7 @@ VARIANTS: list[Variant] = [
     Variant("no_cold_logq", "cold", {"cold_logq_weight": None}, "id-dropped rows use the same logQ weight (1.0)"),
     Variant("cold_logq_2", "cold", {"cold_logq_weight": 2.0}, "id-dropped rows: logQ weight 2"),
     Variant("cold_logq_5", "cold", {"cold_logq_weight": 5.0}, "id-dropped rows: logQ weight 5"),
+    Variant("no_ema", "ema", {"ema_decay": 0.0}, "live weights instead of their moving average (the previous default)"),
     Variant("no_cold_calibration", "cold", {"cold_calibration_steps": 0}, "OOV id row as training left it (no per-user refit)"),
     # recency weighting of each user's clicks, and the refit on fit + val after early stopping
     Variant("no_recency", "recency", {"recency_boost": 0.0}, "all of a user's clicks weigh the same"),

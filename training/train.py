@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -19,7 +20,6 @@ import logging
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from tqdm import tqdm
 from training.bundle import save_bundle
 from training.cold import calibrate_cold_start
 from training.dataset import Dataset, read_dataset
+from training.ema import WeightAverage
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
 from training.frequency import StreamingFrequencyEstimator
@@ -67,6 +68,7 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.0
+    ema_decay: float = 0.99          # validate and keep an exponential moving average of the weights (0 = off)
     logq: bool = True
     logq_weight: float = 1.0
     cold_logq_weight: float | None = 3.0  # logQ weight of rows whose user id was dropped (None: logq_weight)
@@ -164,7 +166,7 @@ def fit_encoders(dataset: Dataset, train: pd.DataFrame, cfg: TrainConfig) -> tup
     return user_enc, item_enc
 
 
-@contextmanager
+@contextlib.contextmanager
 def baked_history(model: TwoTowerModel, pool: HistoryPooling | None, history: UserHistory | None, id_codes: torch.Tensor):
     """Temporarily add each user's pooled history into the user id embeddings (evaluation,
     hard-negative mining); the free embeddings are restored afterwards."""
@@ -369,6 +371,9 @@ def _train(
         ssl = SSLTask(items_t, augmentation=cfg.ssl_augmentation, rate=cfg.ssl_rate, batch_size=cfg.ssl_batch_size, temperature=cfg.ssl_temperature)
     params = list(model.parameters()) + (list(pool.parameters()) if pool is not None else [])
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
+    ema = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     def snapshot() -> tuple[dict, dict | None]:
         return copy.deepcopy(model.state_dict()), copy.deepcopy(pool.state_dict()) if pool is not None else None
     best = (-math.inf, 0, snapshot())
@@ -426,6 +431,8 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update()
             total += loss.item()
             if b % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -433,11 +440,12 @@ def _train(
         row = {"epoch": epoch, "loss": round(total / n_batches, 5)}
         if validate:
             model.eval()
-            with baked_history(model, pool, user_hist, users_t["id"]):
-                val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
-            row |= {"val_recall@20": val.get("recall@20", 0.0), "val_ndcg@20": val.get("ndcg@20", 0.0)}
-            if row["val_recall@20"] > best[0]:
-                best = (row["val_recall@20"], epoch, snapshot())
+            with ema.swapped() if ema is not None else contextlib.nullcontext():  # validate the average
+                with baked_history(model, pool, user_hist, users_t["id"]):
+                    val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
+                row |= {"val_recall@20": val.get("recall@20", 0.0), "val_ndcg@20": val.get("ndcg@20", 0.0)}
+                if row["val_recall@20"] > best[0]:
+                    best = (row["val_recall@20"], epoch, snapshot())
         history.append(row)
         log.info("epoch %s", row)
         if validate and epoch - best[1] >= cfg.patience:
@@ -446,4 +454,6 @@ def _train(
         model.load_state_dict(best[2][0])
         if pool is not None:
             pool.load_state_dict(best[2][1])
+    elif ema is not None:
+        ema.copy_to_params()
     return _Run(model, pool, user_index, item_index, users_t, items_t, counts, history, best[1] if validate else epochs)
