@@ -202,6 +202,29 @@ def test_sampled_hit_mask_and_known_positives() -> None:
         sampled_hit_mask(pos, torch.tensor([1, 2, 3]))
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("heavy", [False, True])
+def test_known_positive_mask_against_a_set_oracle(seed: int, heavy: bool) -> None:
+    """Shared and per-row candidates, repeated users and items, users without positives; `heavy`
+    gives the batch's users more clicks than the mask has cells (the per-cell search path)."""
+    from training.task import known_positive_mask
+
+    g = torch.Generator().manual_seed(seed)
+    n_users, n_items = 12, 9
+    n_pos = 90 if heavy else 25
+    pairs = {(int(u), int(i)) for u, i in zip(torch.randint(n_users - 2, (n_pos,), generator=g), torch.randint(n_items, (n_pos,), generator=g), strict=True)}
+    pos_keys = torch.tensor(sorted(u * n_items + i for u, i in pairs), dtype=torch.int64)
+    users = torch.randint(n_users, (3 if heavy else 7,), generator=g)  # users 10 and 11 have no positives
+    shared = torch.randint(n_items, (2 if heavy else 6,), generator=g)
+    per_row = torch.randint(n_items, (len(users), 4), generator=g)
+    want_shared = [[(int(u), int(c)) in pairs for c in shared] for u in users]
+    want_rows = [[(int(u), int(c)) in pairs for c in row] for u, row in zip(users, per_row, strict=True)]
+    assert known_positive_mask(users, shared, pos_keys, n_items).tolist() == want_shared
+    assert known_positive_mask(users, per_row, pos_keys, n_items).tolist() == want_rows
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert not known_positive_mask(users, shared, empty, n_items).any()
+
+
 def test_task_dispatch_and_errors() -> None:
     from training.task import listwise_loss, triplet_hinge_loss
 
