@@ -146,8 +146,8 @@ VARIANTS: list[Variant] = [
     Variant("listwise_hard", "sampler", LISTWISE | {"negative_sampler": "hard"}, "model ranks 20-100, mined per epoch"),
     Variant("listwise_mixture", "sampler", LISTWISE | {"negative_sampler": "mixture", "mixture_hard_fraction": 0.5},
             "50% hard / 50% popularity"),
-    Variant("mixed_negatives_1024", "sampler", {"mixed_negatives": 1024},
-            "in-batch softmax + 1024 uniform catalog negatives per step (MNS), mixture logQ"),
+    Variant("no_mixed_negatives", "sampler", {"mixed_negatives": 0},
+            "in-batch negatives only, no uniform catalog negatives (MNS off; the previous default)"),
     Variant("listwise_no_logq", "logq", LISTWISE | {"logq": False}, "listwise (popularity) without logQ"),
 ]
 

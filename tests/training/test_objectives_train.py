@@ -91,3 +91,22 @@ def test_mixed_negatives_need_in_batch_softmax(tiny_dataset: Path, tmp_path: Pat
         fit(tiny_dataset, tmp_path, tiny_train_config(epochs=1, mixed_negatives=8, objective="listwise"), progress=False)
     with pytest.raises(ValueError, match="mixed_negatives=-1"):
         fit(tiny_dataset, tmp_path, tiny_train_config(epochs=1, mixed_negatives=-1), progress=False)
+
+
+def test_mixed_negatives_default_follows_the_objective(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, MNS is on with the in-batch softmax (min(1024, catalog) uniform negatives a step)
+    and off with sampled objectives, which then train without complaint."""
+    import training.train as train_mod
+
+    seen: list[tuple[int, int]] = []
+    real = train_mod.mixed_log_q
+    monkeypatch.setattr(train_mod, "mixed_log_q", lambda lp, b, m, n: seen.append((m, n)) or real(lp, b, m, n))
+    assert tiny_train_config().mixed_negatives is None
+    fit(tiny_dataset, tmp_path / "inbatch", tiny_train_config(epochs=1), progress=False)
+    n_items = len(pd.read_csv(tiny_dataset / "items.csv"))
+    assert n_items < 1024 and seen and set(seen) == {(n_items, n_items)}  # capped at the catalog size
+    seen.clear()
+    fit(tiny_dataset, tmp_path / "listwise", tiny_train_config(epochs=1, objective="listwise"), progress=False)
+    assert seen == []
+    fit(tiny_dataset, tmp_path / "off", tiny_train_config(epochs=1, mixed_negatives=0), progress=False)
+    assert seen == []
