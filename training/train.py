@@ -234,6 +234,8 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
             f"cold_calibration_steps={cfg.cold_calibration_steps} must be >= 0 and "
             f"cold_calibration_temperature={cfg.cold_calibration_temperature} must be > 0"
         )
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
 
     # 1. data ------------------------------------------------------------------------------
     dataset = read_dataset(data_dir)
@@ -381,8 +383,6 @@ def _train(
         ssl = SSLTask(items_t, augmentation=cfg.ssl_augmentation, rate=cfg.ssl_rate, batch_size=cfg.ssl_batch_size, temperature=cfg.ssl_temperature)
     params = list(model.parameters()) + (list(pool.parameters()) if pool is not None else [])
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
     ema = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     def snapshot() -> tuple[dict, dict | None]:
         return copy.deepcopy(model.state_dict()), copy.deepcopy(pool.state_dict()) if pool is not None else None
@@ -411,21 +411,25 @@ def _train(
             if keep_p is not None:  # head sub-sampling; dropped rows still serve as in-batch negatives
                 w = w * (torch.rand(len(bi), generator=gen) < keep_p[bi.cpu()]).to(w)
             if not task.uses_sampled_negatives:  # in-batch softmax, logQ ∝ clicks (exact or streamed)
-                extra = known_positive_mask(bu, bi, pos_keys, n_items) if cfg.mask_user_positives else None
+                # + M uniform catalog items shared by the batch (MNS); the user's other clicks are
+                # masked among the in-batch and the uniform candidates in one lookup
+                neg = torch.randint(n_items, (n_mixed,), generator=gen).to(device) if n_mixed else None
+                cands = bi if neg is None else torch.cat([bi, neg])
+                known = known_positive_mask(bu, cands, pos_keys, n_items) if cfg.mask_user_positives else None
+                extra = None if known is None else known[:, : len(bi)]
                 lq = log_q_all[bi]
                 if stream is not None:
                     stream.update(bi.cpu().numpy())
                     lq = torch.from_numpy(stream.log_q(bi.cpu().numpy(), len(bi))).float().to(device)
                 mns = {}
-                if n_mixed:  # + M uniform catalog items shared by the batch; logQ of the mixture
-                    neg = torch.randint(n_items, (n_mixed,), generator=gen).to(device)
+                if neg is not None:  # logQ of the mixture
                     nlq = log_q_all[neg]
                     if stream is not None:
                         nlq = torch.from_numpy(stream.log_q(neg.cpu().numpy(), len(bi))).float().to(device)
                     lq, nlq = (mixed_log_q(x, len(bi), n_mixed, n_items) for x in (lq, nlq))
                     mns = {
                         "neg_item": model.item_tower({k: t[neg] for k, t in items_t.items()}), "neg_ids": neg, "neg_log_q": nlq,
-                        "neg_mask": known_positive_mask(bu, neg, pos_keys, n_items) if cfg.mask_user_positives else None,
+                        "neg_mask": None if known is None else known[:, len(bi) :],
                     }
                 loss = task(u, v, bi, lq, extra_mask=extra, weights=w, id_dropped=drop, **mns)
             else:  # K sampled negatives per row, each with the log q of the sampler that drew it
