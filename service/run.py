@@ -41,6 +41,12 @@ log = logging.getLogger("service.run")
 APP = "service.app:app"
 MAX_RESTARTS = 5          # worker deaths tolerated within RESTART_WINDOW_S
 RESTART_WINDOW_S = 60.0
+# Idle keep-alive connections are closed after this long. Longer than the idle timeouts of the
+# proxies and connection pools in front of us (AWS ALB 60 s, nginx upstream keepalive 60 s), so
+# that the client side closes an idle connection first. With uvicorn's 5 s, a pooled connection
+# reused just as the server closes it gets a reset ("Connection reset by peer", a 502 at a load
+# balancer): the HTTP/1.1 keep-alive race, which a POST cannot safely retry.
+KEEP_ALIVE_S = 75
 
 
 def reuseport_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -141,7 +147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                    help="uvicorn's own access log (the service writes structured request logs itself)")
-    p.add_argument("--timeout-keep-alive", type=int, default=5)
+    p.add_argument("--timeout-keep-alive", type=int, default=KEEP_ALIVE_S,
+                   help=f"seconds an idle keep-alive connection is kept (default {KEEP_ALIVE_S}; see KEEP_ALIVE_S)")
     p.add_argument("--backlog", type=int, default=2048)
     args = p.parse_args(argv)
     if args.workers is None:

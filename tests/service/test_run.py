@@ -48,6 +48,17 @@ def test_workers_default_to_web_concurrency(monkeypatch: pytest.MonkeyPatch) -> 
     assert run.parse_args(["--workers", "2"]).workers == 2  # the flag wins
 
 
+def test_idle_connections_outlive_a_load_balancers_idle_timeout() -> None:
+    """The server must not close an idle keep-alive connection before the proxy in front does.
+
+    AWS ALB and nginx drop idle upstream connections after 60 s; a server that closes first (as
+    uvicorn's 5 s default does) races the proxy reusing the connection, and loses requests.
+    """
+    assert run.parse_args([]).timeout_keep_alive > 60
+    assert run.uvicorn_options(run.parse_args([]))["timeout_keep_alive"] == run.KEEP_ALIVE_S
+    assert run.parse_args(["--timeout-keep-alive", "5"]).timeout_keep_alive == 5
+
+
 def test_reuseport_sockets_share_a_port_and_are_tcp() -> None:
     a = run.reuseport_socket("127.0.0.1", 0)
     try:
