@@ -61,10 +61,10 @@ def ranking_metrics(
         if len(rel) == 0:
             continue
         hits = np.isin(row[: max(ks)], rel).astype(np.float64)
-        for k in ks:
+        for k in ks:  # a catalog smaller than k gives a shorter list: it is all there is
             res[f"recall@{k}"].append(hits[:k].sum() / len(rel))
             idcg = discounts[: min(k, len(rel))].sum()
-            res[f"ndcg@{k}"].append((hits[:k] * discounts[:k]).sum() / idcg)
+            res[f"ndcg@{k}"].append((hits[:k] * discounts[: len(hits[:k])]).sum() / idcg)
         tail = rel[is_tail[rel]]
         if len(tail):
             tail_rec.append(np.isin(tail, row[:100]).sum() / len(tail))

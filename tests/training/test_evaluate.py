@@ -38,6 +38,16 @@ def test_tail_recall_skips_users_without_tail_items() -> None:
     assert math.isclose(m["coverage@20"], 20 / 300)
 
 
+def test_a_catalog_smaller_than_k_is_ranked_whole() -> None:
+    """30 items and K = 100: every list holds the whole catalog, so recall@100 is 1."""
+    top = np.tile(np.arange(30)[::-1], (2, 1))
+    m = ranking_metrics(top, [np.array([29, 0]), np.array([5])], np.zeros(30, dtype=bool), n_items=30)
+    assert m["recall@100"] == 1.0
+    assert m["recall@20"] == pytest.approx((0.5 + 0.0) / 2)  # item 0 is ranked 30th, item 5 25th
+    d = 1 / np.log2(np.arange(2, 32))
+    assert m["ndcg@100"] == pytest.approx(((d[0] + d[29]) / (d[0] + d[1]) + d[24] / d[0]) / 2)
+
+
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_topk_excluding_matches_oracle(k: int) -> None:
     rng = np.random.default_rng(k)
