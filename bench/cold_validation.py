@@ -23,7 +23,7 @@ field and writes a markdown + JSON report.
 
 One fold has ~70 pseudo-cold users on ML-100K, so its cold recall@20 has a standard error of
 about 0.014. `--buckets 1 3 5 7 9` trains one model per fold (five disjoint sets of pseudo-cold
-users, ~350 in all) and pools their cold metrics; the report also gives popularity with each
+users, 424 in all on ML-100K) and pools their cold metrics; the report also gives popularity with each
 training user counted once on the same users, the reference a cold-start path has to beat.
 """
 
@@ -37,7 +37,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +149,21 @@ def model_cold_recall(model: TwoTowerModel, dataset: Dataset, split: Split, k: i
     return dict(zip(users, per_user_recall(top, [truth[u] for u in users], k), strict=True))
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One pseudo-cold fold: its nested dataset (on disk and read), split and popularity reference."""
+
+    bucket: int
+    path: Path
+    dataset: Dataset
+    split: Split
+    reference: dict
+
+    @property
+    def cold_users(self) -> int:
+        return self.split.summary()["cold_users"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="prepared dataset directory (e.g. ML-100K)")
@@ -171,18 +186,18 @@ def main(argv: list[str] | None = None) -> int:
             nested = write_nested_dataset(args.data, Path(tmp) / f"data-{b}", bucket=b)
             ds = read_dataset(nested)
             split = split_interactions(ds.interactions)
-            folds.append((b, nested, split, popularity_reference(split, pd.Index(ds.items["item_id"])), ds))
+            folds.append(Fold(b, nested, ds, split, popularity_reference(split, pd.Index(ds.items["item_id"]))))
             print(f"fold {b}: {split.summary()}", flush=True)
         for value in values:
             cfg = TrainConfig.from_dict(_set(base, args.field, value))
             per_fold, diffs = [], []
-            for b, nested, split, ref, ds in folds:
+            for f in folds:
                 t0 = time.time()
-                bundle = load_bundle(fit(nested, models / f"bucket-{b}", cfg, progress=False))
-                fold = {"bucket": b, "cold_users": split.summary()["cold_users"], "seconds": round(time.time() - t0, 1),
+                bundle = load_bundle(fit(f.path, models / f"bucket-{f.bucket}", cfg, progress=False))
+                fold = {"bucket": f.bucket, "cold_users": f.cold_users, "seconds": round(time.time() - t0, 1),
                         "bundle": bundle.path.name} | {k: bundle.manifest["metrics"].get(k) for k in KEYS}
-                mine = model_cold_recall(bundle.model, ds, split)
-                diffs += [mine[u] - ref["per_user"][u] for u in mine]
+                mine = model_cold_recall(bundle.model, f.dataset, f.split)
+                diffs += [mine[u] - f.reference["per_user"][u] for u in mine]
                 per_fold.append(fold)
                 print(json.dumps({"value": value} | fold), flush=True)
             d = np.array(diffs)
@@ -190,14 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"value": value, "seconds": round(sum(f["seconds"] for f in per_fold), 1)}
                         | pooled(per_fold, KEYS) | {"cold_recall@20_minus_popularity": gain, "folds": per_fold})
     ref_keys = ["cold_recall@20", "cold_recall@100", "cold_ndcg@20"]
-    reference = pooled([{"cold_users": f[2].summary()["cold_users"]} | f[3] for f in folds], ref_keys)
-    n_cold = sum(f[2].summary()["cold_users"] for f in folds)
+    reference = pooled([{"cold_users": f.cold_users} | f.reference for f in folds], ref_keys)
+    n_cold = sum(f.cold_users for f in folds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench.cold_validation " + " ".join(argv if argv is not None else sys.argv[1:])
     stem = f"cold_validation_{args.field}" + ("" if args.buckets == [PSEUDO_COLD_BUCKET] else "_buckets" + "".join(map(str, args.buckets)))
     report = {"command": cmd, "field": args.field, "buckets": args.buckets, "pseudo_cold_users": n_cold,
-              "splits": {f[0]: f[2].summary() for f in folds}, "rows": rows,
+              "splits": {f.bucket: f.split.summary() for f in folds}, "rows": rows,
               "popularity_each_user_once": reference, "base_config": base}
     atomic_write_json(out / f"{stem}.json", report)
     lines = [
@@ -210,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         f"all {n_cold} pseudo-cold users, warm ones means over folds.",
         "",
         f"Reproduce: `{cmd}` (load average {os.getloadavg()[0]:.1f} at the end).",
-        f"Split of fold {folds[0][0]}: {folds[0][2].summary()}.",
+        f"Split of fold {folds[0].bucket}: {folds[0].split.summary()}.",
         "",
         "Δ pop: cold recall@20 minus that of popularity with each training user counted once, user by",
         "user over the same pseudo-cold users (± its standard error).",
