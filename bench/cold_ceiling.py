@@ -80,13 +80,16 @@ def segment_popularity(
         raise ValueError(f"segment codes must be < n_segments={n_segments}, got {user_segment.max()}")
     p = user_popularity(user_codes, item_codes, n_items)
     p = p / max(p.sum(), 1e-12)
+    # C_s(i) for every segment in one pass: each user's clicks weigh 1/n_u, so a segment's row
+    # sums to its number of users m_s
+    seen = user_segment >= 0
+    _, inverse, counts = np.unique(user_codes, return_inverse=True, return_counts=True)
+    c = np.bincount(user_segment[seen] * n_items + item_codes[seen], weights=1.0 / counts[inverse][seen],
+                    minlength=n_segments * n_items).reshape(n_segments, n_items)
+    m = c.sum(axis=1, keepdims=True)
     out = np.tile(p, (n_segments + 1, 1))
-    for s in range(n_segments):
-        rows = user_segment == s
-        if not rows.any():
-            continue
-        c = user_popularity(user_codes[rows], item_codes[rows], n_items)
-        out[s] = (c + beta * p) / (c.sum() + beta) if c.sum() + beta > 0 else p
+    filled = (m[:, 0] > 0) & (m[:, 0] + beta > 0)
+    out[:n_segments][filled] = ((c + beta * p) / (m + beta))[filled]
     return out
 
 

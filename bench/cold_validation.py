@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.cold_ceiling import Ranker, evaluate_ranker, per_user_recall
+from bench.cold_ceiling import Ranker, evaluate_ranker, mean_se, per_user_recall, pool
 from bench.experiments import merge_overrides
 from training.artifacts import atomic_write_json, atomic_write_text
 from training.bundle import load_bundle
@@ -135,9 +135,7 @@ def pooled(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
 def popularity_reference(split: Split, items: pd.Index) -> dict:
     """Pseudo-cold metrics of popularity with each training user counted once, with `per_user`
     recall@20 (bench/cold_ceiling.py): the reference a cold-start path has to beat."""
-    m = evaluate_ranker(Ranker("popularity, each user once"), split, items, None, [])
-    return {"cold_recall@20": m["recall@20"], "cold_recall@100": m["recall@100"], "cold_ndcg@20": m["ndcg@20"],
-            "per_user": m["per_user"]}
+    return evaluate_ranker(Ranker("popularity, each user once"), split, items, None, [])
 
 
 def model_cold_recall(model: TwoTowerModel, dataset: Dataset, split: Split, k: int = 20) -> dict[str, float]:
@@ -200,12 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                 diffs += [mine[u] - f.reference["per_user"][u] for u in mine]
                 per_fold.append(fold)
                 print(json.dumps({"value": value} | fold), flush=True)
-            d = np.array(diffs)
-            gain = {"mean": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4) if len(d) > 1 else 0.0}
+            gain = dict(zip(("mean", "se"), (round(v, 4) for v in mean_se(np.array(diffs))), strict=True))
             rows.append({"value": value, "seconds": round(sum(f["seconds"] for f in per_fold), 1)}
                         | pooled(per_fold, KEYS) | {"cold_recall@20_minus_popularity": gain, "folds": per_fold})
-    ref_keys = ["cold_recall@20", "cold_recall@100", "cold_ndcg@20"]
-    reference = pooled([{"cold_users": f.cold_users} | f.reference for f in folds], ref_keys)
+    reference = {f"cold_{k}": v for k, v in pool([f.reference for f in folds]).items() if k in ("recall@20", "recall@100", "ndcg@20")}
     n_cold = sum(f.cold_users for f in folds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
