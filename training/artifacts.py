@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,13 +139,21 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temps(parent: str | os.PathLike[str]) -> list[Path]:
-    """Remove `.tmp-*` leftovers of crashed writers under `parent`; return what was removed."""
+def remove_stale_temps(parent: str | os.PathLike[str], min_age_s: float = 0.0) -> list[Path]:
+    """Remove `.tmp-*` leftovers of crashed writers under `parent`; return what was removed.
+
+    Where several writers may share `parent` without a lock (two `trainer fit` runs saving to
+    one models directory), pass `min_age_s`: a temp whose newest entry is younger than that may
+    belong to a writer still at work, and removing it would make that writer fail.
+    """
     removed = []
     parent = Path(parent)
+    now = time.time()
     if parent.is_dir():
         for p in parent.iterdir():
             if p.name.startswith(TMP_PREFIX):
+                if min_age_s > 0 and now - _newest_mtime(p) < min_age_s:
+                    continue
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -152,6 +161,17 @@ def remove_stale_temps(parent: str | os.PathLike[str]) -> list[Path]:
                         p.unlink()
                 removed.append(p)
     return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    """Latest modification time of `path` or anything directly inside it (0 if it is gone)."""
+    try:
+        times = [path.lstat().st_mtime]
+        if path.is_dir() and not path.is_symlink():
+            times += [c.lstat().st_mtime for c in path.iterdir()]
+    except FileNotFoundError:
+        return 0.0
+    return max(times)
 
 
 def _ignore_missing() -> contextlib.suppress:

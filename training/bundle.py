@@ -34,6 +34,7 @@ from training.model import ModelConfig, TwoTowerModel
 
 FORMAT = "twotower-bundle/1"
 REQUIRED_FILES = ("model.safetensors", "config.json", "features.json", "item_counts.json")
+STALE_TEMP_AGE_S = 3600.0  # a bundle's temp directory lives for seconds; one an hour old is a crash's
 
 
 class BundleError(ValueError):
@@ -72,7 +73,7 @@ def save_bundle(
     """Write a new bundle under `models_dir` atomically; return its path."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(models_dir)
+    remove_stale_temps(models_dir, min_age_s=STALE_TEMP_AGE_S)  # another fit may be saving here now
     version = new_version()
     final = models_dir / version
     with atomic_directory(final) as tmp:
@@ -122,7 +123,11 @@ def verify_bundle(path: str | os.PathLike[str]) -> dict:
         raise BundleError(f"{path}: unreadable manifest.json ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
-    files = manifest.get("files", {})
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{path}: manifest.json 'files' must map file names to sha256 strings, got {type(files).__name__}")
+    if not isinstance(manifest.get("version"), str) or not manifest["version"]:
+        raise BundleError(f"{path}: manifest.json has no 'version' string")
     missing = [f for f in REQUIRED_FILES if f not in files]
     if missing:
         raise BundleError(f"{path}: manifest lists no {missing}")
@@ -132,21 +137,43 @@ def verify_bundle(path: str | os.PathLike[str]) -> dict:
     return manifest
 
 
+def _read_part(path: Path, name: str) -> dict:
+    try:
+        obj = read_json(path / name)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BundleError(f"{path}: {name} is unreadable ({e})") from None
+    if not isinstance(obj, dict):
+        raise BundleError(f"{path}: {name} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def load_bundle(path: str | os.PathLike[str], verify: bool = True, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle (or the newest in a models dir) for inference, in eval mode."""
     path = find_bundle(path)
     manifest = verify_bundle(path) if verify else read_json(path / "manifest.json")
-    config = read_json(path / "config.json")
-    feats = read_json(path / "features.json")
-    model = TwoTowerModel(
-        ModelConfig.from_dict(config["model"]),
-        TowerEncoder.from_json(feats["user"]),
-        TowerEncoder.from_json(feats["item"]),
-    )
-    state = load_file(str(path / "model.safetensors"), device="cpu")
+    # A bundle can pass its checksums and still be wrong (written by a buggy or foreign tool, or
+    # re-hashed after an edit): every failure below names the bundle and the file at fault.
+    config, feats = _read_part(path, "config.json"), _read_part(path, "features.json")
+    try:
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: config.json: bad or missing 'model' section ({type(e).__name__}: {e})") from None
+    try:
+        encoders = TowerEncoder.from_json(feats["user"]), TowerEncoder.from_json(feats["item"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: features.json: bad or missing tower encoder ({type(e).__name__}: {e})") from None
+    try:
+        model = TwoTowerModel(model_cfg, *encoders)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{path}: config.json and features.json do not make a model ({type(e).__name__}: {e})") from None
+    try:
+        state = load_file(str(path / "model.safetensors"), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged headers
+        raise BundleError(f"{path}: model.safetensors is unreadable ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise BundleError(f"{path}: weights do not match config: {str(e).splitlines()[0]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
+        raise BundleError(f"{path}: model.safetensors does not match config.json: {detail[:500]}") from None
     model.to(device).eval()
     return Bundle(path=path, manifest=manifest, model=model)

@@ -17,6 +17,7 @@ from training.dataset import Dataset
 from training.split import Split
 
 KS = (20, 100)
+METRICS = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in KS) + ("tail_recall@100", "coverage@20")
 
 
 def topk_excluding(
@@ -26,7 +27,12 @@ def topk_excluding(
     exclude: Sequence[np.ndarray] | None = None,
     chunk: int = 1024,
 ) -> np.ndarray:
-    """Indices (n_users, k) of the highest inner products, best first, `exclude[u]` removed."""
+    """Indices (n_users, k) of the highest inner products, best first, `exclude[u]` removed.
+
+    k is capped at the catalog size. Where a user has fewer than k items left once their
+    exclusions are removed, the list ends in -1 (no item): an excluded item never fills a slot,
+    so it can never count as a hit (a re-clicked train item in the test rows is a miss, as
+    EVAL.md's ranking without the user's train items makes it)."""
     if user_vecs.ndim != 2 or item_vecs.ndim != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
         raise ValueError(f"user {user_vecs.shape} and item {item_vecs.shape} vectors must be 2-D with equal width")
     k = min(k, item_vecs.shape[0])
@@ -38,7 +44,8 @@ def topk_excluding(
             for r, ex in enumerate(exclude[s : s + chunk]):
                 if len(ex):
                     scores[r, torch.as_tensor(np.array(ex, dtype=np.int64))] = -torch.inf
-        out[s : s + chunk] = torch.topk(scores, k, dim=1, sorted=True).indices.numpy()
+        best = torch.topk(scores, k, dim=1, sorted=True)
+        out[s : s + chunk] = torch.where(torch.isneginf(best.values), -1, best.indices).numpy()
     return out
 
 
@@ -50,7 +57,8 @@ def ranking_metrics(
     ks: Sequence[int] = KS,
 ) -> dict[str, float]:
     """Recall@K, NDCG@K (binary relevance, ideal DCG over min(K, |truth|)), tail_recall@100,
-    coverage@20 for ranked lists `top` (n, >=max K) against per-user relevant item indices."""
+    coverage@20 for ranked lists `top` (n, >=max K) against per-user relevant item indices.
+    Negative entries in `top` are empty slots (see `topk_excluding`): never a hit, never covered."""
     if len(top) != len(truth):
         raise ValueError(f"{len(top)} ranked lists but {len(truth)} truth sets")
     res: dict[str, list[float]] = {f"recall@{k}": [] for k in ks} | {f"ndcg@{k}": [] for k in ks}
@@ -70,7 +78,8 @@ def ranking_metrics(
             tail_rec.append(np.isin(tail, row[:100]).sum() / len(tail))
     out = {m: float(np.mean(v)) if v else 0.0 for m, v in res.items()}
     out["tail_recall@100"] = float(np.mean(tail_rec)) if tail_rec else 0.0
-    out["coverage@20"] = float(len(np.unique(top[:, :20])) / n_items) if len(top) else 0.0
+    shown = np.unique(top[:, :20])
+    out["coverage@20"] = float((shown >= 0).sum() / n_items) if len(top) else 0.0
     return out
 
 
@@ -100,13 +109,16 @@ def evaluate_model(
     include_cold: bool = True,
     features_only: bool = False,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """EVAL.md metrics of `model` on `split.<truth_part>` (warm) and, optionally, cold users.
 
     `truth_part="val"` evaluates on validation with the fit rows excluded (early stopping and
     tuning); "test" excludes all train rows. `max_users` samples users for speed on big data.
     `features_only` embeds warm users with their id forced to out-of-vocabulary: on the
     validation split it is the cold-start proxy used for tuning, so cold test users stay unseen.
+
+    On the test part every metric key is present (the CLI's contract): a group with no users,
+    e.g. a dataset without cold users, reports None (JSON null) for its metrics, not 0.
     """
     items = dataset.items
     item_index = pd.Index(items["item_id"])
@@ -133,7 +145,10 @@ def evaluate_model(
         top = topk_excluding(vecs, item_vecs, max(KS), exclude)
         return ranking_metrics(top, [truth[u] for u in users], is_tail, n_items)
 
-    metrics = run(truth_map, exclude_map)
+    metrics: dict[str, float | None] = dict(run(truth_map, exclude_map))
     if include_cold and truth_part == "test" and len(split.cold):
         metrics |= {f"cold_{k}": v for k, v in run(group_items(split.cold, item_index), None).items()}
-    return {k: round(v, 4) for k, v in metrics.items()}
+    if truth_part == "test":
+        names = METRICS + (tuple(f"cold_{m}" for m in METRICS) if include_cold else ())
+        metrics = {m: metrics.get(m) for m in names}
+    return {k: None if v is None else round(v, 4) for k, v in metrics.items()}

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from training.artifacts import sha256_file
-from training.bundle import Bundle, BundleError, find_bundle, load_bundle, verify_bundle
+from training.artifacts import remove_stale_temps, sha256_file
+from training.bundle import (
+    STALE_TEMP_AGE_S,
+    Bundle,
+    BundleError,
+    find_bundle,
+    load_bundle,
+    save_bundle,
+    verify_bundle,
+)
 
 
 def test_manifest_contents(tiny_bundle: Bundle) -> None:
@@ -64,3 +74,80 @@ def test_find_bundle_takes_newest_and_ignores_temps(tiny_bundle: Bundle, tmp_pat
     assert find_bundle(models / "20250101T000000000Z-aaaaaa").name.startswith("2025")
     with pytest.raises(BundleError, match="contains no model bundle"):
         find_bundle(tmp_path / "models" / ".tmp-20270101T000000000Z-cccccc")
+
+
+def _rehash(bundle: Path) -> None:
+    """Re-sign the manifest after an edit, as a buggy or foreign writer would: the checksums pass."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"] = {name: sha256_file(bundle / name) for name in m["files"]}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_json(name: str, edit):  # noqa: ANN001, ANN202
+    def apply(bundle: Path) -> None:
+        obj = json.loads((bundle / name).read_text())
+        (bundle / name).write_text(json.dumps(edit(obj)))
+    return apply
+
+
+def _write(name: str, data: bytes):  # noqa: ANN202
+    return lambda bundle: (bundle / name).write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_write("model.safetensors", b""), "model.safetensors is unreadable"),
+        (_write("model.safetensors", b"\xff" * 64), "model.safetensors is unreadable"),
+        (_write("config.json", b'{"model": {"embed'), "config.json is unreadable"),
+        (_write("config.json", b"[1, 2]"), "config.json must hold a JSON object"),
+        (_write("features.json", b"\xe9t\xe9"), "features.json is unreadable"),
+        (_edit_json("config.json", lambda c: {k: v for k, v in c.items() if k != "model"}), "config.json: bad or missing 'model'"),
+        (_edit_json("config.json", lambda c: c | {"model": c["model"] | {"hidden": [7]}}), r"does not match config.json: .*size mismatch"),
+        (_edit_json("features.json", lambda f: {"item": f["item"]}), "features.json: bad or missing tower encoder"),
+    ],
+)
+def test_a_damaged_bundle_with_valid_checksums_names_the_file(tiny_bundle: Bundle, tmp_path: Path, damage, message: str) -> None:  # noqa: ANN001
+    copy = tmp_path / tiny_bundle.path.name
+    shutil.copytree(tiny_bundle.path, copy)
+    damage(copy)
+    _rehash(copy)
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(copy)
+    assert str(copy) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m | {"files": sorted(m["files"])}, "'files' must map file names"),
+        (lambda m: {k: v for k, v in m.items() if k != "version"}, "no 'version'"),
+    ],
+)
+def test_a_malformed_manifest_is_a_bundle_error(tiny_bundle: Bundle, tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
+    copy = tmp_path / tiny_bundle.path.name
+    shutil.copytree(tiny_bundle.path, copy)
+    _edit_json("manifest.json", edit)(copy)
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(copy)
+
+
+def test_saving_leaves_another_writers_fresh_temp_alone(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    """Two fits saving into one models directory: the second must not delete the temp directory
+    the first is still writing, but a crash's leftover from hours ago goes."""
+    models = tmp_path / "models"
+    fresh, stale = models / ".tmp-20260101T000000000Z-aaaaaa.x1", models / ".tmp-20250101T000000000Z-bbbbbb.x2"
+    for d in (fresh, stale):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - 2 * STALE_TEMP_AGE_S
+    os.utime(stale / "model.safetensors", (old, old))
+    os.utime(stale, (old, old))
+    m = tiny_bundle.manifest
+    save_bundle(
+        tiny_bundle.model, models, train_config={}, schema={}, item_counts={}, data_fingerprint=m["data_fingerprint"],
+        metrics={}, full=False,
+    )
+    assert fresh.is_dir() and (fresh / "model.safetensors").read_bytes() == b"partial"
+    assert not stale.exists()
+    assert remove_stale_temps(models) == [fresh]  # without an age (a locked writer): everything goes

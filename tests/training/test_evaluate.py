@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
-from training.evaluate import ranking_metrics, topk_excluding
+from training.dataset import read_dataset
+from training.evaluate import METRICS, evaluate_model, ranking_metrics, topk_excluding
+from training.split import split_interactions
 
 
 def test_ranking_metrics_by_hand() -> None:
@@ -58,5 +61,33 @@ def test_topk_excluding_matches_oracle(k: int) -> None:
         s = u[r] @ it.T
         s[excl[r]] = -np.inf
         want = np.argsort(-s, kind="stable")[: min(k, 30)]
-        np.testing.assert_allclose(s[got[r]], s[want], rtol=1e-6)
-        assert not set(got[r][np.isfinite(s[got[r]])]) & set(excl[r])
+        n_left = min(k, 30 - len(excl[r]))
+        np.testing.assert_allclose(s[got[r][:n_left]], s[want[:n_left]], rtol=1e-6)
+        assert not set(got[r].tolist()) & set(excl[r].tolist())
+        assert (got[r][n_left:] == -1).all()  # fewer items left than k: empty slots, not excluded items
+
+
+def test_an_excluded_item_is_never_a_hit_in_a_small_catalog() -> None:
+    """5 items, K = 20, the user's one test item is also one of their train items (a re-click):
+    ranked without the train items, it cannot be recommended, so recall is 0, not 1."""
+    items = np.eye(5, dtype=np.float32)
+    user = np.array([[1.0, 0.5, 0.4, 0.3, 0.2]], dtype=np.float32)
+    top = topk_excluding(user, items, 20, [np.array([0, 1, 2, 3])])
+    assert top.tolist() == [[4, -1, -1, -1, -1]]
+    m = ranking_metrics(top, [np.array([0])], np.zeros(5, dtype=bool), n_items=5, ks=(20,))
+    assert m["recall@20"] == 0.0 and m["ndcg@20"] == 0.0
+    assert m["coverage@20"] == pytest.approx(1 / 5)  # only item 4 was shown
+
+
+def test_every_metric_key_is_reported_even_without_cold_users(tiny_bundle, tiny_dataset) -> None:
+    """The CLI contract lists the warm keys and the same keys prefixed cold_: a dataset without
+    cold users still gets all of them, the cold ones as None (undefined, not 0)."""
+    dataset = read_dataset(tiny_dataset)
+    split = split_interactions(dataset.interactions)
+    with_cold = evaluate_model(tiny_bundle.model, dataset, split)
+    no_cold = evaluate_model(tiny_bundle.model, dataset, dataclasses.replace(split, cold=split.cold.iloc[:0]))
+    want = list(METRICS) + [f"cold_{m}" for m in METRICS]
+    assert list(with_cold) == list(no_cold) == want
+    assert all(isinstance(with_cold[m], float) for m in want)
+    assert all(no_cold[f"cold_{m}"] is None for m in METRICS)
+    assert {m: no_cold[m] for m in METRICS} == {m: with_cold[m] for m in METRICS}
