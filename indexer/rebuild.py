@@ -18,7 +18,9 @@ A rebuild must never hurt serving: it either produces a better, verified index a
    will search with — falling back to item vectors. Below the threshold the run fails and
    `current` stays;
 7. **write** `.tmp-<version>/` (bundle copy, embeddings, ids, index, manifest), fsync, verify,
-   rename to `<version>/`;
+   load it exactly as the service will (`service.state.load_serving_version`: the service's
+   own acceptance check, so a version it would refuse is never published), rename to
+   `<version>/`;
 8. **switch** `current` atomically; **prune** to the newest `keep` versions (never `current`).
 
 A SIGKILL at any point leaves `current` and its files untouched; the next run cleans up.
@@ -54,6 +56,10 @@ STAGES = ("locked", "embedded", "built", "write:model", "write:embeddings", "wri
 
 class RebuildInputError(ValueError):
     """The model, the catalog or the options are unusable (bad input: fix and re-run)."""
+
+
+class ServingCheckError(store.IndexVersionError):
+    """The service's acceptance check refused the new version; nothing was switched (exit 5)."""
 
 
 class RecallGateError(RuntimeError):
@@ -141,11 +147,37 @@ def _validate(cfg: RebuildConfig) -> None:
     for name in ("gate_k", "gate_queries", "tune_queries", "keep", "embed_batch"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
-            raise RebuildInputError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    for name in ("ef_search", "nprobe", "ef_construction"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, int) or v < 1):
             raise RebuildInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    for name in ("ef_search", "nprobe", "ef_construction", "threads"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise RebuildInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    # numpy's and FAISS's seeds are unsigned: without this, -1 fails deep inside numpy with a
+    # message that names no option
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**31:
+        raise RebuildInputError(f"--seed must be an integer in [0, 2^31), got {cfg.seed!r}")
+
+
+def _check_out(root: Path) -> None:
+    """Refuse an INDEX_ROOT the run could not publish into, before any work is done.
+
+    A regular file as `--out` made `mkdir` fail with a bare FileExistsError; a `current` that is
+    a real directory (not the symlink `switch_current` replaces) was only found at the switch,
+    after the whole build, leaving an orphan version directory behind.
+    """
+    if root.exists() and not root.is_dir():
+        raise RebuildInputError(f"--out {root}: exists and is not a directory")
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RebuildInputError(f"--out {root}: {parent} is not a directory")
+            break
+    link = root / store.CURRENT
+    if link.exists() and not link.is_symlink():
+        raise RebuildInputError(
+            f"--out {root}: {link} is not a symlink (a real {'directory' if link.is_dir() else 'file'}); "
+            "move it away so the indexer can manage the current pointer"
+        )
 
 
 def _load_catalog(data: Path, model) -> pd.DataFrame:
@@ -225,6 +257,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
         if not Path(p).is_dir():
             raise RebuildInputError(f"{what} {p}: no such directory")
     root = Path(cfg.out)
+    _check_out(root)
     timer = _Timer()
     progress = _progress_enabled(cfg)
     threads = fi.set_num_threads(cfg.threads)
@@ -236,12 +269,16 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
         _checkpoint("locked")
 
         with timer.stage("load"):
+            bundle_path = Path(cfg.model)  # named by the error below if find_bundle itself fails
             try:
                 bundle_path = find_bundle(cfg.model)
                 bundle = load_bundle(bundle_path, verify=True)
             except BundleError as e:
                 raise RebuildInputError(str(e)) from None
+            except Exception as e:  # noqa: BLE001 - any loader failure is a bad bundle, named
+                raise RebuildInputError(f"{bundle_path}: model bundle unloadable ({type(e).__name__}: {e})") from None
             model = bundle.model
+            _check_bundle_servable(bundle, bundle_path)
             items = _load_catalog(Path(cfg.data), model)
             ids = items["item_id"].astype(str).tolist()
             vocab = set(model.item_encoder.ids.tokens)
@@ -286,13 +323,21 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
             path = store.write_version(
                 root, version, index=index, embeddings=vectors, item_ids=ids, bundle_path=bundle_path,
                 model_version=bundle.version, index_info=index_info, recall=recall, extra=extra,
-                checkpoint=_checkpoint,
+                checkpoint=_checkpoint, accept=_service_accepts,
             )
         _checkpoint("renamed")
 
         with timer.stage("switch"):
-            previous = store.read_current(root)
-            store.switch_current(root, version)
+            try:
+                previous = store.read_current(root)
+            except store.IndexVersionError as e:  # a dangling pointer: the switch repairs it
+                log.warning("replacing a broken current pointer: %s", e)
+                previous = None
+            try:
+                store.switch_current(root, version)
+            except BaseException:
+                _discard(root, path)  # never leave a version that was not switched to behind
+                raise
         log.info("current -> %s (was %s)", version, previous.name if previous else None)
         _checkpoint("switched")
         pruned = store.prune(root, cfg.keep)
@@ -303,6 +348,57 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
     log.info("rebuild done in %.1fs: %s", total, timer.timings)
     manifest = store._read_manifest(path)
     return RebuildResult(path=path, manifest=manifest, timings=timer.timings, pruned=pruned, cleaned=cleaned)
+
+
+def _check_bundle_servable(bundle, bundle_path: Path) -> None:  # noqa: ANN001 - training.bundle.Bundle
+    """Refuse, before any work, a bundle the service would refuse (exit 2, naming the bundle).
+
+    The user tower goes through the service's own check (`service.state.check_user_tower`);
+    the manifest's `embedding_dim` is compared here because otherwise it is only caught when
+    the copied bundle is verified inside the temporary version directory, whose name the
+    message then gave — a directory deleted by the time anyone reads it.
+    """
+    from service.state import VersionError, check_user_tower
+
+    manifest = bundle.manifest if isinstance(bundle.manifest, dict) else {}
+    declared = manifest.get("embedding_dim")
+    if declared is not None and declared != bundle.model.embedding_dim:
+        raise RebuildInputError(
+            f"{bundle_path}/manifest.json: embedding_dim {declared!r}, but config.json's model has "
+            f"embedding_dim {bundle.model.embedding_dim}"
+        )
+    try:
+        check_user_tower(bundle.model, f"model bundle {bundle_path}")
+    except VersionError as e:
+        raise RebuildInputError(f"{e}; the service would refuse it") from None
+
+
+def _service_accepts(tmp: Path) -> None:
+    """Load the written version exactly as the service does; ServingCheckError if it refuses.
+
+    Runs before the rename and the switch, so a refused version is never published. The files
+    were verified (and hashed) by `write_version` just before, hence `verify=False`.
+    """
+    from service.state import load_serving_version
+
+    try:
+        load_serving_version(tmp, verify=False)
+    except Exception as e:  # noqa: BLE001 - whatever the service would refuse on, we refuse on
+        raise ServingCheckError(
+            f"the service would refuse the new version ({type(e).__name__}: {e}); current unchanged"
+        ) from None
+
+
+def _discard(root: Path, path: Path) -> None:
+    """Delete a version directory that was written but could not be switched to."""
+    import shutil
+
+    trash = root / f"{store.TMP_PREFIX}deleted-{path.name}"
+    try:
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    except OSError as e:  # the next run's cleanup or retention gets it
+        log.warning("could not remove the unswitched version %s: %s", path, e)
 
 
 def _index_spec(cfg: RebuildConfig, n: int, dim: int) -> fi.IndexSpec:

@@ -457,12 +457,15 @@ def write_version(
     recall: dict | None,
     extra: dict | None = None,
     checkpoint: Callable[[str], None] | None = None,
+    accept: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete version directory and return its final path (not yet `current`).
 
     Everything goes to `root/.tmp-<version>/`; each file is fsynced as written, the directories
-    are fsynced, the result is verified as a reader would, and only then renamed to
-    `root/<version>` (and `root` fsynced). Call while holding the lock.
+    are fsynced, the result is verified as a reader would, then `accept(tmp_dir)` runs (the
+    indexer passes the service's own acceptance check, which raises to refuse the version), and
+    only then is it renamed to `root/<version>` (and `root` fsynced): a refused version never
+    appears under a version name. Call while holding the lock.
     `checkpoint(stage)` is a test hook called between steps.
     """
     root = Path(root)
@@ -514,7 +517,13 @@ def write_version(
         cb("write:manifest")
         # read back as a reader would; the data files' hashes were just computed from these
         # bytes, so only the copied bundle is re-hashed (against its own manifest)
-        verify_version(tmp, check_hashes=False)
+        try:
+            verify_version(tmp, check_hashes=False)
+        except IndexVersionError as e:
+            # the temp directory is deleted below: name the version, not a path that is gone
+            raise IndexVersionError(str(e).replace(str(tmp), f"new version {version}")) from None
+        if accept is not None:
+            accept(tmp)
         os.rename(tmp, final)
         fsync_path(root)
     except BaseException:

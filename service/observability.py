@@ -65,6 +65,17 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
 
 
+# Metric label values must come from a fixed set: the method is whatever token the client sent
+# (h11 accepts any), so `XFOO /nope` from anyone would add series to /metrics, and memory,
+# without bound. The endpoint label is already bounded (route templates, or "unmatched").
+METRIC_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+def metric_method(method: str) -> str:
+    """The method as a metric label: a standard one as is, anything else "other"."""
+    return method if method in METRIC_METHODS else "other"
+
+
 def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -104,15 +115,15 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - start
             endpoint = _route_template(scope)
             method = scope.get("method", "")
-            key = (endpoint, method)
+            key = (endpoint, metric_method(method))
             hist = self._latency.get(key)
             if hist is None:
-                hist = self._latency[key] = self.metrics.request_latency.labels(endpoint, method)
+                hist = self._latency[key] = self.metrics.request_latency.labels(*key)
             hist.observe(elapsed)
-            ckey = (endpoint, method, status)
+            ckey = (*key, status)
             counter = self._count.get(ckey)
             if counter is None:
-                counter = self._count[ckey] = self.metrics.requests.labels(endpoint, method, str(status))
+                counter = self._count[ckey] = self.metrics.requests.labels(*key, str(status))
             counter.inc()
             if self.log_requests and access_log.isEnabledFor(logging.INFO):
                 fields = {

@@ -251,14 +251,27 @@ class FastRedis:
                 self._connecting = None
 
     async def _connect(self) -> _Protocol:
+        """A connected, authenticated protocol on the configured database.
+
+        Any failure after the TCP connection exists — an error reply to AUTH or SELECT (a wrong
+        password, a bad db number), the connect deadline, a cancellation — aborts that
+        connection before re-raising. Otherwise every failed attempt (one per breaker probe)
+        left an open socket behind, in this process and in Redis's client list.
+        """
         loop = asyncio.get_running_loop()
-        async with deadline(self.connect_timeout_s):
-            _, proto = await loop.create_connection(lambda: _Protocol(self.timeout_s), self.host, self.port)
-            if self.password is not None:
-                auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-                await _replies(proto.send([encode_command(*auth)]))
-            if self.db:
-                await _replies(proto.send([encode_command("SELECT", self.db)]))
+        proto: _Protocol | None = None
+        try:
+            async with deadline(self.connect_timeout_s):
+                _, proto = await loop.create_connection(lambda: _Protocol(self.timeout_s), self.host, self.port)
+                if self.password is not None:
+                    auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                    await _replies(proto.send([encode_command(*auth)]))
+                if self.db:
+                    await _replies(proto.send([encode_command("SELECT", self.db)]))
+        except BaseException as e:
+            if proto is not None:
+                proto.abort(RedisConnectionLost(f"connection setup failed: {e!r}"))
+            raise
         self._proto = proto
         return proto
 

@@ -1,6 +1,7 @@
 """Request and response models of the HTTP API (INTERFACES.md §3), separate from each other.
 
-Requests are strict: unknown fields are rejected, every list and string is bounded, and a feature
+Requests are strict: unknown fields are rejected, values are not coerced (`"k": "3"` is a 422),
+every list and string is bounded, and a feature
 value must be a string, a finite number, a list of strings or null. Whether a value has the
 right type *for that feature* depends on the loaded model's schema, which changes on hot reload,
 so that part is checked per request (`service.tower.UserTower.validate`); the checks here are
@@ -67,7 +68,15 @@ FeatureValue = Annotated[Any, BeforeValidator(_check_feature_value), WithJsonSch
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+    """Base of the request models: unknown fields rejected, and no type coercion.
+
+    `strict=True`: lax mode turned `"k": true` into 1 and `"k": "3"` into 3 — a client bug the
+    service silently answered. Now a value must already have the field's JSON type (a JSON
+    integer for `k`; `3.0` is refused too), else a 422 names the field. Feature values are
+    `Any` with their own validator, so strictness does not change what they accept.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class EmbedRequest(_Strict):

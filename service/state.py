@@ -13,6 +13,10 @@ checks the manifest and every file's sha256), verified again here (dimensions, c
 tower's model version against the index's, finite unit user vectors, the index agreeing with
 `embeddings.npy`), and only then swapped in. A version that fails is refused — counted, logged,
 remembered so it is not retried every poll — and the old one keeps serving.
+
+`load_serving_version` is also the indexer's last step before it switches `current` (and
+`check_user_tower` its first, right after loading the bundle): one acceptance check, run by
+both, so `indexer rebuild` can never publish a version the service would refuse.
 """
 
 from __future__ import annotations
@@ -31,10 +35,16 @@ import numpy as np
 from indexer import store
 from service.metrics import ServiceMetrics
 from service.tower import TowerError, UserTower
+from training.model import FeatureError
 
 log = logging.getLogger("service.state")
 
 SCORE_CHECK_TOL = 1e-4
+# A lossy index must find each of these catalog rows (queried with its own embeddings.npy vector)
+# in its top 10 at least this often: a correct SQ/PQ index nearly always does, an index over
+# other vectors or another row order almost never (see _check_rows_align).
+ALIGNMENT_SAMPLE = 32
+ALIGNMENT_MIN_HITS = 0.5
 
 
 class VersionError(RuntimeError):
@@ -64,13 +74,37 @@ def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
     return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
-def load_serving_version(path: Path, *, ef_search_override: int | None = None) -> ServingVersion:
-    """Load and verify one version directory; raise VersionError (or the loader's error)."""
-    loaded = store.load_version(path)
+def _version_name(path: Path) -> str:
+    """The version a directory holds: the indexer checks `.tmp-<version>` before its rename."""
+    return Path(path).name.removeprefix(store.TMP_PREFIX)
+
+
+def check_user_tower(model: object, name: str) -> UserTower:
+    """The version's `UserTower`, or VersionError saying why the service cannot use it.
+
+    Shared with `indexer rebuild`, which calls it right after loading the bundle: a tower the
+    service would refuse (e.g. NaN feature statistics in features.json, which make every probe
+    user a validation error) must fail the rebuild, not the service after the switch.
+    """
+    try:
+        return UserTower(model)  # type: ignore[arg-type]
+    except (TowerError, FeatureError) as e:
+        raise VersionError(f"{name}: user tower unusable: {e}") from None
+
+
+def load_serving_version(
+    path: Path, *, ef_search_override: int | None = None, verify: bool = True
+) -> ServingVersion:
+    """Load and verify one version directory; raise VersionError (or the loader's error).
+
+    `verify=False` skips re-hashing the files (the indexer calls this on a version it has just
+    written and verified); every serving check below still runs.
+    """
+    loaded = store.load_version(path, verify=verify)
     manifest = loaded.manifest
     bundle = loaded.bundle
     model = bundle.model
-    name = Path(path).name
+    name = _version_name(path)
 
     tower_version = bundle.version
     if loaded.model_version != tower_version or manifest.get("model_version") != tower_version:
@@ -108,10 +142,7 @@ def load_serving_version(path: Path, *, ef_search_override: int | None = None) -
         raise VersionError(f"{name}: item count mismatch: {counts}")
     if len(set(item_ids)) != len(item_ids):
         raise VersionError(f"{name}: item_ids.txt has duplicate ids")
-    try:
-        tower = UserTower(model)
-    except TowerError as e:
-        raise VersionError(f"{name}: {e}") from None
+    tower = check_user_tower(model, name)
 
     hnsw = _hnsw_of(index)
     ef = None
@@ -138,20 +169,73 @@ def load_serving_version(path: Path, *, ef_search_override: int | None = None) -
 
 
 def _smoke_test(version: ServingVersion) -> None:
-    """One real query through the whole path: the index must agree with embeddings.npy."""
+    """One real query through the whole path: the index must agree with embeddings.npy.
+
+    Every returned row must be a catalog row (no duplicates), and its index score must be within
+    `SCORE_CHECK_TOL + ||x̂ − x||` of the exact cosine with its embeddings.npy row `x`, where `x̂`
+    is the vector the index stores for that row (`search_and_reconstruct`). For a Flat / HNSW
+    flat / IVF flat index `x̂ = x` and this is the 1e-4 check; a quantized index (SQ, PQ) scores
+    against `x̂`, and by Cauchy–Schwarz (`q` is a unit vector) its score can differ from the exact
+    cosine by at most `||x̂ − x||`, so the tolerance is the index's own quantization error, not
+    a guess per index type. That bound holds for any `x̂`, so a lossy index must also show that
+    its rows are embeddings.npy's rows (`_check_rows_align`). Served scores are recomputed from
+    embeddings.npy in any case (service.retrieval): a quantized index only chooses candidates.
+    """
     if version.count == 0:
         return
     from service.tower import UserRecord  # local: keeps the import graph obvious
 
+    name = _version_name(version.path)
     q = version.tower.embed([UserRecord(None, {})])
     k = min(10, version.count)
-    scores, rows = version.index.search(q, k)
-    if (rows < 0).all():
-        raise VersionError(f"{version.path.name}: the index returns no results")
-    valid = rows[0] >= 0
-    exact = np.asarray(version.embeddings[rows[0][valid]]) @ q[0]
-    if not np.isfinite(scores[0][valid]).all() or np.abs(exact - scores[0][valid]).max() > SCORE_CHECK_TOL:
-        raise VersionError(f"{version.path.name}: index scores disagree with embeddings.npy")
+    try:
+        scores, rows, stored = version.index.search_and_reconstruct(q, k)
+    except RuntimeError:  # an index type that cannot reconstruct: treat it as exact storage
+        scores, rows = version.index.search(q, k)
+        stored = None
+    rows0, scores0 = rows[0], scores[0]
+    valid = rows0 >= 0
+    if not valid.any():
+        raise VersionError(f"{name}: the index returns no results")
+    found = rows0[valid]
+    if (found >= version.count).any() or len(np.unique(found)) != len(found):
+        raise VersionError(f"{name}: the index returns rows that are not catalog rows: {found.tolist()}")
+    exact_rows = np.asarray(version.embeddings[found], dtype=np.float32)
+    exact = exact_rows @ q[0]
+    error = np.zeros(len(found), dtype=np.float32)
+    if stored is not None:
+        error = np.linalg.norm(stored[0][valid] - exact_rows, axis=1)
+        if not np.isfinite(error).all():
+            raise VersionError(f"{name}: the index stores non-finite vectors")
+    gap = np.abs(exact - scores0[valid])
+    if not np.isfinite(scores0[valid]).all() or (gap > SCORE_CHECK_TOL + error).any():
+        raise VersionError(f"{name}: index scores disagree with embeddings.npy (by up to {float(gap.max()):.3g})")
+    if error.max() > SCORE_CHECK_TOL:
+        _check_rows_align(version)
+
+
+def _check_rows_align(version: ServingVersion) -> None:
+    """A lossy index's row i must hold (an approximation of) embeddings.npy row i.
+
+    Queried with a row's own vector, a correct index returns a row with that vector among its
+    top 10 (the row itself, or an identical duplicate); an index built over other vectors, or
+    the same vectors in another order, returns rows whose embeddings.npy vectors are others.
+    A sample spread over the catalog must mostly succeed (ANN misses are allowed).
+    """
+    n = version.count
+    sample = np.unique(np.linspace(0, n - 1, min(ALIGNMENT_SAMPLE, n)).astype(np.int64))
+    queries = np.ascontiguousarray(version.embeddings[sample], dtype=np.float32)
+    _, rows = version.index.search(queries, min(10, n))
+    hits = 0
+    for query, found in zip(queries, rows, strict=True):
+        found = found[(found >= 0) & (found < n)]
+        if len(found) and float((np.asarray(version.embeddings[found]) @ query).max()) >= 1.0 - SCORE_CHECK_TOL:
+            hits += 1
+    if hits < ALIGNMENT_MIN_HITS * len(sample):
+        raise VersionError(
+            f"{_version_name(version.path)}: the index does not hold embeddings.npy's rows: queried with {len(sample)} "
+            f"catalog vectors it found the row itself for {hits} (built from other vectors or another row order?)"
+        )
 
 
 class VersionHolder:

@@ -110,3 +110,46 @@ def test_console_script(tmp_path):
         pytest.skip("console script not installed in this environment")
     out = subprocess.run([str(exe), "verify", "--root", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.strip() == f"indexer verify: error: {tmp_path}: no current version to verify"
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "text"),
+    [
+        ("out_is_file", [], "--out {out}: exists and is not a directory"),
+        ("current_is_dir", [], "current is not a symlink (a real directory)"),
+        ("none", ["--seed", "-1"], "--seed must be an integer"),
+        ("none", ["--threads", "0"], "--threads must be a positive integer"),
+    ],
+)
+def test_unusable_out_or_options_exit_2_before_any_work(setup, extra, text, tmp_path, tiny_bundle_path, tiny_dataset, capsys):
+    out = tmp_path / "index"
+    if setup == "out_is_file":
+        out.write_text("not a directory\n")
+    elif setup == "current_is_dir":
+        (out / store.CURRENT).mkdir(parents=True)
+    code, stdout, err = run(capsys, "rebuild", "--model", str(tiny_bundle_path), "--data", str(tiny_dataset),
+                            "--out", str(out), "--no-progress", *extra)
+    assert code == 2, err
+    assert err.count("\n") == 1 and text.format(out=out) in err, err
+    assert "stage embed" not in stdout  # refused before the work, so nothing was built ...
+    if out.is_dir():  # ... and no orphan version directory is left
+        assert sorted(p.name for p in out.iterdir() if p.name != store.LOCK_FILE) in ([], [store.CURRENT])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("bundle X: config.json: truncated JSON"), KeyError("model"), AttributeError("'list' object has no attribute 'items'")],
+)
+def test_bundle_loader_errors_exit_2_with_their_message(error, monkeypatch, tmp_path, tiny_bundle_path, tiny_dataset, capsys):
+    import training.bundle
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise error
+
+    monkeypatch.setattr(training.bundle, "load_bundle", broken)
+    code, _, err = run(capsys, "rebuild", "--model", str(tiny_bundle_path), "--data", str(tiny_dataset),
+                       "--out", str(tmp_path / "index"), "--no-progress")
+    assert code == 2, err
+    assert err.count("\n") == 1 and str(error).strip("'") in err, err
+    if not isinstance(error, ValueError):
+        assert str(tiny_bundle_path) in err and type(error).__name__ in err

@@ -224,3 +224,77 @@ def test_external_sigkill_while_paused_and_lock_contention(tmp_path, built_root,
     assert root_snapshot(built_root) == before
     res = rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root))
     assert res.cleaned and not list(built_root.glob(".tmp-*"))
+
+
+# ---- the service's acceptance check runs before the switch ---------------------------------
+
+
+@pytest.mark.parametrize("factory", ["HNSW16,SQ8", "IVF4,PQ4x4"])
+def test_quantized_index_is_published_and_accepted_by_the_service(factory, tmp_path, tiny_bundle_path, tiny_dataset):
+    """Lossy indexes (suggested by --help and docs/nightly.md) pass the shared acceptance check."""
+    from service.state import load_serving_version
+
+    root = tmp_path / "index"
+    res = rebuild(cfg(tiny_bundle_path, tiny_dataset, root, index=factory, recall_gate=0.5, nprobe=4 if "IVF" in factory else None))
+    assert store.read_current(root) == res.path.resolve()
+    assert load_serving_version(res.path).index_version == res.path.name
+
+
+def test_a_version_the_service_refuses_is_never_published(built_root, tiny_bundle_path, tiny_dataset, monkeypatch):
+    import service.state
+    from indexer.rebuild import ServingCheckError
+
+    def refuse(version):  # noqa: ANN001, ANN202
+        raise service.state.VersionError("index scores disagree with embeddings.npy")
+
+    before = root_snapshot(built_root)
+    versions = store.list_versions(built_root)
+    monkeypatch.setattr(service.state, "_smoke_test", refuse)
+    with pytest.raises(ServingCheckError, match="the service would refuse the new version .*index scores disagree") as e:
+        rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root))
+    assert isinstance(e.value, store.IndexVersionError)  # exit 5 from the CLI
+    assert root_snapshot(built_root) == before
+    assert store.list_versions(built_root) == versions and not list(built_root.glob(".tmp-*"))
+
+
+def _edited_bundle(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 - edit(name, obj) edits a JSON file in place
+    """A copy of bundle `src` with JSON files edited and its manifest checksums redone."""
+    import hashlib
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("features.json", "manifest.json"):
+        obj = json.loads((dst / name).read_text())
+        edit(name, obj)
+        if name == "manifest.json":
+            obj["files"] = {f: hashlib.sha256((dst / f).read_bytes()).hexdigest() for f in obj["files"]}
+        (dst / name).write_text(json.dumps(obj))
+    return dst
+
+
+def _nan_stats(name: str, obj: dict) -> None:
+    if name == "features.json":
+        stats = obj["user"]["stats"]["age"]
+        stats.update({k: float("nan") for k, v in stats.items() if isinstance(v, float)})
+
+
+def _wrong_manifest_dim(name: str, obj: dict) -> None:
+    if name == "manifest.json":
+        obj["embedding_dim"] = 32
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_nan_stats, r"user tower unusable: features\.age: must be a finite number"),
+        (_wrong_manifest_dim, r"manifest\.json: embedding_dim 32, but config\.json's model has embedding_dim 16"),
+    ],
+)
+def test_bundles_the_service_would_refuse_fail_before_any_work(edit, message, tmp_path, built_root, tiny_bundle_path, tiny_dataset):
+    bad = _edited_bundle(tiny_bundle_path, tmp_path / "bad_bundle", edit)
+    before = root_snapshot(built_root)
+    with pytest.raises(RebuildInputError, match=message) as e:
+        rebuild(cfg(bad, tiny_dataset, built_root))
+    assert str(bad) in str(e.value) and ".tmp-" not in str(e.value)
+    assert root_snapshot(built_root) == before and not list(built_root.glob(".tmp-*"))

@@ -101,6 +101,31 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
     assert "service_ready 1.0" in text
 
 
+@pytest.mark.parametrize("path", ["/nope", "/retrieve"])
+def test_metric_labels_are_bounded_whatever_the_method(client: TestClient, path: str) -> None:
+    """Made-up methods (any client can send them) must not add series to /metrics."""
+
+    def series() -> set[str]:
+        return {line.split(" ")[0] for line in client.get("/metrics").text.splitlines() if line.startswith("service_requests")}
+
+    series()  # the scrape itself is a series
+    client.request("XMADEUP0", path)
+    client.request("XMADEUP0", f"{path}/0")
+    before = series()
+    for i in range(1, 30):
+        client.request(f"XMADEUP{i}", path)
+        client.request(f"XMADEUP{i}", f"{path}/{i}")  # unmatched raw paths: endpoint="unmatched"
+    after = series()
+    assert after == before
+    assert not any("XMADEUP" in s or f"{path}/" in s for s in after), after
+    assert any('method="other"' in s for s in after)
+
+
+def test_batch_fields_are_strict_too(client: TestClient) -> None:
+    err = only_error(client.post("/retrieve/batch", json={"requests": [{"k": 2}, {"k": True}]}))
+    assert err["field"] == "requests.1.k", err
+
+
 def test_not_ready_until_a_version_is_loaded(tmp_path: Path) -> None:
     with serve(tmp_path / "empty-root", load=False) as c:
         assert c.get("/healthz").status_code == 200
@@ -223,6 +248,10 @@ def test_cached_answers_are_identical_and_flagged(client: TestClient) -> None:
         ('{"k": 1001}', "k"),
         ('{"k": NaN}', "k"),
         ('{"k": "ten"}', "k"),
+        ('{"k": "3"}', "k"),  # coerced to 3 before _Strict became strict
+        ('{"k": true}', "k"),  # coerced to 1
+        ('{"k": 3.0}', "k"),
+        ('{"exclude_item_ids": [1]}', "exclude_item_ids.0"),
         ('{"exclude_item_ids": "i1"}', "exclude_item_ids"),
         ('{"colour": "red"}', "colour"),
         ("[1, 2]", "body"),

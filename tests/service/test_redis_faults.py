@@ -138,3 +138,59 @@ def test_hung_redis_keeps_requests_within_the_timeout_budget(index_root: Path, b
         assert float(np.median(latencies)) < 0.05
         assert metric(c, "service_cache_errors_total", backend="redis", reason="timeout") >= 3
         assert metric(c, "service_cache_bypassed_total", backend="redis") > 0
+
+
+def _peer_closed(conn) -> bool:  # noqa: ANN001 - socket.socket
+    """Whether the client side of an accepted connection has been closed (EOF or reset)."""
+    conn.setblocking(False)
+    try:
+        while conn.recv(4096):  # what the client sent (its AUTH) comes first
+            pass
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("failure", ["wrong password", "bad database", "connect deadline"])
+def test_failed_connection_setup_closes_the_connection(tmp_path: Path, black_hole: BlackHole, failure: str) -> None:
+    """Every failed connect (one per breaker probe) must close its socket, not leak it."""
+    import asyncio
+
+    from service.redis_client import FastRedis, RedisReplyError
+
+    attempts = 25
+    server = None
+    if failure == "connect deadline":
+        # the AUTH a password makes the client send is never answered: the deadline fires
+        url, expected = f"redis://:s3cret@127.0.0.1:{black_hole.port}/0", TimeoutError
+    else:
+        server = RedisServer(tmp_path, extra=["--requirepass", "s3cret", "--databases", "16"])
+        server.start()
+        host = f"127.0.0.1:{server.port}"
+        url = f"redis://:wrong@{host}/0" if failure == "wrong password" else f"redis://:s3cret@{host}/99"
+        expected = RedisReplyError
+    try:
+        async def probe() -> None:
+            # a reply timeout far beyond the connect deadline: its watchdog must not be what
+            # closes the connection
+            r = FastRedis(url, connect_timeout_s=0.05, timeout_s=30.0)
+            for _ in range(attempts):
+                with pytest.raises(expected):
+                    await r.get("k")
+            await asyncio.sleep(0.01)  # let the loop run the aborted transports' callbacks
+            # checked while the loop (which would keep a leaked transport alive) still runs
+            if server is not None:
+                clients = server.client(password="s3cret").info("clients")["connected_clients"]
+                assert clients <= 2, f"{clients} connections open after {attempts} failed connects"
+            else:
+                wait_for(lambda: len(black_hole.conns) >= attempts, what="all connects accepted")
+                open_ = [c for c in black_hole.conns if not _peer_closed(c)]
+                assert not open_, f"{len(open_)} of {len(black_hole.conns)} connections left open"
+            await r.close()
+
+        asyncio.run(probe())
+    finally:
+        if server is not None:
+            server.stop()

@@ -245,3 +245,47 @@ def test_a_version_built_by_indexer_rebuild_is_served(index_root: Path, bundle_b
         assert pair(c) == (read_manifest(result.path)["model_version"], result.path.name)
         items = c.post("/retrieve", json={"user_id": "u1", "features": FEATURES, "k": 10}).json()["items"]
         assert len(items) == 10
+
+
+def _quantized(emb: np.ndarray, factory: str):  # noqa: ANN202 - faiss.Index
+    from indexer import faiss_index as fi
+
+    index = fi.build_index(emb, factory)
+    if fi.index_family(index) == "ivf":
+        fi.apply_search_params(index, {"nprobe": 4})  # stored in index.faiss
+    return index
+
+
+@pytest.mark.parametrize("factory", ["HNSW16,SQ8", "HNSW16,SQ4", "IVF4,SQ8", "IVF4,PQ4x4"])
+def test_quantized_index_is_served_with_exact_cosines(
+    factory: str, index_root: Path, catalog: tuple[np.ndarray, list[str]], bundle_a: Path
+) -> None:
+    """A lossy index's scores never equal embeddings.npy's; it must be served anyway, exactly scored."""
+    emb, ids = catalog
+    with serve(index_root) as c:
+        v = write_version(index_root, bundle_a, emb, ids, factory=factory, index=_quantized(emb, factory))
+        reloader = c.app.state.service.reloader
+        assert reloader.check_once() == "swapped", reloader.last_error
+        assert pair(c)[1] == v.name
+        body = {"user_id": "u1", "features": FEATURES}
+        vec = np.asarray(c.post("/embed", json=body).json()["vector"], dtype=np.float64)
+        items = c.post("/retrieve", json={**body, "k": 10}).json()["items"]
+        assert len(items) == 10
+        row = {item: i for i, item in enumerate(ids)}
+        exact = [float(np.float32(emb[row[it["item_id"]]].astype(np.float64) @ vec)) for it in items]
+        assert [it["score"] for it in items] == pytest.approx(exact, abs=1e-6)  # plain cosines
+
+
+def test_quantized_index_over_other_rows_is_refused(
+    index_root: Path, catalog: tuple[np.ndarray, list[str]], bundle_a: Path
+) -> None:
+    """The lossy tolerance is the index's own quantization error: a shifted row order still fails."""
+    emb, ids = catalog
+    with serve(index_root) as c:
+        good = pair(c)
+        shifted = np.ascontiguousarray(np.roll(emb, len(emb) // 2, axis=0))
+        write_version(index_root, bundle_a, emb, ids, factory="HNSW16,SQ8", index=_quantized(shifted, "HNSW16,SQ8"))
+        reloader = c.app.state.service.reloader
+        assert reloader.check_once() == "refused"
+        assert "does not hold embeddings.npy's rows" in (reloader.last_error or "")
+        assert pair(c) == good
