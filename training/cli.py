@@ -10,6 +10,13 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from training.bundle import Bundle
+    from training.dataset import Dataset
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -52,7 +59,7 @@ def _run(args: argparse.Namespace) -> None:
         if args.source == "movielens-100k":
             out = prepare_movielens_100k(args.src, args.out)
         else:
-            out = prepare_synthetic(args.out, args.users, args.items, args.interactions, args.seed)
+            out = prepare_synthetic(args.out, args.users, args.items, args.interactions, args.seed, warn=_warn(args))
         print(out)
     elif args.cmd == "fit":
         from training.train import TrainConfig, fit
@@ -68,8 +75,55 @@ def _run(args: argparse.Namespace) -> None:
 
         bundle = load_bundle(args.model)
         dataset = read_dataset(args.data)
+        for warning in check_bundle_matches_dataset(bundle, dataset):
+            _warn(args)(warning)
         metrics = evaluate_model(bundle.model, dataset, split_interactions(dataset.interactions))
         print(json.dumps(metrics, sort_keys=True))
+
+
+def _warn(args: argparse.Namespace) -> Callable[[str], None]:
+    """A printer of one-line warnings on stderr (stdout carries the command's result only)."""
+    return lambda message: print(f"trainer {args.cmd}: warning: {message}", file=sys.stderr)
+
+
+def check_bundle_matches_dataset(bundle: Bundle, dataset: Dataset) -> list[str]:
+    """Refuse (ValueError) a bundle whose feature schema differs from the dataset's: its encoders
+    would read other columns, or none (the metrics of such a pairing are meaningless). Return
+    warnings for a usable but suspect pairing: other data than it was trained on (the metrics
+    are not the manifest's), or a --full bundle (the test rows were in its training data)."""
+    from training.artifacts import read_json
+    from training.dataset import Schema
+
+    config = read_json(bundle.path / "config.json")
+    if isinstance(config, dict) and isinstance(config.get("schema"), dict):
+        trained = Schema.from_json(config["schema"], source=f"{bundle.path}/config.json").to_json()
+        given = dataset.schema.to_json()
+        show = lambda spec: json.dumps(spec, sort_keys=True) if spec else "absent"  # noqa: E731
+        diffs = [
+            f"{side}.{name}: bundle {show(trained[side]['features'].get(name))}, "
+            f"dataset {show(given[side]['features'].get(name))}"
+            for side in ("user", "item")
+            for name in sorted(set(trained[side]["features"]) | set(given[side]["features"]))
+            if trained[side]["features"].get(name) != given[side]["features"].get(name)
+        ]
+        if diffs:
+            raise ValueError(
+                f"bundle {bundle.path} was trained on another feature schema than {dataset.path}/schema.json: "
+                + "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
+            )
+    warnings = []
+    if bundle.manifest.get("full"):
+        warnings.append(
+            f"bundle {bundle.path.name} was trained with --full: the test rows were in its training data, "
+            "so these metrics are optimistic"
+        )
+    trained_on = bundle.manifest.get("data_fingerprint")
+    if trained_on and trained_on != dataset.fingerprint():
+        warnings.append(
+            f"bundle {bundle.path.name} was trained on other data than {dataset.path} (data fingerprint differs); "
+            "the metrics are not comparable with its manifest's"
+        )
+    return warnings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,11 @@ person fixing a broken nightly export needs exactly that and nothing else.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,9 @@ import numpy as np
 import pandas as pd
 
 FEATURE_TYPES = ("categorical", "multi_categorical", "continuous")
+SECTION_KEYS = ("features",)
+FEATURE_KEYS = ("type", "separator")
+INT64_BOUND = 2.0**63  # timestamps must lie in (-2^63, 2^63): the int64 seconds they are cast to
 
 
 class DatasetError(ValueError):
@@ -62,11 +67,14 @@ class Schema:
                 raise DatasetError(f"{source}: missing required section 'item'")
             if not isinstance(sec, dict) or not isinstance(sec.get("features", {}), dict):
                 raise DatasetError(f"{source}: '{side}' must be an object with a 'features' object")
+            _reject_unknown_keys(f"{source}: {side}", sec, SECTION_KEYS)  # "feature": {...} is not ignored
             feats = {}
             for name, decl in sec.get("features", {}).items():
                 where = f"{source}: {side}.features.{name}"
                 if not isinstance(decl, dict) or "type" not in decl:
                     raise DatasetError(f"{where}: must be an object with a 'type'")
+                _reject_unknown_keys(where, decl, FEATURE_KEYS)  # a misspelled "seperator" is not ignored
+                _check_feature_name(where, name)
                 ftype = decl["type"]
                 if ftype not in FEATURE_TYPES:
                     raise DatasetError(f"{where}: unknown type {ftype!r}; expected one of {list(FEATURE_TYPES)}")
@@ -84,6 +92,27 @@ class Schema:
             side: {"features": {n: s.to_json() for n, s in getattr(self, side).items()}}
             for side in ("user", "item")
         }
+
+
+def _reject_unknown_keys(where: str, obj: dict, known: tuple[str, ...]) -> None:
+    """A misspelled key would otherwise be ignored and its default used in silence."""
+    for key in obj:
+        if key not in known:
+            raise DatasetError(f"{where}: unknown key {key!r}; expected {' / '.join(repr(k) for k in known)}")
+
+
+def _check_feature_name(where: str, name: str) -> None:
+    """Each feature becomes a key of a torch ModuleDict (training/model.py), which refuses '',
+    names with '.' and names of existing Module attributes ('type', 'float', 'items', ...). Caught
+    here, it is a schema error before any data is read, not a KeyError after it."""
+    from torch import nn  # lazy: reading a dataset needs no torch otherwise
+
+    if not name.strip():
+        raise DatasetError(f"{where}: a feature name must not be empty")
+    if "." in name:
+        raise DatasetError(f"{where}: feature name {name!r} must not contain '.'")
+    if hasattr(nn.ModuleDict(), name):
+        raise DatasetError(f"{where}: feature name {name!r} is reserved (a torch Module attribute); rename the column")
 
 
 @dataclass
@@ -124,15 +153,78 @@ def _find(path: Path, stem: str, required: bool) -> Path | None:
     return None
 
 
-def _read_table(p: Path) -> pd.DataFrame:
-    """Read every column as str with '' for missing, so validation sees the raw values."""
+def _read_table(p: Path, separators: Mapping[str, str] | None = None, used: Collection[str] = ()) -> pd.DataFrame:
+    """Read every column as str with '' for missing, so validation sees the raw values.
+
+    Parquet list cells are joined with the separator of the declared multi_categorical feature
+    in `separators`; in any other column of `used` they are an error (str() of a list would
+    silently become one token such as "['a' 'b']").
+    """
     try:
         if p.suffix == ".parquet":
             df = pd.read_parquet(p)
+            df = _join_list_cells(p, df, separators or {}, used)
             return df.astype(object).where(df.notna(), "").astype(str)
-        return pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as e:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{p.name}: {_bad_utf8_where(p, e)}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
+    _check_short_rows(p, len(df.columns))
+    return df
+
+
+def _bad_utf8_where(p: Path, e: UnicodeDecodeError) -> str:
+    """'line 7: not valid UTF-8 (byte 0xe9)': the decoder only knows an offset in a buffer."""
+    with open(p, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"line {n}: not valid UTF-8 (byte 0x{line[bad.start]:02x}); save the file as UTF-8"
+    return f"not valid UTF-8 ({e.reason}); save the file as UTF-8"
+
+
+def _check_short_rows(p: Path, n_cols: int) -> None:
+    """pandas fills the missing fields of a short row (`i999,c1` under a 5-column header) with
+    '', which would pass as missing feature values; a truncated export must fail instead.
+    One pass of the C csv reader: about 0.2 s per million rows."""
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        for row in reader:
+            if row and len(row) < n_cols:
+                raise DatasetError(
+                    f"{p.name}: line {reader.line_num}: {len(row)} field(s) where the header has {n_cols} "
+                    "(a truncated row?)"
+                )
+
+
+def _join_list_cells(p: Path, df: pd.DataFrame, separators: Mapping[str, str], used: Collection[str]) -> pd.DataFrame:
+    """Parquet list<string> cells → separator-joined strings in multi_categorical columns."""
+    for col in df.columns:
+        if df[col].dtype != object:
+            continue
+        is_list = df[col].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+        if not is_list.any():
+            continue
+        if col not in separators:
+            if col in used:
+                i = int(np.flatnonzero(is_list)[0])
+                raise DatasetError(
+                    f"{p.name}: row {i}, column '{col}': a list value; only multi_categorical features may hold lists"
+                )
+            continue
+        sep = separators[col]
+        df[col] = [
+            sep.join(str(t) for t in v if not is_missing(t)) if isinstance(v, (list, tuple, np.ndarray)) else v
+            for v in df[col]
+        ]
+    return df
+
+
+def _multi_separators(feats: dict[str, FeatureSpec]) -> dict[str, str]:
+    return {n: s.separator for n, s in feats.items() if s.type == "multi_categorical"}
 
 
 def _line(p: Path, row: int) -> str:
@@ -175,6 +267,8 @@ def read_schema(path: str | Path) -> Schema:
         raise DatasetError(f"{Path(path)}: missing required file schema.json")
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"schema.json: {_bad_utf8_where(p, e)}") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"schema.json: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     return Schema.from_json(obj)
@@ -185,7 +279,7 @@ def read_items(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
     path = Path(path)
     schema = schema or read_schema(path)
     p = _find(path, "items", required=True)
-    df = _read_table(p)
+    df = _read_table(p, _multi_separators(schema.item), ["item_id", *schema.item])
     _require_columns(p, df, ["item_id"])
     _check_ids(p, df, "item_id")
     dup = df["item_id"].duplicated(keep="first").to_numpy()
@@ -205,7 +299,7 @@ def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
         if schema.user:
             raise DatasetError(f"{path}: schema.json declares user features {sorted(schema.user)} but there is no users.csv")
         return None
-    df = _read_table(p)
+    df = _read_table(p, _multi_separators(schema.user), ["user_id", *schema.user])
     _require_columns(p, df, ["user_id"])
     _check_ids(p, df, "user_id")
     dup = df["user_id"].duplicated(keep="first").to_numpy()
@@ -219,15 +313,20 @@ def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
 def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> pd.DataFrame:
     path = Path(path)
     p = _find(path, "interactions", required=True)
-    df = _read_table(p)
+    df = _read_table(p, used=["user_id", "item_id", "timestamp", "weight", "clicked"])
     _require_columns(p, df, ["user_id", "item_id", "timestamp"])
     _check_ids(p, df, "user_id")
     _check_ids(p, df, "item_id")
     ts = pd.to_numeric(df["timestamp"], errors="coerce")
-    bad = np.flatnonzero((ts.isna() | (ts != ts.round())).to_numpy())
+    tsf = ts.to_numpy(dtype=np.float64, na_value=np.nan)
+    # 'inf' and '1e25' parse as numbers but would cast to int64's minimum: a silent wrong order
+    bad = np.flatnonzero(~np.isfinite(tsf) | (tsf != np.round(tsf)) | (np.abs(tsf) >= INT64_BOUND))
     if len(bad):
         i = int(bad[0])
-        raise DatasetError(f"{p.name}: {_line(p, i)}, column 'timestamp': {df['timestamp'].iloc[i]!r} is not an integer number of seconds")
+        raise DatasetError(
+            f"{p.name}: {_line(p, i)}, column 'timestamp': {df['timestamp'].iloc[i]!r} is not an integer number "
+            "of seconds (finite, within the int64 range)"
+        )
     out = pd.DataFrame({
         "user_id": df["user_id"].to_numpy(),
         "item_id": df["item_id"].to_numpy(),
@@ -240,6 +339,8 @@ def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> 
             i = int(bad[0])
             raise DatasetError(f"{p.name}: {_line(p, i)}, column 'weight': {df['weight'].iloc[i]!r} is not a finite non-negative number")
         out["weight"] = w.astype(np.float32)
+        if not (w > 0).any():
+            raise DatasetError(f"{p.name}: column 'weight': every weight is 0; nothing to train on")
     else:
         out["weight"] = np.ones(len(df), dtype=np.float32)
     if "clicked" in df.columns:

@@ -15,14 +15,18 @@ Both write through a temp directory renamed into place: an interrupted run leave
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from training.artifacts import atomic_directory, write_json
-from training.dataset import DatasetError
+from training.dataset import DatasetError, read_dataset
+
+log = logging.getLogger("trainer.prepare")
 
 ML100K_SCHEMA = {
     "user": {"features": {
@@ -62,12 +66,48 @@ def _output_dir(out: str | Path) -> Path:
     return out
 
 
-def _write(out: Path, frames: dict[str, pd.DataFrame], schema: dict) -> Path:
+def _write(out: Path, frames: dict[str, pd.DataFrame], schema: dict, sources: dict[str, Path] | None = None) -> Path:
+    """Write the dataset through a temp directory; with `sources` ({"items.csv": source file}),
+    first read it back with `read_dataset`, the reader `trainer fit` uses, so a conversion of
+    bad input fails here, naming the source file, instead of leaving a dataset fit rejects."""
     with atomic_directory(out) as tmp:
         for name, df in frames.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
         write_json(tmp / "schema.json", schema)
+        if sources is not None:
+            try:
+                read_dataset(tmp)
+            except DatasetError as e:
+                raise DatasetError(_blame_source(str(e), sources)) from None
     return out
+
+
+def _blame_source(message: str, sources: dict[str, Path]) -> str:
+    """'interactions.csv: line 7, ...' → '<src>/u.data: line 6 is invalid (interactions.csv: ...)':
+    the converted files keep the source row order and add one header line."""
+    for name, src in sources.items():
+        if message.startswith(f"{name}:"):
+            m = re.match(rf"{re.escape(name)}: line (\d+)", message)
+            where = f": line {int(m.group(1)) - 1}" if m else ""
+            return f"{src}{where} is invalid (converted {message})"
+    return f"converted dataset is invalid: {message}"
+
+
+def _read_source(path: Path, sep: str, n_fields: int, *, complete: bool = False, **kw: object) -> pd.DataFrame:
+    """One GroupLens file as str columns, with errors naming it. Every row must have `n_fields`
+    fields: a u.genre missing an entry would otherwise shift every genre flag of u.item by one
+    column, silently. `complete`: no field may be empty or missing (a short u.data row)."""
+    try:
+        df = pd.read_csv(path, sep=sep, header=None, dtype=str, **kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot be parsed: {str(e).splitlines()[0]}") from None
+    if df.shape[1] != n_fields:
+        raise DatasetError(f"{path}: {df.shape[1]} {sep!r}-separated fields per row, expected {n_fields}")
+    missing = df.isna().to_numpy().any(axis=1)
+    if complete and missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise DatasetError(f"{path}: line {i + 1}: empty or missing field(s); expected {n_fields} {sep!r}-separated values")
+    return df
 
 
 def prepare_movielens_100k(src: str | Path, out: str | Path) -> Path:
@@ -77,12 +117,23 @@ def prepare_movielens_100k(src: str | Path, out: str | Path) -> Path:
         if not (src / f).is_file():
             raise DatasetError(f"{src}: missing {f} (expected the extracted ml-100k folder)")
     out = _output_dir(out)
-    ratings = pd.read_csv(src / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"], dtype=str)
-    users = pd.read_csv(src / "u.user", sep="|", names=["user_id", "age", "gender", "occupation", "zip"], dtype=str)
-    genres = pd.read_csv(src / "u.genre", sep="|", names=["name", "idx"], dtype=str, encoding="latin-1").dropna()
-    genre_names = [g for g, _ in sorted(zip(genres["name"], genres["idx"].astype(int), strict=True), key=lambda t: t[1])]
+    ratings = _read_source(src / "u.data", "\t", 4, complete=True)
+    ratings.columns = ["user_id", "item_id", "rating", "timestamp"]
+    users = _read_source(src / "u.user", "|", 5)
+    users.columns = ["user_id", "age", "gender", "occupation", "zip"]
+    genres = _read_source(src / "u.genre", "|", 2, complete=True, encoding="latin-1")
+    genres.columns = ["name", "idx"]
+    idx = pd.to_numeric(genres["idx"], errors="coerce")
+    if idx.isna().any() or sorted(idx.astype(int)) != list(range(len(genres))):
+        raise DatasetError(f"{src / 'u.genre'}: genre indices must be 0..{len(genres) - 1}, got {list(genres['idx'])}")
+    genre_names = [g for g, _ in sorted(zip(genres["name"], idx.astype(int), strict=True), key=lambda t: t[1])]
     cols = ["item_id", "title", "release", "video_release", "url", *genre_names]
-    raw = pd.read_csv(src / "u.item", sep="|", names=cols, dtype=str, encoding="latin-1", keep_default_na=False)
+    raw = _read_source(src / "u.item", "|", len(cols), encoding="latin-1", keep_default_na=False)
+    raw.columns = cols
+    bad = ~raw[genre_names].isin(["0", "1"]).to_numpy().all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{src / 'u.item'}: line {i + 1}: genre flags must be 0 or 1 (does u.genre list every genre?)")
     flags = raw[genre_names].astype(int).to_numpy().astype(bool)
     year = raw["release"].map(lambda s: m.group(0) if (m := re.search(r"\d{4}$", s)) else "")
     items = pd.DataFrame({
@@ -92,7 +143,8 @@ def prepare_movielens_100k(src: str | Path, out: str | Path) -> Path:
         "year": year,
     })
     interactions = ratings[["user_id", "item_id", "timestamp"]]
-    return _write(out, {"interactions": interactions, "items": items, "users": users}, ML100K_SCHEMA)
+    sources = {"interactions.csv": src / "u.data", "items.csv": src / "u.item", "users.csv": src / "u.user"}
+    return _write(out, {"interactions": interactions, "items": items, "users": users}, ML100K_SCHEMA, sources)
 
 
 def generate_synthetic(
@@ -206,7 +258,21 @@ def prepare_synthetic(
     n_items: int = 1000,
     n_interactions: int = 60000,
     seed: int = 0,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
+    """Write a synthetic dataset; `warn` (default: a log warning) hears about a shortfall.
+
+    Repeated (user, item) clicks are dropped, and popularity-weighted draws concentrate on the
+    head items, so a small catalog or few users can give fewer unique clicks than asked for;
+    the run still succeeds, but says so rather than silently returning fewer.
+    """
     out = _output_dir(out)
     frames = generate_synthetic(n_users, n_items, n_interactions, seed)
+    n = len(frames["interactions"])
+    if n < n_interactions:
+        (warn or log.warning)(
+            f"wrote {n:,} of the {n_interactions:,} interactions asked for: repeated (user, item) clicks are "
+            f"dropped and popularity-weighted draws saturate ({n_users:,} users x {n_items:,} items allow at most "
+            f"{n_users * n_items:,} distinct pairs); ask for more users or items to get closer"
+        )
     return _write(out, frames, json.loads(json.dumps(SYNTHETIC_SCHEMA)))

@@ -11,27 +11,42 @@ Only clicked rows take part: exposures without a click belong to ranking, not re
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+INTEGER_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', '٣'
+
+
+def is_integer_id(user_id: str) -> bool:
+    """Whether EVAL.md treats the id as an integer (optional '-', then ASCII digits only)."""
+    return INTEGER_ID.fullmatch(user_id) is not None
+
 
 def is_cold_user(user_id: str) -> bool:
-    """EVAL.md rule 1 for one id."""
+    """EVAL.md rule 1 for one id: `int(id) % 10 == 0` for integer ids, else `crc32(id) % 10 == 0`."""
     s = str(user_id)
-    if s.lstrip("-").isdigit():
+    if is_integer_id(s):
         return int(s) % 10 == 0
     return zlib.crc32(s.encode()) % 10 == 0
 
 
 def _id_sort_key(ids: pd.Series) -> pd.Series:
-    """Ids that all look like integers sort numerically (as in EVAL.md's reference); else as text."""
-    as_int = pd.to_numeric(ids, errors="coerce")
-    if as_int.notna().all():
-        return as_int.astype(np.int64)
-    return ids.astype(str)
+    """Ids that all are integers sort numerically (as in EVAL.md's reference); else as text.
+
+    "Integer" is `is_integer_id`: '1e3' or '1.0' are text, as they are for the cold rule.
+    Integers beyond int64 (>= 2^63) sort exactly as Python ints rather than overflowing.
+    """
+    text = ids.astype(str)
+    if len(text) == 0 or not text.str.fullmatch(INTEGER_ID.pattern).all():
+        return text
+    as_int = pd.to_numeric(text, errors="coerce")
+    if as_int.dtype == np.int64:
+        return as_int
+    return pd.Series([int(v) for v in text], index=ids.index, dtype=object)
 
 
 @dataclass

@@ -18,7 +18,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from training.artifacts import TMP_PREFIX
 from training.bundle import save_bundle
 from training.cold import calibrate_cold_start
 from training.dataset import Dataset, read_dataset
@@ -36,14 +39,21 @@ from training.evaluate import evaluate_model
 from training.features import TowerEncoder
 from training.frequency import StreamingFrequencyEstimator
 from training.model import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    RATE,
     HistoryPooling,
     ModelConfig,
+    Rule,
     TwoTowerModel,
     UserHistory,
     bake_history,
     build_history,
+    check_config_fields,
 )
 from training.samplers import (
+    SAMPLERS,
     NegativeSampler,
     build_sampler,
     keep_probability,
@@ -51,8 +61,14 @@ from training.samplers import (
     recency_weights,
 )
 from training.split import Split, split_interactions
-from training.ssl import SSLTask
-from training.task import RetrievalTask, known_positive_mask, mixed_log_q, sampled_hit_mask
+from training.ssl import AUGMENTATIONS, SSLTask
+from training.task import (
+    OBJECTIVES,
+    RetrievalTask,
+    known_positive_mask,
+    mixed_log_q,
+    sampled_hit_mask,
+)
 
 log = logging.getLogger("trainer")
 
@@ -61,6 +77,49 @@ log = logging.getLogger("trainer")
 # items almost never appear as negatives; the uniform ones reach them. Chosen on the nested
 # validation (docs/results/ml100k.md): tail_recall@100 +0.017, recall@20 +0.004 over 3 seeds.
 DEFAULT_MIXED_NEGATIVES = 1024
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN / infinite: the run's settings cannot train (no bundle)."""
+
+
+def _one_of(choices: tuple[str, ...]) -> Rule:
+    return (lambda v: v in choices, f"one of {list(choices)}")
+
+
+def _device_ok(name: str) -> bool:
+    if name == "auto":
+        return True
+    try:
+        return torch.device(name).type in DEVICE_TYPES
+    except (RuntimeError, ValueError):
+        return False
+
+
+# Range rules of TrainConfig fields (types are checked from the annotations). Each guards a
+# value that either crashes late (batch_size 0: ZeroDivisionError after the data is read) or
+# trains silently wrong (epochs 0: an untrained bundle; lr 0: the initial weights).
+TRAIN_RULES: dict[str, Rule] = {
+    "seed": NON_NEGATIVE, "epochs": AT_LEAST_1, "patience": AT_LEAST_1, "full_epochs": AT_LEAST_1,
+    "batch_size": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "ema_decay": RATE,
+    "logq_weight": NON_NEGATIVE, "cold_logq_weight": NON_NEGATIVE, "mixed_negatives": NON_NEGATIVE,
+    "min_count": NON_NEGATIVE, "n_buckets": AT_LEAST_1, "max_multi_len": AT_LEAST_1,
+    "eval_max_users": AT_LEAST_1, "history_alpha": NON_NEGATIVE, "history_max_len": AT_LEAST_1,
+    "device": (_device_ok, f"'auto' or a torch device of type {list(DEVICE_TYPES)} (e.g. 'cpu', 'cuda:0')"),
+    "cold_calibration_steps": NON_NEGATIVE, "cold_calibration_temperature": POSITIVE,
+    "objective": _one_of(OBJECTIVES), "num_negatives": AT_LEAST_1, "negative_sampler": _one_of(SAMPLERS),
+    "popularity_alpha": NON_NEGATIVE,
+    "hard_rank_band": (lambda v: len(v) == 2 and 0 <= v[0] < v[1], "[lo, hi] with 0 <= lo < hi"),
+    "mixture_hard_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mixture_easy": _one_of(("uniform", "popularity", "in_batch")), "triplet_margin": NON_NEGATIVE,
+    "logistic_sigma": POSITIVE, "frequency": _one_of(("exact", "streaming")), "stream_buckets": AT_LEAST_1,
+    "stream_hashes": AT_LEAST_1, "stream_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "positive_beta": NON_NEGATIVE, "recency_boost": NON_NEGATIVE, "positive_keep_t": NON_NEGATIVE,
+    "ssl_weight": NON_NEGATIVE, "ssl_augmentation": _one_of(AUGMENTATIONS), "ssl_rate": RATE,
+    "ssl_batch_size": AT_LEAST_1, "ssl_temperature": POSITIVE,
+}
 
 
 @dataclass
@@ -119,8 +178,18 @@ class TrainConfig:
     ssl_batch_size: int = 256            # m items drawn uniformly from the catalog per step
     ssl_temperature: float = 0.1
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key, its value and what is expected."""
+        check_config_fields(self, TRAIN_RULES)
+        self.model.validate()
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"training config must be an object, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
@@ -135,17 +204,74 @@ class TrainConfig:
             return cls()
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config {path}: not valid UTF-8: {_decode_error_where(Path(path), e)}") from None
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"config {path}: {e}") from None
         if not isinstance(obj, dict):
             raise ValueError(f"config {path}: top level must be a JSON object")
-        return cls.from_dict(obj)
+        try:
+            return cls.from_dict(obj)
+        except ValueError as e:
+            raise ValueError(f"config {path}: {e}") from None
+
+
+def _decode_error_where(path: Path, e: UnicodeDecodeError) -> str:
+    """'byte 0xe9 at line 3' for a UnicodeDecodeError of a whole-file read."""
+    line = path.read_bytes()[: e.start].count(b"\n") + 1
+    return f"byte 0x{e.object[e.start]:02x} at line {line} ({e.reason})"
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for `name`; a device this machine lacks is a clear error up front
+    (torch would otherwise fail with an AssertionError at the first tensor moved there)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ValueError(f"device={name!r}: this machine has {n} CUDA device(s); use 'auto' or 'cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r}: MPS is not available on this machine; use 'auto' or 'cpu'")
+    return dev
+
+
+def check_models_dir(models_dir: str | Path) -> None:
+    """Fail before any data is read or trained on if `models_dir` can never hold a bundle: it is
+    a file, lies under a file, or nothing can be created where it is (read-only, /proc, no
+    permission). Probed by creating and removing a temp directory in the nearest existing
+    ancestor, so a run that then fails on its data leaves no empty models directory behind."""
+    path = Path(models_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"models directory {path}: exists and is not a directory")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"models directory {path}: cannot be created, {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}probe.", dir=ancestor))
+    except OSError as e:
+        where = "" if ancestor == path.absolute() else f" in {ancestor}"
+        raise ValueError(f"models directory {path}: cannot write{where}: {e.strerror or e}") from None
+
+
+def check_finite(model: torch.nn.Module, loss: float, where: str) -> None:
+    """Raise TrainingDiverged if `loss` or any weight of `model` is NaN or infinite.
+
+    A diverged run (lr far too high, a temperature near 0) otherwise trains on, and a bundle of
+    NaN weights is written with exit 0 and served as garbage; stopping at the first bad epoch
+    saves the remaining epochs too.
+    """
+    if not math.isfinite(loss):
+        bad = f"loss is {loss}"
+    else:
+        names = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if not names:
+            return
+        bad = f"weights are not finite ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    raise TrainingDiverged(f"training diverged: {bad} {where}; lower lr / check temperature")
 
 
 def user_table(dataset: Dataset) -> tuple[np.ndarray, pd.DataFrame | None]:
@@ -217,6 +343,8 @@ def fit(
     and on ML-100K two runs with one seed drifted apart by ±0.004 recall@20 by the end.
     """
     cfg = cfg or TrainConfig()
+    cfg.validate()  # again: fields may have been assigned after construction
+    check_models_dir(models_dir)
     was = torch.are_deterministic_algorithms_enabled()
     was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
@@ -229,13 +357,6 @@ def fit(
 def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None) -> Path:
     t_start = time.time()
     device = pick_device(cfg.device)
-    if cfg.cold_calibration_steps < 0 or cfg.cold_calibration_temperature <= 0:
-        raise ValueError(
-            f"cold_calibration_steps={cfg.cold_calibration_steps} must be >= 0 and "
-            f"cold_calibration_temperature={cfg.cold_calibration_temperature} must be > 0"
-        )
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
 
     # 1. data ------------------------------------------------------------------------------
     dataset = read_dataset(data_dir)
@@ -244,6 +365,9 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
     train = clicked if full else split.fit
     if len(train) == 0:
         raise ValueError(f"{data_dir}: no training interactions after the EVAL.md split")
+    if not (train["weight"] > 0).any():
+        # every row's loss is multiplied by its weight: all zero trains nothing, silently
+        raise ValueError(f"{data_dir}: every training interaction has weight 0; nothing to train on")
     log.info("data: %s; training on %d rows (%s)", split.summary(), len(train), "full" if full else "fit split")
 
     # 2-3. encoders, model, training (early stopping on validation) -------------------------
@@ -279,6 +403,7 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
         )
 
     # 5. evaluate and save -----------------------------------------------------------------
+    check_finite(model, 0.0, "after history baking / cold-start calibration")
     train_seconds = round(time.time() - t_start, 2)
     metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
     model.cpu()
@@ -447,10 +572,17 @@ def _train(
             opt.step()
             if ema is not None:
                 ema.update()
-            total += loss.item()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                bar.close()
+                check_finite(model, loss_value, f"at epoch {epoch}")
+            total += loss_value
             if b % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.close()
+        check_finite(model, total, f"at epoch {epoch}")
+        if pool is not None:
+            check_finite(pool, total, f"at epoch {epoch}")
         row = {"epoch": epoch, "loss": round(total / n_batches, 5)}
         if validate:
             model.eval()

@@ -43,6 +43,11 @@ def _edit_csv(path: Path, row: int, col: str, value: str) -> None:
         ("items.csv", 7, "price", "cheap", "items.csv: line 9, column 'price': 'cheap' is not a number"),
         ("items.csv", 3, "item_id", "i0", "items.csv: line 5, column 'item_id': duplicate id 'i0'"),
         ("users.csv", 10, "age", "inf", "users.csv: line 12, column 'age': 'inf' is not finite"),
+        # timestamps that parse as numbers but not as int64 seconds (were cast to int64's minimum)
+        ("interactions.csv", 3, "timestamp", "inf", "interactions.csv: line 5, column 'timestamp': 'inf' is not an integer"),
+        ("interactions.csv", 3, "timestamp", "-inf", "interactions.csv: line 5, column 'timestamp': '-inf' is not an integer"),
+        ("interactions.csv", 3, "timestamp", "1e25", "interactions.csv: line 5, column 'timestamp': '1e25' is not an integer"),
+        ("interactions.csv", 3, "timestamp", "9223372036854775808", "line 5, column 'timestamp': '9223372036854775808'"),
     ],
 )
 def test_malformed_rows_are_named(ds: Path, file: str, row: int, col: str, value: str, message: str) -> None:
@@ -70,6 +75,15 @@ def test_missing_files_and_columns(ds: Path) -> None:
         ({"item": {"features": {"x": {"type": "float"}}}}, "item.features.x: unknown type 'float'"),
         ({"item": {"features": {"item_id": {"type": "categorical"}}}}, "must not be declared"),
         ({"item": {"features": {}}, "ranking": {}}, "unknown top-level key"),
+        # misspelled keys were ignored (a default separator, no features at all)
+        ({"item": {"feature": {"x": {"type": "categorical"}}}}, "schema.json: item: unknown key 'feature'"),
+        ({"user": {"features": {}, "extra": 1}, "item": {"features": {}}}, "schema.json: user: unknown key 'extra'"),
+        ({"item": {"features": {"tags": {"type": "multi_categorical", "seperator": ";"}}}},
+         "schema.json: item.features.tags: unknown key 'seperator'"),
+        # names a torch ModuleDict cannot hold (a KeyError in model.py after the data was read)
+        ({"item": {"features": {"price.usd": {"type": "continuous"}}}}, "item.features.price.usd: .*must not contain '.'"),
+        ({"user": {"features": {"type": {"type": "categorical"}}}, "item": {"features": {}}}, "user.features.type: .*reserved"),
+        ({"item": {"features": {"": {"type": "categorical"}}}}, "must not be empty"),
     ],
 )
 def test_schema_errors(schema: dict, message: str) -> None:
@@ -100,3 +114,45 @@ def test_exposure_flag_parsed(ds: Path) -> None:
     df.to_csv(ds / "interactions.csv", index=False)
     d = read_dataset(ds)
     assert (~d.interactions["clicked"]).sum() == (len(df) + 4) // 5
+
+
+@pytest.mark.parametrize("file", ["items.csv", "users.csv", "interactions.csv"])
+def test_truncated_row_is_named(ds: Path, file: str) -> None:
+    """A row with fewer fields than the header was read with '' for the missing ones."""
+    with open(ds / file, "a", encoding="utf-8") as f:
+        f.write("x999,c1\n")
+    n_lines = len((ds / file).read_text(encoding="utf-8").splitlines())
+    with pytest.raises(DatasetError, match=rf"{file}: line {n_lines}: 2 field\(s\) where the header has"):
+        read_dataset(ds)
+
+
+@pytest.mark.parametrize("file", ["items.csv", "users.csv", "schema.json"])
+def test_non_utf8_byte_names_file_and_line(ds: Path, file: str) -> None:
+    lines = (ds / file).read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b",", b",\xe9", 1) if file != "schema.json" else lines[2] + b" \xe9"
+    (ds / file).write_bytes(b"\n".join(lines))
+    with pytest.raises(DatasetError, match=rf"{file}: line 3: not valid UTF-8 \(byte 0xe9\)"):
+        read_dataset(ds)
+
+
+def test_parquet_list_column_joined_with_separator(ds: Path) -> None:
+    """list<string> cells of a multi_categorical feature were str()-ed into "['a' 'b']"."""
+    items = pd.read_csv(ds / "items.csv", dtype=str, keep_default_na=False)
+    as_lists = items.assign(tags=[t.split("|") for t in items["tags"]])
+    as_lists.to_parquet(ds / "items.parquet")
+    (ds / "items.csv").unlink()
+    assert list(read_dataset(ds).items["tags"]) == list(items["tags"])
+    as_lists.assign(category=[[c] for c in items["category"]]).to_parquet(ds / "items.parquet")
+    with pytest.raises(DatasetError, match="items.parquet: row 0, column 'category': a list value"):
+        read_dataset(ds)
+
+
+def test_all_zero_weights_rejected(ds: Path) -> None:
+    df = pd.read_csv(ds / "interactions.csv", dtype=str)
+    df["weight"] = "0"
+    df.to_csv(ds / "interactions.csv", index=False)
+    with pytest.raises(DatasetError, match="interactions.csv: column 'weight': every weight is 0"):
+        read_dataset(ds)
+    df.loc[3, "weight"] = "0.5"  # one positive weight is enough for the reader
+    df.to_csv(ds / "interactions.csv", index=False)
+    assert read_dataset(ds).interactions["weight"].sum() == 0.5

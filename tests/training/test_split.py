@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from training.dataset import read_dataset
 from training.prepare import prepare_movielens_100k
-from training.split import head_items, is_cold_user, split_interactions
+from training.split import _id_sort_key, head_items, is_cold_user, split_interactions
 
 
 def test_cold_rule() -> None:
@@ -16,6 +17,33 @@ def test_cold_rule() -> None:
     import zlib
 
     assert is_cold_user("alice") == (zlib.crc32(b"alice") % 10 == 0)
+
+
+@pytest.mark.parametrize(
+    ("user_id", "integer"),
+    [("²", False), ("1²", False), ("٣0", False), ("--10", False), ("+10", False), ("1e3", False), (" 10", False),
+     ("-20", True), ("007", True), (str(2**64 * 10), True)],
+)
+def test_cold_rule_is_total_and_ascii(user_id: str, integer: bool) -> None:
+    """str.isdigit() accepted '²' (then int() raised); EVAL.md: integer ids by value, else crc32."""
+    import zlib
+
+    expected = int(user_id) % 10 == 0 if integer else zlib.crc32(user_id.encode()) % 10 == 0
+    assert is_cold_user(user_id) == expected
+
+
+@pytest.mark.parametrize(
+    ("ids", "order"),
+    [
+        (["3", "10", "2"], ["2", "3", "10"]),                        # integers by value
+        (["3", "1e3", "2"], ["1e3", "2", "3"]),                      # '1e3' is not an integer id: all as text
+        (["5", str(2**63), "10", str(2**64 + 1)], ["5", "10", str(2**63), str(2**64 + 1)]),  # beyond int64
+        (["-1", "5", str(-(2**63) - 1)], [str(-(2**63) - 1), "-1", "5"]),
+    ],
+)
+def test_id_sort_key_is_total_and_exact(ids: list[str], order: list[str]) -> None:
+    s = pd.Series(ids)
+    assert list(s.iloc[_id_sort_key(s).sort_values(kind="stable").index]) == order
 
 
 def test_split_rules_by_hand() -> None:

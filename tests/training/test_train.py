@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from tests.conftest import tiny_train_config
 from training.bundle import load_bundle
-from training.train import TrainConfig, fit
+from training.model import ModelConfig
+from training.split import is_cold_user
+from training.train import TrainConfig, TrainingDiverged, fit
 
 
 def test_same_seed_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -85,3 +92,125 @@ def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
     p.write_text(json.dumps({"epochs": 3, "model": {"hidden": [8]}}))
     cfg = TrainConfig.from_file(p)
     assert cfg.epochs == 3 and cfg.model.hidden == [8]
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"epochs": "3"}, "epochs='3' must be an integer"),
+        ({"epochs": 2.5}, "epochs=2.5 must be an integer"),
+        ({"epochs": True}, "epochs=True must be an integer"),
+        ({"epochs": 0}, "epochs=0 must be >= 1"),
+        ({"epochs": -1}, "epochs=-1 must be >= 1"),
+        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+        ({"refit": "false"}, "refit='false' must be true or false"),
+        ({"refit": 0}, "refit=0 must be true or false"),
+        ({"lr": "0.01"}, "lr='0.01' must be a finite number"),
+        ({"lr": 0}, "lr=0 must be > 0"),
+        ({"lr": float("nan")}, "lr=nan must be a finite number"),
+        ({"seed": "1"}, "seed='1' must be an integer"),
+        ({"ema_decay": None}, "ema_decay=None must be a finite number"),
+        ({"ema_decay": 1.0}, r"ema_decay=1.0 must be in \[0, 1\)"),
+        ({"eval_max_users": 0}, "eval_max_users=0 must be >= 1"),
+        ({"full_epochs": 0}, "full_epochs=0 must be >= 1"),
+        ({"hard_rank_band": [100, 20]}, "hard_rank_band=\\[100, 20\\] must be"),
+        ({"hard_rank_band": ["20", 100]}, "must be a list of integers"),
+        ({"objective": "softmax"}, "objective='softmax' must be one of"),
+        ({"device": "gpu"}, "device='gpu' must be 'auto' or a torch device"),
+        ({"model": None}, "model=None must be an object"),
+        ({"model": {"id_dim": "8"}}, "model.id_dim='8' must be an integer"),
+        ({"model": {"id_dim": 0}}, "model.id_dim=0 must be >= 1"),
+        ({"model": {"hidden": [0]}}, "model.hidden=\\[0\\] must be a list of layer widths >= 1"),
+        ({"model": {"temperature": 0}}, "model.temperature=0 must be > 0"),
+        ({"model": {"temperature": -0.05}}, "model.temperature=-0.05 must be > 0"),
+        ({"model": {"user_id_dropout": 1}}, r"model.user_id_dropout=1 must be in \[0, 1\)"),
+    ],
+)
+def test_config_checks_types_and_ranges(over: dict, message: str, tmp_path: Path) -> None:
+    """Wrong types and values were accepted: "false" refit anyway, 0 epochs wrote an untrained
+    bundle, batch_size 0 crashed after the data was read. The error names key, value, expectation."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(over)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(over))
+    with pytest.raises(ValueError, match=f"config {p}: .*{message}"):
+        TrainConfig.from_file(p)
+
+
+def test_config_accepts_every_valid_shape() -> None:
+    """ints where floats are expected, nulls where optional, and the default round-trips."""
+    cfg = TrainConfig.from_dict({"lr": 1, "ema_decay": 0, "full_epochs": None, "cold_logq_weight": None,
+                                 "eval_max_users": None, "mixed_negatives": 0, "model": {"temperature": 1, "hidden": []}})
+    assert cfg.lr == 1 and cfg.full_epochs is None and cfg.model.hidden == []
+    assert TrainConfig.from_dict(asdict(TrainConfig())) == TrainConfig()
+    assert ModelConfig.from_dict(asdict(ModelConfig())) == ModelConfig()
+
+
+def test_committed_configs_stay_valid() -> None:
+    """Every training config recorded under docs/results (and every bundle's) still loads."""
+    root = Path(__file__).resolve().parents[2]
+    found = 0
+
+    def walk(o: object) -> Iterator[dict]:
+        if isinstance(o, dict):
+            if isinstance(o.get("model"), dict) and "temperature" in o["model"]:
+                yield o
+            for v in o.values():
+                yield from walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from walk(v)
+
+    for path in sorted((root / "docs" / "results").glob("*.json")):
+        for c in walk(json.loads(path.read_text())):
+            base = asdict(TrainConfig())
+            TrainConfig.from_dict(base | {k: v for k, v in c.get("train", c).items() if k in base})
+            ModelConfig.from_dict(c["model"])
+            found += 1
+    if found == 0:
+        pytest.skip("no committed results")
+
+
+def test_config_non_utf8_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.json"
+    p.write_bytes(b'{"epochs": 2,\n "note": "caf\xe9"}')
+    with pytest.raises(ValueError, match=rf"config {p}: not valid UTF-8: byte 0xe9 at line 2"):
+        TrainConfig.from_file(p)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_clear_error_before_reading_data(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="device='cuda': this machine has 0 CUDA device"):
+        fit(tmp_path / "no-data", tmp_path / "m", tiny_train_config(device="cuda"), progress=False)
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_models_dir_checked_before_reading_data(tmp_path: Path, where: str) -> None:
+    """--out that can never hold a bundle failed only after all training; the data dir here
+    does not even exist, so the error proves the check comes first."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "models"
+    with pytest.raises(ValueError, match=f"models directory {out}: "):
+        fit(tmp_path / "no-data", out, tiny_train_config(), progress=False)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_diverged_fit_writes_no_bundle(tiny_dataset: Path, tmp_path: Path, full: bool) -> None:
+    """lr 1e30 made the loss NaN; the NaN weights were saved as a bundle with exit 0."""
+    cfg = tiny_train_config(lr=1e30, epochs=3, full_epochs=3, refit=False, cold_calibration_steps=0)
+    with pytest.raises(TrainingDiverged, match=r"training diverged: .* at epoch \d+; lower lr / check temperature"):
+        fit(tiny_dataset, tmp_path / "m", cfg, full=full, progress=False)
+    assert not (tmp_path / "m").exists() or list((tmp_path / "m").iterdir()) == []
+
+
+def test_no_positive_training_weight_is_an_error(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Only held-out rows weigh anything: the fit split trains on nothing (was exit 0)."""
+    data = tmp_path / "d"
+    shutil.copytree(tiny_dataset, data)
+    df = pd.read_csv(data / "interactions.csv", dtype=str)
+    df["weight"] = "0"
+    cold = next(u for u in df["user_id"] if is_cold_user(u))
+    df.loc[df["user_id"] == cold, "weight"] = "1"  # a cold user's rows: never in training
+    df.to_csv(data / "interactions.csv", index=False)
+    with pytest.raises(ValueError, match="every training interaction has weight 0"):
+        fit(data, tmp_path / "m", tiny_train_config(epochs=1), progress=False)
