@@ -126,6 +126,27 @@ def test_truncated_row_is_named(ds: Path, file: str) -> None:
         read_dataset(ds)
 
 
+def test_every_row_one_field_longer_is_named(ds: Path) -> None:
+    """pandas took the first column as the index when every row had one field more than the
+    header, shifting every column left by one, silently."""
+    lines = (ds / "items.csv").read_text(encoding="utf-8").splitlines()
+    (ds / "items.csv").write_text("\n".join([lines[0]] + [row + ",extra" for row in lines[1:]]) + "\n", encoding="utf-8")
+    n = len(lines[0].split(","))
+    with pytest.raises(DatasetError, match=rf"items.csv: line 2: {n + 1} field\(s\) where the header has {n}"):
+        read_dataset(ds)
+
+
+def test_repeated_header_name_is_named(ds: Path) -> None:
+    """pandas renamed a second 'category' column to 'category.1' and read on."""
+    lines = (ds / "items.csv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    (ds / "items.csv").write_text(
+        "\n".join([",".join(header + [header[1]])] + [row + ",zz" for row in lines[1:]]) + "\n", encoding="utf-8"
+    )
+    with pytest.raises(DatasetError, match=rf"items.csv: line 1: column '{header[1]}' appears twice"):
+        read_dataset(ds)
+
+
 @pytest.mark.parametrize("file", ["items.csv", "users.csv", "schema.json"])
 def test_non_utf8_byte_names_file_and_line(ds: Path, file: str) -> None:
     lines = (ds / file).read_bytes().split(b"\n")
