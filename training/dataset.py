@@ -164,6 +164,7 @@ def _read_table(p: Path, separators: Mapping[str, str] | None = None, used: Coll
         if p.suffix == ".parquet":
             df = pd.read_parquet(p)
             df = _join_list_cells(p, df, separators or {}, used)
+            df = _datetimes_as_seconds(df)
             return df.astype(object).where(df.notna(), "").astype(str)
         df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False)
     except UnicodeDecodeError as e:
@@ -230,6 +231,21 @@ def _join_list_cells(p: Path, df: pd.DataFrame, separators: Mapping[str, str], u
             sep.join(str(t) for t in v if not is_missing(t)) if isinstance(v, (list, tuple, np.ndarray)) else v
             for v in df[col]
         ]
+    return df
+
+
+def _datetimes_as_seconds(df: pd.DataFrame) -> pd.DataFrame:
+    """Parquet timestamp columns → integer Unix seconds (UTC; naive times are taken as UTC).
+
+    Parquet has a native timestamp type, and exports use it; as text ('2024-01-01 00:00:00')
+    it would only be rejected as "not an integer number of seconds". Sub-second parts are
+    floored: the contract's unit is the second.
+    """
+    for col in df.columns:
+        if pd.api.types.is_datetime64_any_dtype(df[col]):
+            t = df[col].dt.tz_localize("UTC") if df[col].dt.tz is None else df[col].dt.tz_convert("UTC")
+            secs = t.astype("datetime64[s, UTC]").astype("int64").astype(object)
+            df[col] = secs.where(t.notna(), None)
     return df
 
 

@@ -136,6 +136,19 @@ def test_every_row_one_field_longer_is_named(ds: Path) -> None:
         read_dataset(ds)
 
 
+@pytest.mark.parametrize("tz", [None, "Europe/Paris"])
+def test_parquet_timestamps_become_unix_seconds(ds: Path, tz: str | None) -> None:
+    """A parquet timestamp column is read as integer seconds, not rejected as text."""
+    inter = pd.read_csv(ds / "interactions.csv", dtype=str, keep_default_na=False)
+    secs = inter["timestamp"].astype("int64")
+    when = pd.to_datetime(secs, unit="s", utc=True) + pd.Timedelta(milliseconds=250)
+    inter["timestamp"] = when.dt.tz_convert(tz) if tz else when.dt.tz_localize(None)
+    (ds / "interactions.csv").unlink()
+    inter.to_parquet(ds / "interactions.parquet")
+    got = read_dataset(ds).interactions["timestamp"]
+    assert got.tolist() == secs.tolist()
+
+
 def test_repeated_header_name_is_named(ds: Path) -> None:
     """pandas renamed a second 'category' column to 'category.1' and read on."""
     lines = (ds / "items.csv").read_text(encoding="utf-8").splitlines()
