@@ -219,6 +219,12 @@ def build_sampler(
 ) -> NegativeSampler:
     """The sampler named in the training config (`negative_sampler`)."""
     n_items = len(counts)
+    if name in ("hard", "mixture") and rank_band[0] >= n_items:
+        # every user's band would be empty and each hard draw would fall back to uniform, silently
+        raise ValueError(
+            f"hard_rank_band {list(rank_band)} starts at rank {rank_band[0]}, beyond the catalog's {n_items} items; "
+            f"choose a band within [0, {n_items})"
+        )
     if name == "uniform":
         return UniformSampler(n_items)
     if name == "popularity":

@@ -167,6 +167,17 @@ class SSLTask:
         self.n_items = len(catalog["id"])
         self.groups = feature_groups(catalog)
         self.names = list(self.groups)
+        if augmentation in ("complementary", "correlated") and len(self.names) < 2:
+            # checked here, when the config is applied, not at the first training step
+            raise ValueError(
+                f"ssl_augmentation {augmentation!r} splits the item features into two views and needs >= 2 "
+                f"feature groups; this catalog has {self.names} (use 'random', or add item features)"
+            )
+        if augmentation == "multi_dropout" and not any(k.startswith("multi.") for k in catalog):
+            raise ValueError(
+                "ssl_augmentation 'multi_dropout' drops tokens of multi_categorical item features, and this catalog "
+                "has none: both views would be identical (use 'random' or 'correlated')"
+            )
         self.augmentation, self.rate = augmentation, rate
         self.batch_size, self.temperature = batch_size, temperature
         self.mi = feature_mutual_information(catalog, self.groups) if augmentation == "correlated" else None

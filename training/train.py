@@ -106,7 +106,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "batch_size": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "ema_decay": RATE,
     "logq_weight": NON_NEGATIVE, "cold_logq_weight": NON_NEGATIVE, "mixed_negatives": NON_NEGATIVE,
     "min_count": NON_NEGATIVE, "n_buckets": AT_LEAST_1, "max_multi_len": AT_LEAST_1,
-    "eval_max_users": AT_LEAST_1, "history_alpha": NON_NEGATIVE, "history_max_len": AT_LEAST_1,
+    "eval_max_users": AT_LEAST_1, "history_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "history_max_len": AT_LEAST_1,
     "device": (_device_ok, f"'auto' or a torch device of type {list(DEVICE_TYPES)} (e.g. 'cpu', 'cuda:0')"),
     "cold_calibration_steps": NON_NEGATIVE, "cold_calibration_temperature": POSITIVE,
     "objective": _one_of(OBJECTIVES), "num_negatives": AT_LEAST_1, "negative_sampler": _one_of(SAMPLERS),
@@ -185,6 +185,21 @@ class TrainConfig:
         """Raise ValueError naming the first bad key, its value and what is expected."""
         check_config_fields(self, TRAIN_RULES)
         self.model.validate()
+        # fields that only mean something together: a value the run would silently ignore, or
+        # one that fails only deep inside training, is an error here
+        sampled = self.objective != "in_batch_softmax"
+        batch_negatives = self.negative_sampler == "in_batch" or (
+            self.negative_sampler == "mixture" and self.mixture_easy == "in_batch"
+        )
+        if sampled and batch_negatives and self.batch_size < 2:
+            raise ValueError(f"batch_size={self.batch_size}: in-batch negatives need batches of >= 2 rows")
+        if sampled and self.frequency == "streaming":
+            raise ValueError(
+                f"frequency='streaming' estimates the in-batch softmax's logQ; objective {self.objective!r} "
+                "takes its logQ from its sampler's own distribution (leave frequency 'exact')"
+            )
+        if self.history_free_id and not self.user_history:
+            raise ValueError("history_free_id=true only applies with user_history=true")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -220,6 +235,16 @@ def _decode_error_where(path: Path, e: UnicodeDecodeError) -> str:
     """'byte 0xe9 at line 3' for a UnicodeDecodeError of a whole-file read."""
     line = path.read_bytes()[: e.start].count(b"\n") + 1
     return f"byte 0x{e.object[e.start]:02x} at line {line} ({e.reason})"
+
+
+def batch_bounds(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each batch of a pass over `n_rows` rows; a last batch of a single row is
+    folded into the one before it (in-batch negatives need another row, and one row is no
+    batch statistic), so a pass may end with one batch of batch_size + 1 rows."""
+    bounds = [(s, min(s + batch_size, n_rows)) for s in range(0, n_rows, batch_size)]
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n_rows)]
+    return bounds
 
 
 def pick_device(name: str) -> torch.device:
@@ -511,9 +536,10 @@ def _train(
     ema = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     def snapshot() -> tuple[dict, dict | None]:
         return copy.deepcopy(model.state_dict()), copy.deepcopy(pool.state_dict()) if pool is not None else None
-    best = (-math.inf, 0, snapshot())
+    best: tuple[tuple[float, float], int, tuple[dict, dict | None]] = ((-math.inf, -math.inf), 0, snapshot())
     history = []
-    n_batches = math.ceil(len(train) / cfg.batch_size)
+    bounds = batch_bounds(len(train), cfg.batch_size)
+    n_batches = len(bounds)
     for epoch in range(1, epochs + 1):
         model.train()
         if sampler is not None:
@@ -523,7 +549,7 @@ def _train(
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{epochs}", disable=None if progress is None else not progress, leave=False, file=sys.stderr)
         total = 0.0
         for b in bar:
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            idx = perm[bounds[b][0] : bounds[b][1]]
             bu, bi = pair_u_t[idx], pair_i_t[idx]
             drop = model.user_tower.id_drop_mask(len(bu), device)
             u = model.user_tower({k: v[bu] for k, v in users_t.items()}, pool(user_hist, bu, bi) if pool is not None else None, drop)
@@ -590,8 +616,11 @@ def _train(
                 with baked_history(model, pool, user_hist, users_t["id"]):
                     val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
                 row |= {"val_recall@20": val.get("recall@20", 0.0), "val_ndcg@20": val.get("ndcg@20", 0.0)}
-                if row["val_recall@20"] > best[0]:
-                    best = (row["val_recall@20"], epoch, snapshot())
+                # ndcg@20 breaks ties: on a catalog of <= 20 items recall@20 is 1 at every epoch,
+                # and the strict > alone kept epoch 1 however much later epochs ranked better
+                key = (row["val_recall@20"], row["val_ndcg@20"])
+                if key > best[0]:
+                    best = (key, epoch, snapshot())
         history.append(row)
         log.info("epoch %s", row)
         if validate and epoch - best[1] >= cfg.patience:

@@ -114,7 +114,7 @@ def test_mixture_keeps_each_component_log_q() -> None:
     assert torch.allclose(lq[:, 2:], torch.full((500, 2), -math.log(3)))
     assert set(ids[:, 2:].reshape(-1).tolist()) <= {4, 5, 6}
     b = build_sampler("mixture", counts=np.ones(n_items), pos_keys=np.array([1]), log_q_items=torch.zeros(n_items),
-                      hard_fraction=0.25, easy="uniform")
+                      hard_fraction=0.25, easy="uniform", rank_band=(2, 5))
     assert isinstance(b, MixtureSampler) and b.slots(4) == [3, 1]
     with pytest.raises(ValueError, match="negative_sampler 'hardest' is not one of"):
         build_sampler("hardest", counts=np.ones(3), pos_keys=np.array([]), log_q_items=torch.zeros(3))
@@ -140,3 +140,12 @@ def test_recency_weights_by_hand() -> None:
         recency_weights(np.array([0, 1]), np.array([1]), boost=1.0)
     with pytest.raises(ValueError, match=">= 0, got -1"):
         recency_weights(np.array([0]), np.array([1]), boost=-1.0)
+
+
+@pytest.mark.parametrize("name", ["hard", "mixture"])
+def test_a_hard_band_beyond_the_catalog_is_an_error(name: str) -> None:
+    """The default band [20, 100) on a 15-item catalog left every user's band empty, so each hard
+    draw fell back to uniform without a word."""
+    with pytest.raises(ValueError, match=r"hard_rank_band \[20, 100\] starts at rank 20, beyond the catalog's 15 items"):
+        build_sampler(name, counts=np.ones(15), pos_keys=np.array([1]), log_q_items=torch.zeros(15), rank_band=(20, 100))
+    assert build_sampler(name, counts=np.ones(15), pos_keys=np.array([1]), log_q_items=torch.zeros(15), rank_band=(5, 100))

@@ -130,3 +130,21 @@ def test_ssl_items_drawn_uniformly_from_catalog() -> None:
     assert masked1.isdisjoint(masked2) and masked1 | masked2 == set(task.groups)
     with pytest.raises(ValueError, match="ssl_augmentation 'mixup' is not one of"):
         SSLTask(cat, augmentation="mixup")
+
+
+@pytest.mark.parametrize("augmentation", ["complementary", "correlated"])
+def test_two_view_splits_need_two_feature_groups_when_configured(augmentation: str) -> None:
+    """A catalog with no item features (the id alone) failed at the first training step."""
+    with pytest.raises(ValueError, match=rf"ssl_augmentation '{augmentation}' splits the item features .* \['id'\]"):
+        SSLTask({"id": torch.arange(1, 6)}, augmentation=augmentation)
+    SSLTask({"id": torch.arange(1, 6)}, augmentation="random")  # masks the id itself: fine
+
+
+def test_multi_dropout_without_multi_valued_features_is_an_error() -> None:
+    """With no multi_categorical feature both views were the unchanged batch: SSL without any
+    augmentation, silently."""
+    cat = {k: v for k, v in _batch(10).items() if not k.startswith("multi.")}
+    with pytest.raises(ValueError, match="'multi_dropout' drops tokens of multi_categorical"):
+        SSLTask(cat, augmentation="multi_dropout")
+    assert any(k.startswith("multi.") for k in _batch(10))
+    SSLTask(_batch(10), augmentation="multi_dropout")

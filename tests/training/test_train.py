@@ -15,9 +15,10 @@ from safetensors.numpy import load_file
 
 from tests.conftest import tiny_train_config
 from training.bundle import load_bundle
+from training.dataset import read_dataset
 from training.model import ModelConfig
-from training.split import is_cold_user
-from training.train import TrainConfig, TrainingDiverged, fit
+from training.split import is_cold_user, split_interactions
+from training.train import TrainConfig, TrainingDiverged, batch_bounds, fit
 
 
 def test_same_seed_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -124,6 +125,11 @@ def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
         ({"model": {"temperature": 0}}, "model.temperature=0 must be > 0"),
         ({"model": {"temperature": -0.05}}, "model.temperature=-0.05 must be > 0"),
         ({"model": {"user_id_dropout": 1}}, r"model.user_id_dropout=1 must be in \[0, 1\)"),
+        ({"history_alpha": 1.5}, r"history_alpha=1.5 must be in \[0, 1\]"),
+        ({"objective": "listwise", "negative_sampler": "in_batch", "batch_size": 1}, "in-batch negatives need batches of >= 2"),
+        ({"objective": "listwise", "negative_sampler": "mixture", "mixture_easy": "in_batch", "batch_size": 1}, "need batches of >= 2"),
+        ({"objective": "listwise", "frequency": "streaming"}, "frequency='streaming' estimates the in-batch softmax's logQ"),
+        ({"user_history": False, "history_free_id": True}, "history_free_id=true only applies with user_history=true"),
     ],
 )
 def test_config_checks_types_and_ranges(over: dict, message: str, tmp_path: Path) -> None:
@@ -214,3 +220,41 @@ def test_no_positive_training_weight_is_an_error(tiny_dataset: Path, tmp_path: P
     df.to_csv(data / "interactions.csv", index=False)
     with pytest.raises(ValueError, match="every training interaction has weight 0"):
         fit(data, tmp_path / "m", tiny_train_config(epochs=1), progress=False)
+
+
+@pytest.mark.parametrize(("n_rows", "batch_size", "want"), [
+    (10, 4, [(0, 4), (4, 8), (8, 10)]),
+    (9, 4, [(0, 4), (4, 9)]),        # a 1-row tail joins the batch before it
+    (1, 4, [(0, 1)]),                # a single row is still trained on
+    (8, 4, [(0, 4), (4, 8)]),
+    (5, 1, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),  # batch_size 1 stays 1 (no in-batch negatives)
+])
+def test_batch_bounds_cover_every_row_once_without_a_one_row_tail(n_rows: int, batch_size: int, want: list) -> None:
+    got = batch_bounds(n_rows, batch_size)
+    assert got == want
+    assert [i for a, b in got for i in range(a, b)] == list(range(n_rows))
+
+
+def test_in_batch_sampler_trains_when_a_pass_would_end_with_one_row(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Row count ≡ 1 (mod batch_size) made the last batch a single row, and the in-batch sampler
+    raised "needs a batch of at least 2 rows" mid-training (or in the refit pass)."""
+    split = split_interactions(read_dataset(tiny_dataset).interactions)
+    n_fit = len(split.fit)
+    cfg = tiny_train_config(objective="listwise", negative_sampler="in_batch", num_negatives=2,
+                            batch_size=n_fit - 1, epochs=1, refit=False)
+    assert load_bundle(fit(tiny_dataset, tmp_path / "m", cfg, progress=False)).manifest["metrics"]["recall@20"] is not None
+
+
+def test_early_stopping_breaks_recall_ties_with_ndcg(tmp_path: Path) -> None:
+    """On a catalog of <= 20 items recall@20 is 1 at every epoch; the strict > on recall alone
+    kept epoch 1 whatever the ranking did after. The chosen epoch is the best (recall, ndcg)."""
+    from training.prepare import prepare_synthetic
+
+    data = prepare_synthetic(tmp_path / "d", n_users=80, n_items=15, n_interactions=800, seed=1)
+    cfg = tiny_train_config(epochs=4, patience=4, refit=False, batch_size=32, cold_calibration_steps=0, lr=1e-2)
+    manifest = load_bundle(fit(data, tmp_path / "m", cfg, progress=False)).manifest
+    hist = manifest["history"]
+    assert {row["val_recall@20"] for row in hist} == {1.0}  # the tie this test is about
+    best = max(hist, key=lambda row: (row["val_recall@20"], row["val_ndcg@20"]))
+    assert manifest["best_epoch"] == best["epoch"]
+    assert best["epoch"] > 1  # the ranking kept improving after epoch 1 (else the test shows nothing)
