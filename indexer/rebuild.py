@@ -165,13 +165,12 @@ def _check_out(root: Path) -> None:
     a real directory (not the symlink `switch_current` replaces) was only found at the switch,
     after the whole build, leaving an orphan version directory behind.
     """
-    if root.exists() and not root.is_dir():
-        raise RebuildInputError(f"--out {root}: exists and is not a directory")
-    for parent in root.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RebuildInputError(f"--out {root}: {parent} is not a directory")
-            break
+    from training.artifacts import check_output_dir
+
+    try:
+        check_output_dir(root, "--out")
+    except ValueError as e:
+        raise RebuildInputError(str(e)) from None
     link = root / store.CURRENT
     if link.exists() and not link.is_symlink():
         raise RebuildInputError(
@@ -391,12 +390,8 @@ def _service_accepts(tmp: Path) -> None:
 
 def _discard(root: Path, path: Path) -> None:
     """Delete a version directory that was written but could not be switched to."""
-    import shutil
-
-    trash = root / f"{store.TMP_PREFIX}deleted-{path.name}"
     try:
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        store.delete_version(root, path)
     except OSError as e:  # the next run's cleanup or retention gets it
         log.warning("could not remove the unswitched version %s: %s", path, e)
 

@@ -236,6 +236,14 @@ def remove_stale_tmp(root: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def delete_version(root: Path, path: Path) -> None:
+    """Delete one version directory under `root`. Renamed first, so a crash mid-delete leaves a
+    .tmp-* (cleaned by the next run), not a half-deleted directory that still looks like a version."""
+    trash = root / f"{TMP_PREFIX}deleted-{path.name}"
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
 def prune(root: str | os.PathLike[str], keep: int) -> list[Path]:
     """Delete all but the newest `keep` versions, never the one `current` points to.
 
@@ -249,11 +257,7 @@ def prune(root: str | os.PathLike[str], keep: int) -> list[Path]:
     versions = list_versions(root)
     doomed = [p for p in versions[:-keep] if cur is None or p.resolve() != cur]
     for p in doomed:
-        # rename first so that a crash mid-delete leaves a .tmp-* (cleaned next run), not a
-        # half-deleted directory that still looks like a version
-        trash = root / f"{TMP_PREFIX}deleted-{p.name}"
-        os.rename(p, trash)
-        shutil.rmtree(trash)
+        delete_version(root, p)
     if doomed:
         fsync_path(root)
     return doomed

@@ -139,6 +139,30 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def check_output_dir(path: str | os.PathLike[str], label: str, *, probe: bool = False) -> None:
+    """Raise ValueError (naming `label` and `path`) unless `path` is a directory or can be made one.
+
+    For commands that write an artifact only after long work (a fit, an index build): a path that
+    is a file, or lies under one, must fail before that work, not at the final write. `probe`
+    also creates and removes a temp directory in the nearest existing ancestor, which catches
+    read-only or virtual filesystems (/proc) that no permission bit predicts when run as root.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{label} {path}: exists and is not a directory")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{label} {path}: cannot be created, {ancestor} is not a directory")
+    if probe:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}probe.", dir=ancestor))
+        except OSError as e:
+            where = "" if ancestor == path.absolute() else f" in {ancestor}"
+            raise ValueError(f"{label} {path}: cannot write{where}: {e.strerror or e}") from None
+
+
 def remove_stale_temps(parent: str | os.PathLike[str], min_age_s: float = 0.0) -> list[Path]:
     """Remove `.tmp-*` leftovers of crashed writers under `parent`; return what was removed.
 

@@ -175,15 +175,26 @@ def _read_table(p: Path, separators: Mapping[str, str] | None = None, used: Coll
     return df
 
 
-def _bad_utf8_where(p: Path, e: UnicodeDecodeError) -> str:
-    """'line 7: not valid UTF-8 (byte 0xe9)': the decoder only knows an offset in a buffer."""
+def first_invalid_utf8(p: Path) -> tuple[int, int] | None:
+    """(line number, byte value) of the first byte of `p` that is not UTF-8, or None.
+
+    A UnicodeDecodeError only knows an offset into whatever buffer the reader decoded (pandas
+    reads in chunks), so the line a user can look at is found by a pass of its own."""
     with open(p, "rb") as f:
         for n, line in enumerate(f, 1):
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as bad:
-                return f"line {n}: not valid UTF-8 (byte 0x{line[bad.start]:02x}); save the file as UTF-8"
-    return f"not valid UTF-8 ({e.reason}); save the file as UTF-8"
+                return n, line[bad.start]
+    return None
+
+
+def _bad_utf8_where(p: Path, e: UnicodeDecodeError) -> str:
+    """'line 7: not valid UTF-8 (byte 0xe9)', for the error of a table or schema read."""
+    where = first_invalid_utf8(p)
+    if where is None:
+        return f"not valid UTF-8 ({e.reason}); save the file as UTF-8"
+    return f"line {where[0]}: not valid UTF-8 (byte 0x{where[1]:02x}); save the file as UTF-8"
 
 
 def _check_row_shapes(p: Path) -> None:

@@ -18,9 +18,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,10 +28,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from training.artifacts import TMP_PREFIX
+from training.artifacts import check_output_dir
 from training.bundle import save_bundle
 from training.cold import calibrate_cold_start
-from training.dataset import Dataset, read_dataset
+from training.dataset import Dataset, first_invalid_utf8, read_dataset
 from training.ema import WeightAverage
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
@@ -198,6 +196,11 @@ class TrainConfig:
                 f"frequency='streaming' estimates the in-batch softmax's logQ; objective {self.objective!r} "
                 "takes its logQ from its sampler's own distribution (leave frequency 'exact')"
             )
+        if self.mixed_negatives and sampled:
+            raise ValueError(
+                f"mixed_negatives={self.mixed_negatives}: applies to objective 'in_batch_softmax' only "
+                f"({self.objective!r} takes its negatives from negative_sampler)"
+            )
         if self.history_free_id and not self.user_history:
             raise ValueError("history_free_id=true only applies with user_history=true")
 
@@ -220,7 +223,8 @@ class TrainConfig:
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"config {path}: not valid UTF-8: {_decode_error_where(Path(path), e)}") from None
+            line, byte = first_invalid_utf8(Path(path)) or (0, 0)
+            raise ValueError(f"config {path}: not valid UTF-8: byte 0x{byte:02x} at line {line} ({e.reason})") from None
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"config {path}: {e}") from None
         if not isinstance(obj, dict):
@@ -229,12 +233,6 @@ class TrainConfig:
             return cls.from_dict(obj)
         except ValueError as e:
             raise ValueError(f"config {path}: {e}") from None
-
-
-def _decode_error_where(path: Path, e: UnicodeDecodeError) -> str:
-    """'byte 0xe9 at line 3' for a UnicodeDecodeError of a whole-file read."""
-    line = path.read_bytes()[: e.start].count(b"\n") + 1
-    return f"byte 0x{e.object[e.start]:02x} at line {line} ({e.reason})"
 
 
 def batch_bounds(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
@@ -263,23 +261,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_models_dir(models_dir: str | Path) -> None:
-    """Fail before any data is read or trained on if `models_dir` can never hold a bundle: it is
-    a file, lies under a file, or nothing can be created where it is (read-only, /proc, no
-    permission). Probed by creating and removing a temp directory in the nearest existing
-    ancestor, so a run that then fails on its data leaves no empty models directory behind."""
-    path = Path(models_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"models directory {path}: exists and is not a directory")
-    ancestor = path.absolute()
-    while not ancestor.exists() and ancestor.parent != ancestor:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"models directory {path}: cannot be created, {ancestor} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}probe.", dir=ancestor))
-    except OSError as e:
-        where = "" if ancestor == path.absolute() else f" in {ancestor}"
-        raise ValueError(f"models directory {path}: cannot write{where}: {e.strerror or e}") from None
+    """Fail before any data is read or trained on if `models_dir` can never hold a bundle (a
+    file, under a file, or not writable); the probe leaves no empty models directory behind."""
+    check_output_dir(models_dir, "models directory", probe=True)
 
 
 def check_finite(model: torch.nn.Module, loss: float, where: str) -> None:
@@ -519,10 +503,6 @@ def _train(
     n_mixed = cfg.mixed_negatives
     if n_mixed is None:  # the default: MNS with the in-batch softmax (chosen on the nested validation)
         n_mixed = 0 if task.uses_sampled_negatives else min(DEFAULT_MIXED_NEGATIVES, n_items)
-    if n_mixed < 0 or (n_mixed and task.uses_sampled_negatives):
-        raise ValueError(f"mixed_negatives={n_mixed}: must be >= 0, and applies to objective 'in_batch_softmax' only")
-    if cfg.frequency not in ("exact", "streaming"):
-        raise ValueError(f"frequency {cfg.frequency!r} is not 'exact' or 'streaming'")
     stream = None
     if cfg.frequency == "streaming":
         stream = StreamingFrequencyEstimator(cfg.stream_buckets, cfg.stream_hashes, cfg.stream_alpha, seed=cfg.seed)
