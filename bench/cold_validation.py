@@ -37,7 +37,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     values = [json.loads(v) for v in args.values]
     if len(set(args.buckets)) != len(args.buckets) or not all(0 <= b <= 9 for b in args.buckets):
         ap.error(f"--buckets must be distinct integers in 0..9, got {args.buckets}")
-    base = asdict(TrainConfig())
+    base = TrainConfig().to_dict()
     rows = []
     with tempfile.TemporaryDirectory(prefix="coldval-") as tmp:
         models = Path(args.models) if args.models else Path(tmp) / "models"

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ def merge_overrides(base: dict, overrides: dict, where: str = "") -> dict:
 def resolve_config(variant: Variant, base: dict | None = None, epochs: int | None = None) -> TrainConfig:
     """The full TrainConfig of a variant: base (default: TrainConfig()) + overrides [+ epochs]."""
     try:
-        merged = asdict(TrainConfig()) if base is None else merge_overrides(asdict(TrainConfig()), base, "base config: ")
+        merged = TrainConfig().to_dict() if base is None else merge_overrides(TrainConfig().to_dict(), base, "base config: ")
         merged = merge_overrides(merged, variant.overrides)
         if epochs is not None:
             merged["epochs"] = epochs
@@ -223,7 +223,7 @@ def resolve_config(variant: Variant, base: dict | None = None, epochs: int | Non
 
 def config_hash(cfg: TrainConfig) -> str:
     """sha256 of the resolved config: the cache key (with the data fingerprint)."""
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_variants_file(path: str | Path) -> list[Variant]:
@@ -442,7 +442,7 @@ def train_variant(
         "family": variant.family,
         "note": variant.note,
         "overrides": variant.overrides,
-        "config": asdict(cfg),
+        "config": cfg.to_dict(),
         "config_hash": config_hash(cfg),
         "data_fingerprint": fingerprint,
         "metrics": m.get("metrics", {}),
@@ -527,7 +527,7 @@ def run_matrix(
             try:
                 e = train_variant(v, cfg, data_dir, dataset, split, fingerprint)
             except Exception as ex:  # one broken variant must not cost the rest of a 40-minute matrix
-                e = {"name": v.name, "family": v.family, "note": v.note, "overrides": v.overrides, "config": asdict(cfg),
+                e = {"name": v.name, "family": v.family, "note": v.note, "overrides": v.overrides, "config": cfg.to_dict(),
                      "config_hash": h, "data_fingerprint": fingerprint, "error": f"{type(ex).__name__}: {ex}",
                      "finished_at": _now()}
             e |= {"epochs_override": epochs, "base_config": base}
@@ -720,7 +720,7 @@ def render_markdown(results: dict, variants: Sequence[Variant], png_name: str | 
     if run.get("epochs_override"):
         L += [f"**Quick run: every variant capped at {run['epochs_override']} epoch(s)**; not comparable with full runs."]
     if run.get("base_config"):
-        diff = config_diff(merge_overrides(asdict(TrainConfig()), run["base_config"]), asdict(TrainConfig()))
+        diff = config_diff(merge_overrides(TrainConfig().to_dict(), run["base_config"]), TrainConfig().to_dict())
         L += [f"Base config under every variant (`--base-config`, as changes to `TrainConfig()`): "
               f"`{json.dumps(diff, sort_keys=True)}`."]
     if mach:
@@ -959,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(base, dict):
                 raise ValueError(f"--base-config {args.base_config}: top level must be a JSON object")
             try:
-                TrainConfig.from_dict(merge_overrides(asdict(TrainConfig()), base))
+                TrainConfig.from_dict(merge_overrides(TrainConfig().to_dict(), base))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"--base-config {args.base_config}: {e}") from None
         for v in variants:  # every variant must resolve, whatever --only selects

@@ -284,7 +284,7 @@ def render_md(report: dict) -> str:
             f"{m['recall']['queries']} queries (threshold {m['recall']['threshold']})",
             f"- single query through the built version, 1 thread, {rb['latency']['queries']} user vectors one at a time: "
             f"`faiss_index.search` p50 **{rb['latency']['search_p50_ms']:.3f} ms**, p99 {rb['latency']['search_p99_ms']:.3f} ms; "
-            f"`FaissRetriever.search` (ids, exact re-scoring) p50 {rb['latency']['retriever_p50_ms']:.3f} ms, "
+            f"`TopK.search` (ids, exclusions, exact re-scoring) p50 {rb['latency']['retriever_p50_ms']:.3f} ms, "
             f"p99 {rb['latency']['retriever_p99_ms']:.3f} ms",
             f"- peak RSS of the rebuild process: {rb['max_rss_mib']:,} MiB",
             "",
@@ -314,6 +314,7 @@ def run_rebuild(args: argparse.Namespace) -> dict:
     import subprocess
 
     from indexer import store
+    from indexer.version import load_version
 
     root = Path(tempfile.mkdtemp(prefix="bench-index-"))
     cmd = [sys.executable, "-m", "indexer.cli", "rebuild", "--model", str(args.rebuild_model),
@@ -328,11 +329,11 @@ def run_rebuild(args: argparse.Namespace) -> dict:
             raise SystemExit(f"indexer rebuild failed ({proc.returncode}): {proc.stderr.strip()}")
         stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"stage (\S+) done in ([\d.]+)s", proc.stdout)}
         max_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-        loaded = store.load_version(store.read_current(root))
+        loaded = load_version(store.read_current(root))
         print(f"rebuild: {wall:.1f}s {stages} {loaded.manifest['index']} recall {loaded.manifest['recall']}", flush=True)
         queries = _user_queries(loaded, args.rebuild_data, args.latency_queries)
         faiss.omp_set_num_threads(1)
-        retr = loaded.retriever()
+        retr = loaded.topk
         lat_s, lat_r = [], []
         for q in queries[:10]:
             fi.search(loaded.index, q, K)

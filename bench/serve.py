@@ -90,9 +90,9 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
     their features (category, tags, price, year), as fresh items do in production.
     """
     from indexer import faiss_index as fi
-    from indexer import store
     from indexer.rebuild import RebuildConfig, rebuild
-    from service.tower import UserRecord, UserTower
+    from indexer.version import load_version
+    from training.numpy_tower import UserRecord, UserTower
     from training.prepare import prepare_synthetic
     from training.train import TrainConfig, fit
 
@@ -110,7 +110,7 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
     log(f"indexer rebuild in {time.perf_counter() - t2:.0f}s: {result.manifest['index']} recall {result.manifest['recall']}")
 
     # the bench's requests ask for k=20: which efSearch reaches the same recall target at k=20
-    loaded = store.load_version(result.path)
+    loaded = load_version(result.path)
     tower = UserTower(loaded.bundle.model)
     rng = np.random.default_rng(seed + 1)
     users = [random_user(rng, f"u{i}") for i in range(1000)]

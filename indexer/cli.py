@@ -124,11 +124,12 @@ def _cmd_rebuild(args: argparse.Namespace) -> None:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     from indexer import store
+    from indexer.version import read_manifest
 
     cur = store.read_current(args.root)
     for p in store.list_versions(args.root):
         try:
-            m = store._read_manifest(p)
+            m = read_manifest(p)
             row = {
                 "version": p.name, "current": cur is not None and p.resolve() == cur,
                 "model_version": m["model_version"], "created_at": m["created_at"], "count": m["count"],
@@ -153,6 +154,7 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 
     from indexer import faiss_index as fi
     from indexer import store
+    from indexer.version import open_search_files, verify_version
 
     if args.version:
         path = store.version_path(args.root, args.version)
@@ -160,16 +162,16 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         path = store.read_current(args.root)
         if path is None:
             raise store.VersionNotFoundError(f"{args.root}: no current version to verify")
-    m = store.verify_version(path)
+    m = verify_version(path)
     out = {"version": path.name, "ok": True, "count": m["count"], "dim": m["dim"], "model_version": m["model_version"],
            "gate_recall": (m["recall"] or {}).get("value")}
     if args.recall_queries > 0:
-        loaded = store.load_version(path, verify=False, load_model=False)
-        emb = np.asarray(loaded.embeddings)
+        index, emb, _ = open_search_files(path, m)
+        emb = np.asarray(emb)
         k = min(int((m["recall"] or {}).get("k") or 100), len(emb))
         rng = np.random.default_rng(0)
         q = emb[np.sort(rng.choice(len(emb), size=min(args.recall_queries, len(emb)), replace=False))]
-        out["item_query_recall"] = round(fi.measure_recall(loaded.index, emb, q, k), 6)
+        out["item_query_recall"] = round(fi.measure_recall(index, emb, q, k), 6)
         out["recall_k"] = k
     print(json.dumps(out, sort_keys=True))
 

@@ -21,8 +21,7 @@ Inputs are checked here with explicit exceptions, not `assert` (which `python -O
 not FAISS's own C++ checks (whose messages name no shape): a query of the wrong dimension, a
 NaN or an infinity is a `ValueError` that says what was wrong.
 
-`BruteForceRetriever` (numpy only, the test oracle) and `FaissRetriever` share the
-TFRS-`TopK`-style interface `search(queries, k, exclude=None) -> (scores, item_ids)`.
+Top-k with item ids, exclusions and exact scores over an index built here is `indexer.topk`.
 """
 
 from __future__ import annotations
@@ -31,12 +30,11 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
-import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +393,7 @@ def search(
     k' = min(k, ntotal - len(exclude_rows)), so asking for more than the catalog never pads with
     -1. An approximate index may still find fewer than k' candidates for some query (an IVF
     whose probed lists are nearly empty, or mostly excluded): those slots hold row -1 and score
-    -inf; `FaissRetriever` fills them by exact search.
+    -inf; `indexer.topk` answers such queries by exact search.
     """
     k = _check_k(k)
     q = as_matrix(queries, name="queries", dim=index.d)
@@ -557,133 +555,8 @@ def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Ind
     return index
 
 
-# ---------------------------------------------------------------------------------------------
-# retrievers (TFRS factorized_top_k style)
-
-
-class _Retriever:
-    """Shared id handling: item ids ↔ rows, exclusions, result width."""
-
-    def __init__(self, vectors: np.ndarray, item_ids: Sequence[str]) -> None:
-        ids = np.asarray([str(i) for i in item_ids], dtype=object)
-        x = as_matrix(vectors, name="catalog vectors")  # no copy for a float32 (memory-mapped) array
-        if len(ids) != len(x):
-            raise ValueError(f"{len(ids)} item ids for {len(x)} vectors; need one id per row")
-        self.vectors = x
-        self.item_ids = ids
-        self.dim = int(x.shape[1])
-        self._row_of = pd.Index(ids)
-        if not self._row_of.is_unique:
-            dup = self._row_of[self._row_of.duplicated()][0]
-            raise ValueError(f"item ids must be unique; {dup!r} appears more than once")
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def rows_of(self, item_ids: Collection[str] | None) -> np.ndarray:
-        """Rows of the given ids that are in the catalog (unknown ids are ignored)."""
-        if isinstance(item_ids, str):
-            raise ValueError("exclude must be a collection of item ids, not a single string")
-        if item_ids is None or len(item_ids) == 0:
-            return np.empty(0, np.int64)
-        rows = self._row_of.get_indexer(pd.Index([str(i) for i in item_ids]).unique())
-        return np.unique(rows[rows >= 0]).astype(np.int64)
-
-    def _exact(self, q: np.ndarray, kk: int, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-kk rows by inner product, ties broken by row (numpy only)."""
-        nq, n = len(q), len(self.vectors)
-        out_s = np.empty((nq, kk), np.float32)
-        out_r = np.empty((nq, kk), np.int64)
-        block = max(1, min(nq, (1 << 25) // max(1, n)))  # ~128 MB of scores per block
-        for s in range(0, nq, block):
-            scores = q[s : s + block] @ self.vectors.T
-            if len(excl):
-                scores[:, excl] = -np.inf
-            # k-th largest score per query; every row reaching it is a candidate, and ties at
-            # the cut-off are broken by the lower row, deterministically
-            kth = -np.partition(-scores, kk - 1, axis=1)[:, kk - 1]
-            for j in range(len(scores)):
-                cand = np.flatnonzero(scores[j] >= kth[j])
-                order = np.lexsort((cand, -scores[j, cand]))[:kk]
-                out_r[s + j] = cand[order]
-                out_s[s + j] = scores[j, cand[order]]
-        return out_s, out_r
-
-    def _prepare(self, queries: np.ndarray, k: int, exclude: Collection[str] | None) -> tuple[np.ndarray, int, np.ndarray]:
-        k = _check_k(k)
-        q = as_matrix(queries, name="queries", dim=self.dim)
-        excl = self.rows_of(exclude)
-        return q, min(k, len(self) - len(excl)), excl
-
-    def _result(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return scores.astype(np.float32, copy=False), self.item_ids[rows]
-
-
-class BruteForceRetriever(_Retriever):
-    """Exact retrieval in numpy: the oracle the FAISS indexes are tested against.
-
-    `search(queries, k, exclude)` returns (scores float32 (nq, k'), item_ids (nq, k') of str),
-    k' = min(k, catalog − excluded), sorted by score then by catalog row. `exclude` is a
-    collection of item ids removed from every query's result (ids not in the catalog are
-    ignored).
-    """
-
-    def search(self, queries: np.ndarray, k: int, exclude: Collection[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        q, kk, excl = self._prepare(queries, k, exclude)
-        if kk <= 0:
-            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), dtype=object)
-        return self._result(*self._exact(q, kk, excl))
-
-
-class FaissRetriever(_Retriever):
-    """Retrieval through a FAISS index, same interface as `BruteForceRetriever`.
-
-    `vectors` are the catalog rows the index was built from (typically `embeddings.npy`,
-    memory-mapped). They serve two purposes: returned scores are recomputed as exact float32
-    inner products (so a PQ index still returns true cosines, and results are re-sorted by
-    them), and a query for which the approximate index found fewer than k' candidates is
-    answered by exact search instead, so the caller always gets min(k, catalog − excluded)
-    items. Exclusions are applied inside FAISS with an id selector, not by over-fetching.
-    Thread-safe for concurrent searches: per-call parameters, no index mutation.
-    """
-
-    def __init__(self, index: faiss.Index, item_ids: Sequence[str], vectors: np.ndarray) -> None:
-        super().__init__(vectors, item_ids)
-        index_family(index)
-        if index.ntotal != len(self) or index.d != self.dim:
-            raise ValueError(
-                f"index holds {index.ntotal} vectors of dimension {index.d}, catalog has {len(self)} of dimension {self.dim}"
-            )
-        self.index = index
-
-    def search(self, queries: np.ndarray, k: int, exclude: Collection[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        q, kk, excl = self._prepare(queries, k, exclude)
-        if kk <= 0:
-            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), dtype=object)
-        _, rows = search(self.index, q, kk, exclude_rows=excl)
-        short = (rows < 0).any(axis=1)
-        if short.any():
-            rows[short] = self._exact(q[short], kk, excl)[1]
-        # exact float32 re-scoring of the returned rows, then a stable re-sort
-        scores = np.einsum("qkd,qd->qk", self.vectors[rows], q, dtype=np.float32)
-        order = _row_lexsort(scores, rows)
-        scores = np.take_along_axis(scores, order, axis=1)
-        rows = np.take_along_axis(rows, order, axis=1)
-        return self._result(scores, rows)
-
-
-def _row_lexsort(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per query: order by score descending, then by row ascending."""
-    out = np.empty(rows.shape, dtype=np.int64)
-    for i in range(len(rows)):
-        out[i] = np.lexsort((rows[i], -scores[i]))
-    return out
-
-
 __all__ = [
     "AUTO_FLAT_MAX",
-    "BruteForceRetriever",
-    "FaissRetriever",
     "IndexSpec",
     "METRIC",
     "apply_search_params",

@@ -18,9 +18,8 @@ A rebuild must never hurt serving: it either produces a better, verified index a
    will search with — falling back to item vectors. Below the threshold the run fails and
    `current` stays;
 7. **write** `.tmp-<version>/` (bundle copy, embeddings, ids, index, manifest), fsync, verify,
-   load it exactly as the service will (`service.state.load_serving_version`: the service's
-   own acceptance check, so a version it would refuse is never published), rename to
-   `<version>/`;
+   load it exactly as the service will (`indexer.version.load_version`: the service's own
+   acceptance check, so a version it would refuse is never published), rename to `<version>/`;
 8. **switch** `current` atomically; **prune** to the newest `keep` versions (never `current`).
 
 A SIGKILL at any point leaves `current` and its files untouched; the next run cleans up.
@@ -38,11 +37,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from indexer import faiss_index as fi
 from indexer import store
+from indexer.version import IndexVersionError, check_user_tower, load_version, read_manifest
+from training.artifacts import check_output_dir, remove_stale_temps
+from training.bundle import Bundle, BundleError, find_bundle, load_bundle
+from training.dataset import read_items, read_schema, read_users
+from training.model import TwoTowerModel
+from training.schema import DatasetError
 
 log = logging.getLogger("indexer.rebuild")
 
@@ -58,7 +65,7 @@ class RebuildInputError(ValueError):
     """The model, the catalog or the options are unusable (bad input: fix and re-run)."""
 
 
-class ServingCheckError(store.IndexVersionError):
+class ServingCheckError(IndexVersionError):
     """The service's acceptance check refused the new version; nothing was switched (exit 5)."""
 
 
@@ -165,8 +172,6 @@ def _check_out(root: Path) -> None:
     a real directory (not the symlink `switch_current` replaces) was only found at the switch,
     after the whole build, leaving an orphan version directory behind.
     """
-    from training.artifacts import check_output_dir
-
     try:
         check_output_dir(root, "--out")
     except ValueError as e:
@@ -179,9 +184,7 @@ def _check_out(root: Path) -> None:
         )
 
 
-def _load_catalog(data: Path, model) -> pd.DataFrame:
-    from training.dataset import DatasetError, read_items, read_schema
-
+def _load_catalog(data: Path, model: TwoTowerModel) -> pd.DataFrame:
     try:
         schema = read_schema(data)
         items = read_items(data, schema)
@@ -203,9 +206,7 @@ def _load_catalog(data: Path, model) -> pd.DataFrame:
     return items
 
 
-def _embed(model, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray:
-    from tqdm import tqdm
-
+def _embed(model: TwoTowerModel, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray:
     n = len(items)
     out = np.empty((n, model.embedding_dim), dtype=np.float32)
     with tqdm(total=n, desc="embed items", unit="item", disable=not progress, file=sys.stderr) as bar:
@@ -216,10 +217,10 @@ def _embed(model, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray
     return out
 
 
-def _gate_queries(model, data: Path, item_vectors: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def _gate_queries(
+    model: TwoTowerModel, data: Path, item_vectors: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
     """Up to `n` query vectors: users through the user tower if possible, else catalog items."""
-    from training.dataset import read_schema, read_users
-
     try:
         users = read_users(data, read_schema(data))
         if users is not None and len(users):
@@ -249,8 +250,6 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
     or options), `RecallGateError` (recall below the gate). In every failure case `current` is
     untouched and no partial version directory remains.
     """
-    from training.bundle import BundleError, find_bundle, load_bundle
-
     _validate(cfg)
     for what, p in (("--model", cfg.model), ("--data", cfg.data)):
         if not Path(p).is_dir():
@@ -262,7 +261,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
     threads = fi.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     with store.locked(root):
-        cleaned = store.remove_stale_tmp(root)
+        cleaned = remove_stale_temps(root)
         if cleaned:
             log.info("removed %d leftover temp entr(ies) of an interrupted run: %s", len(cleaned), [p.name for p in cleaned])
         _checkpoint("locked")
@@ -345,20 +344,18 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
     total = time.perf_counter() - t_start
     timer.timings["total"] = round(total, 3)
     log.info("rebuild done in %.1fs: %s", total, timer.timings)
-    manifest = store._read_manifest(path)
+    manifest = read_manifest(path)
     return RebuildResult(path=path, manifest=manifest, timings=timer.timings, pruned=pruned, cleaned=cleaned)
 
 
-def _check_bundle_servable(bundle, bundle_path: Path) -> None:  # noqa: ANN001 - training.bundle.Bundle
+def _check_bundle_servable(bundle: Bundle, bundle_path: Path) -> None:
     """Refuse, before any work, a bundle the service would refuse (exit 2, naming the bundle).
 
-    The user tower goes through the service's own check (`service.state.check_user_tower`);
+    The user tower goes through the service's own check (`indexer.version.check_user_tower`);
     the manifest's `embedding_dim` is compared here because otherwise it is only caught when
     the copied bundle is verified inside the temporary version directory, whose name the
     message then gave — a directory deleted by the time anyone reads it.
     """
-    from service.state import VersionError, check_user_tower
-
     manifest = bundle.manifest if isinstance(bundle.manifest, dict) else {}
     declared = manifest.get("embedding_dim")
     if declared is not None and declared != bundle.model.embedding_dim:
@@ -368,20 +365,18 @@ def _check_bundle_servable(bundle, bundle_path: Path) -> None:  # noqa: ANN001 -
         )
     try:
         check_user_tower(bundle.model, f"model bundle {bundle_path}")
-    except VersionError as e:
+    except IndexVersionError as e:
         raise RebuildInputError(f"{e}; the service would refuse it") from None
 
 
 def _service_accepts(tmp: Path) -> None:
     """Load the written version exactly as the service does; ServingCheckError if it refuses.
 
-    Runs before the rename and the switch, so a refused version is never published. The files
-    were verified (and hashed) by `write_version` just before, hence `verify=False`.
+    Runs before the rename and the switch, so a refused version is never published. The data
+    files' hashes were computed from these bytes just before, hence `check_hashes=False`.
     """
-    from service.state import load_serving_version
-
     try:
-        load_serving_version(tmp, verify=False)
+        load_version(tmp, check_hashes=False)
     except Exception as e:  # noqa: BLE001 - whatever the service would refuse on, we refuse on
         raise ServingCheckError(
             f"the service would refuse the new version ({type(e).__name__}: {e}); current unchanged"
@@ -405,9 +400,7 @@ def _index_spec(cfg: RebuildConfig, n: int, dim: int) -> fi.IndexSpec:
     return fi.IndexSpec(spec.factory, dict(spec.search_params), build_params)
 
 
-def _build(spec: fi.IndexSpec, vectors: np.ndarray, progress: bool):
-    from tqdm import tqdm
-
+def _build(spec: fi.IndexSpec, vectors: np.ndarray, progress: bool) -> faiss.Index:
     with tqdm(total=len(vectors), desc=f"build {spec.factory}", unit="vec", disable=not progress, file=sys.stderr) as bar:
         done = [0]
 

@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, *, start_reloader: bool = True)
         metrics,
         interval_s=settings.reload_interval_s,
         ef_search_override=settings.hnsw_ef_search,
+        exact_fallback_max_items=settings.exact_fallback_max_items,
         freeze_gc=settings.gc_freeze,
     )
     service = Service(settings=settings, metrics=metrics, holder=holder, reloader=reloader)

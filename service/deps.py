@@ -19,11 +19,12 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
+from indexer.version import ServedVersion
 from service.cache import VectorCache
 from service.errors import NotReadyError
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.state import Reloader, ServingVersion, VersionHolder
+from service.state import Reloader, VersionHolder
 
 API_KEY_HEADER = "X-API-Key"
 
@@ -64,7 +65,7 @@ def check_api_key(settings: Settings, key: str | None) -> None:
 class Served:
     """What a retrieval request works with: one version (read once), the cache, the settings."""
 
-    version: ServingVersion
+    version: ServedVersion
     cache: VectorCache
     settings: Settings
 

@@ -4,7 +4,7 @@ Requests are strict: unknown fields are rejected, values are not coerced (`"k": 
 every list and string is bounded, and a feature
 value must be a string, a finite number, a list of strings or null. Whether a value has the
 right type *for that feature* depends on the loaded model's schema, which changes on hot reload,
-so that part is checked per request (`service.tower.UserTower.validate`); the checks here are
+so that part is checked per request (`training.numpy_tower.UserTower.validate`); the checks here are
 the ones that hold for any model.
 
 The bounds that are configurable (`max_k`, `max_exclude`, `max_batch`, ...) are applied by

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from training.bundle import Bundle, load_bundle
-from training.model import ModelConfig
+from training.config import ModelConfig, TrainConfig
 from training.prepare import prepare_synthetic
-from training.train import TrainConfig, fit
+from training.train import fit
 
 SHARED = Path(os.environ.get("TWOTOWER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 ML100K = SHARED / "data" / "ml-100k"

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -55,6 +57,31 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
         for name in filenames:
             fsync_file(os.path.join(dirpath, name))
         fsync_dir(dirpath)
+
+
+def write_bytes_durable(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create `path` (it must not exist) with `data` and fsync it: a file inside a temp directory
+    that `atomic_directory` renames as a whole."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_file_durable(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy `src` to the new file `dst` in 1 MiB blocks and fsync it."""
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
+
+
+def write_npy_durable(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """`array` as a new .npy file (no pickles), fsynced."""
+    with open(path, "xb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -184,6 +211,8 @@ def remove_stale_temps(parent: str | os.PathLike[str], min_age_s: float = 0.0) -
                     with _ignore_missing():
                         p.unlink()
                 removed.append(p)
+    if removed:
+        fsync_dir(parent)
     return removed
 
 

@@ -29,8 +29,9 @@ from training.artifacts import (
     remove_stale_temps,
     write_json,
 )
+from training.config import ModelConfig
 from training.features import TowerEncoder
-from training.model import ModelConfig, TwoTowerModel
+from training.model import TwoTowerModel
 
 FORMAT = "twotower-bundle/1"
 REQUIRED_FILES = ("model.safetensors", "config.json", "features.json", "item_counts.json")

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="train a model; prints the bundle path as the last stdout line")
     f.add_argument("--data", required=True, help="dataset directory")
     f.add_argument("--out", required=True, help="models directory (a new <version>/ is created)")
-    f.add_argument("--config", help="JSON training config (see training/train.py TrainConfig)")
+    f.add_argument("--config", help="JSON training config (see training/config.py TrainConfig)")
     f.add_argument("--full", action="store_true", help="train on every interaction (nightly production mode)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,7 +62,8 @@ def _run(args: argparse.Namespace) -> None:
             out = prepare_synthetic(args.out, args.users, args.items, args.interactions, args.seed, warn=_warn(args))
         print(out)
     elif args.cmd == "fit":
-        from training.train import TrainConfig, fit
+        from training.config import TrainConfig
+        from training.train import fit
 
         cfg = TrainConfig.from_file(args.config)
         path = fit(args.data, args.out, cfg, full=args.full, progress=False if args.no_progress else None)
@@ -92,7 +93,7 @@ def check_bundle_matches_dataset(bundle: Bundle, dataset: Dataset) -> list[str]:
     warnings for a usable but suspect pairing: other data than it was trained on (the metrics
     are not the manifest's), or a --full bundle (the test rows were in its training data)."""
     from training.artifacts import read_json
-    from training.dataset import Schema
+    from training.schema import Schema
 
     config = read_json(bundle.path / "config.json")
     if isinstance(config, dict) and isinstance(config.get("schema"), dict):
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
     from training.bundle import BundleError
-    from training.dataset import DatasetError
+    from training.schema import DatasetError
 
     try:
         _run(args)

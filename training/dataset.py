@@ -15,104 +15,15 @@ import hashlib
 import json
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-FEATURE_TYPES = ("categorical", "multi_categorical", "continuous")
-SECTION_KEYS = ("features",)
-FEATURE_KEYS = ("type", "separator")
+from training.schema import DatasetError, FeatureSpec, Schema
+
 INT64_BOUND = 2.0**63  # timestamps must lie in (-2^63, 2^63): the int64 seconds they are cast to
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing or malformed; the message names file, line and column."""
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One declared feature column: its name, type and (multi-categorical) separator."""
-
-    name: str
-    type: str
-    separator: str = "|"
-
-    def to_json(self) -> dict:
-        out = {"type": self.type}
-        if self.type == "multi_categorical":
-            out["separator"] = self.separator
-        return out
-
-
-@dataclass(frozen=True)
-class Schema:
-    """Feature declarations of both towers (ids are implicit and never declared)."""
-
-    user: dict[str, FeatureSpec] = field(default_factory=dict)
-    item: dict[str, FeatureSpec] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, obj: object, source: str = "schema.json") -> Schema:
-        if not isinstance(obj, dict):
-            raise DatasetError(f"{source}: top level must be an object with 'user' and 'item'")
-        unknown = set(obj) - {"user", "item"}
-        if unknown:
-            raise DatasetError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected 'user' and 'item'")
-        sides = {}
-        for side in ("user", "item"):
-            sec = obj.get(side, {"features": {}})
-            if side == "item" and side not in obj:
-                raise DatasetError(f"{source}: missing required section 'item'")
-            if not isinstance(sec, dict) or not isinstance(sec.get("features", {}), dict):
-                raise DatasetError(f"{source}: '{side}' must be an object with a 'features' object")
-            _reject_unknown_keys(f"{source}: {side}", sec, SECTION_KEYS)  # "feature": {...} is not ignored
-            feats = {}
-            for name, decl in sec.get("features", {}).items():
-                where = f"{source}: {side}.features.{name}"
-                if not isinstance(decl, dict) or "type" not in decl:
-                    raise DatasetError(f"{where}: must be an object with a 'type'")
-                _reject_unknown_keys(where, decl, FEATURE_KEYS)  # a misspelled "seperator" is not ignored
-                _check_feature_name(where, name)
-                ftype = decl["type"]
-                if ftype not in FEATURE_TYPES:
-                    raise DatasetError(f"{where}: unknown type {ftype!r}; expected one of {list(FEATURE_TYPES)}")
-                if name in ("user_id", "item_id"):
-                    raise DatasetError(f"{where}: the id is always a feature and must not be declared")
-                sep = decl.get("separator", "|")
-                if ftype == "multi_categorical" and (not isinstance(sep, str) or not sep):
-                    raise DatasetError(f"{where}: 'separator' must be a non-empty string")
-                feats[name] = FeatureSpec(name=name, type=ftype, separator=sep)
-            sides[side] = feats
-        return cls(user=sides["user"], item=sides["item"])
-
-    def to_json(self) -> dict:
-        return {
-            side: {"features": {n: s.to_json() for n, s in getattr(self, side).items()}}
-            for side in ("user", "item")
-        }
-
-
-def _reject_unknown_keys(where: str, obj: dict, known: tuple[str, ...]) -> None:
-    """A misspelled key would otherwise be ignored and its default used in silence."""
-    for key in obj:
-        if key not in known:
-            raise DatasetError(f"{where}: unknown key {key!r}; expected {' / '.join(repr(k) for k in known)}")
-
-
-def _check_feature_name(where: str, name: str) -> None:
-    """Each feature becomes a key of a torch ModuleDict (training/model.py), which refuses '',
-    names with '.' and names of existing Module attributes ('type', 'float', 'items', ...). Caught
-    here, it is a schema error before any data is read, not a KeyError after it."""
-    from torch import nn  # lazy: reading a dataset needs no torch otherwise
-
-    if not name.strip():
-        raise DatasetError(f"{where}: a feature name must not be empty")
-    if "." in name:
-        raise DatasetError(f"{where}: feature name {name!r} must not contain '.'")
-    if hasattr(nn.ModuleDict(), name):
-        raise DatasetError(f"{where}: feature name {name!r} is reserved (a torch Module attribute); rename the column")
 
 
 @dataclass
@@ -311,22 +222,28 @@ def read_schema(path: str | Path) -> Schema:
     return Schema.from_json(obj)
 
 
+def _read_entities(p: Path, id_col: str, feats: dict[str, FeatureSpec]) -> pd.DataFrame:
+    """items.csv / users.csv: one row per unique, non-empty id, with the declared feature columns."""
+    df = _read_table(p, _multi_separators(feats), [id_col, *feats])
+    _require_columns(p, df, [id_col])
+    _check_ids(p, df, id_col)
+    dup = df[id_col].duplicated(keep="first").to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise DatasetError(f"{p.name}: {_line(p, i)}, column '{id_col}': duplicate id {df[id_col].iloc[i]!r}")
+    _check_features(p, df, feats)
+    return df.reset_index(drop=True)
+
+
 def read_items(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
     """The validated catalog: item_id (str) + the declared item feature columns, file order."""
     path = Path(path)
     schema = schema or read_schema(path)
     p = _find(path, "items", required=True)
-    df = _read_table(p, _multi_separators(schema.item), ["item_id", *schema.item])
-    _require_columns(p, df, ["item_id"])
-    _check_ids(p, df, "item_id")
-    dup = df["item_id"].duplicated(keep="first").to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise DatasetError(f"{p.name}: {_line(p, i)}, column 'item_id': duplicate id {df['item_id'].iloc[i]!r}")
-    _check_features(p, df, schema.item)
+    df = _read_entities(p, "item_id", schema.item)
     if len(df) == 0:
         raise DatasetError(f"{p.name}: the catalog is empty")
-    return df.reset_index(drop=True)
+    return df
 
 
 def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
@@ -336,15 +253,7 @@ def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
         if schema.user:
             raise DatasetError(f"{path}: schema.json declares user features {sorted(schema.user)} but there is no users.csv")
         return None
-    df = _read_table(p, _multi_separators(schema.user), ["user_id", *schema.user])
-    _require_columns(p, df, ["user_id"])
-    _check_ids(p, df, "user_id")
-    dup = df["user_id"].duplicated(keep="first").to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise DatasetError(f"{p.name}: {_line(p, i)}, column 'user_id': duplicate id {df['user_id'].iloc[i]!r}")
-    _check_features(p, df, schema.user)
-    return df.reset_index(drop=True)
+    return _read_entities(p, "user_id", schema.user)
 
 
 def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> pd.DataFrame:

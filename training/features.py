@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from training.dataset import FeatureSpec, parse_continuous
+from training.dataset import parse_continuous
+from training.schema import FeatureSpec
 
 OOV = 0
 PAD = 0

@@ -13,11 +13,8 @@ untrained vector; with it the tower learns to fall back on features.
 
 from __future__ import annotations
 
-import math
-import types
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -25,105 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.dataset import FeatureSpec
-from training.features import FeatureError, TowerEncoder
+from training.config import ModelConfig
+from training.features import TowerEncoder
+from training.schema import FeatureSpec
 
-__all__ = ["FeatureError", "HistoryPooling", "ModelConfig", "Tower", "TwoTowerModel", "UserHistory", "build_history"]
-
-
-# A range rule: (predicate on a value of the right type, what a valid value is, for the error).
-Rule = tuple[Callable[[typing.Any], bool], str]
-POSITIVE: Rule = (lambda v: v > 0, "> 0")
-AT_LEAST_1: Rule = (lambda v: v >= 1, ">= 1")
-NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
-RATE: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-def _type_ok(value: object, tp: object) -> bool:
-    """Whether `value` is a valid `tp` in a JSON config: bools are not numbers, ints are floats,
-    floats must be finite (NaN / Infinity parse from JSON but only ever train garbage)."""
-    if typing.get_origin(tp) in (types.UnionType, typing.Union):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if typing.get_origin(tp) is list:
-        (elem,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, elem) for v in value)
-    return isinstance(value, tp) if isinstance(tp, type) else True
-
-
-def _describe(tp: object) -> str:
-    """`tp` in words, for the error message."""
-    if typing.get_origin(tp) in (types.UnionType, typing.Union):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
-    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))  # type: ignore[call-overload]
-
-
-def check_config_fields(cfg: object, rules: dict[str, Rule], prefix: str = "") -> None:
-    """Check every dataclass field of `cfg` against its annotation, then against its range rule.
-
-    A JSON config is typed by hand: "3" for 3, "false" for false (a truthy string that silently
-    turned a feature on), 0 for a batch size (a ZeroDivisionError an hour into a run). Checking
-    here turns each of those into one error naming the key, the value and what is expected,
-    before any data is read. Range rules skip None (an optional field left unset).
-    """
-    hints = typing.get_type_hints(type(cfg))
-    for f in fields(cfg):  # type: ignore[arg-type]
-        value = getattr(cfg, f.name)
-        tp = hints[f.name]
-        if not _type_ok(value, tp):
-            raise ValueError(f"{prefix}{f.name}={value!r} must be {_describe(tp)}")
-        rule = rules.get(f.name)
-        if rule is not None and value is not None and not rule[0](value):
-            raise ValueError(f"{prefix}{f.name}={value!r} must be {rule[1]}")
-
-
-@dataclass
-class ModelConfig:
-    """Architecture hyper-parameters (stored in the bundle's config.json)."""
-
-    embedding_dim: int = 64          # output (cosine) space
-    id_dim: int = 64                 # id embedding width
-    feature_dim: int = 16            # width of each categorical / multi / bucket embedding
-    hidden: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.0
-    user_id_dropout: float = 0.3
-    item_id_dropout: float = 0.1
-    temperature: float = 0.03        # training only: logits = cos / temperature (chosen on validation, docs/results)
-
-    # temperature 0 divides by zero (a NaN model); widths < 1 fail deep inside torch;
-    # dropout rates of 1 or more drop everything.
-    RULES: typing.ClassVar[dict[str, Rule]] = {
-        "embedding_dim": AT_LEAST_1, "id_dim": AT_LEAST_1, "feature_dim": AT_LEAST_1,
-        "hidden": (lambda v: all(h >= 1 for h in v), "a list of layer widths >= 1"),
-        "dropout": RATE, "user_id_dropout": RATE, "item_id_dropout": RATE, "temperature": POSITIVE,
-    }
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming `model.<key>`, its value and what is expected."""
-        check_config_fields(self, self.RULES, prefix="model.")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"model={d!r} must be an object of model settings, e.g. {{\"temperature\": 0.05}}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+__all__ = ["HistoryPooling", "Tower", "TwoTowerModel", "UserHistory", "bake_history", "build_history"]
 
 
 class Tower(nn.Module):
@@ -244,7 +147,7 @@ class TwoTowerModel(nn.Module):
         return self.user_tower.id_emb.weight.device
 
     def config_dict(self) -> dict:
-        return asdict(self.cfg)
+        return self.cfg.to_dict()
 
     # ---- inference API (docs/design.md) ------------------------------------------------------
     @torch.inference_mode()

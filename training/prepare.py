@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from training.artifacts import atomic_directory, write_json
-from training.dataset import DatasetError, read_dataset
+from training.dataset import read_dataset
+from training.schema import DatasetError
 
 log = logging.getLogger("trainer.prepare")
 

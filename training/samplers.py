@@ -59,6 +59,8 @@ __all__ = [
 class NegativeSampler:
     """Base class: `sample(user_idx, pos_ids, k, generator) -> (neg_ids (N, k), log_q (N, k))`."""
 
+    wants_vectors = False  # whether `refresh` needs the current model's vectors each epoch
+
     def sample(
         self, user_idx: torch.Tensor, pos_ids: torch.Tensor, k: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +131,8 @@ class HardNegativeSampler(NegativeSampler):
     uniform-over-catalog, with that proposal's log q.
     """
 
+    wants_vectors = True
+
     def __init__(self, n_items: int, pos_keys: np.ndarray, rank_lo: int = 20, rank_hi: int = 100) -> None:
         if not 0 <= rank_lo < rank_hi:
             raise ValueError(f"rank band must satisfy 0 <= lo < hi, got [{rank_lo}, {rank_hi})")
@@ -185,6 +189,10 @@ class MixtureSampler(NegativeSampler):
             raise ValueError(f"mixture needs non-negative fractions with a positive sum, got {fr.tolist()}")
         self.components = [s for s, _ in components]
         self.fractions = fr / fr.sum()
+
+    @property
+    def wants_vectors(self) -> bool:  # type: ignore[override]
+        return any(s.wants_vectors for s in self.components)
 
     def slots(self, k: int) -> list[int]:
         raw = self.fractions * k

@@ -36,10 +36,20 @@ negatives' distribution *is* the training signal, which is why the sampler choic
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from training.config import DEFAULT_MIXED_NEGATIVES
+from training.frequency import StreamingFrequencyEstimator, exact_log_q
+from training.samplers import NegativeSampler, build_sampler
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 NEG_INF = -1e9  # finite "minus infinity": keeps softmax gradients NaN-free when a row is all masked
 
@@ -312,16 +322,74 @@ def listwise_loss(
     return _weighted_mean(rows, weights)
 
 
-OBJECTIVES = ("in_batch_softmax", "pointwise", "triplet_hinge", "triplet_logistic", "listwise")
+# ---- objectives: the registry the config validates against -----------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An objective as the rest of the trainer sees it: its name, whether it trains on sampled
+    negatives (else the in-batch softmax's), and its rules on the training config."""
+
+    name: str
+    sampled: bool
+
+    def check_config(self, cfg: TrainConfig) -> None:
+        """Raise ValueError for settings this objective would ignore or fail on mid-training."""
+        if not self.sampled:
+            return
+        batch_negatives = cfg.negative_sampler == "in_batch" or (
+            cfg.negative_sampler == "mixture" and cfg.mixture_easy == "in_batch"
+        )
+        if batch_negatives and cfg.batch_size < 2:
+            raise ValueError(f"batch_size={cfg.batch_size}: in-batch negatives need batches of >= 2 rows")
+        if cfg.frequency == "streaming":
+            raise ValueError(
+                f"frequency='streaming' estimates the in-batch softmax's logQ; objective {self.name!r} "
+                "takes its logQ from its sampler's own distribution (leave frequency 'exact')"
+            )
+        if cfg.mixed_negatives:
+            raise ValueError(
+                f"mixed_negatives={cfg.mixed_negatives}: applies to objective 'in_batch_softmax' only "
+                f"({self.name!r} takes its negatives from negative_sampler)"
+            )
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "in_batch_softmax": Objective("in_batch_softmax", sampled=False),
+    "pointwise": Objective("pointwise", sampled=True),
+    "triplet_hinge": Objective("triplet_hinge", sampled=True),
+    "triplet_logistic": Objective("triplet_logistic", sampled=True),
+    "listwise": Objective("listwise", sampled=True),
+}
+
+
+@dataclass
+class Batch:
+    """One training step's rows after the towers ran (what `RetrievalTask.batch_loss` scores).
+
+    `users` / `items`: user-table and catalog rows of the N (user, positive) pairs; `user_vecs`,
+    `item_vecs` (N, d) their tower outputs; `weights` (N,) per-row loss weights; `user_dropped`
+    (N,) bool, the rows whose user id was dropped to OOV this step (None: id dropout off).
+    """
+
+    users: torch.Tensor
+    items: torch.Tensor
+    user_vecs: torch.Tensor
+    item_vecs: torch.Tensor
+    weights: torch.Tensor
+    user_dropped: torch.Tensor | None = None
 
 
 @dataclass
 class RetrievalTask:
-    """Configured objective.
+    """The configured objective: loss, logQ correction, accidental-hit masking, negatives.
 
-    `objective == "in_batch_softmax"`: call it with tower outputs and the batch's ids (the
-    default, unchanged). Any other objective: call `sampled(user, pos, neg, …)` with K sampled
-    negatives per row; logQ (scaled by `logq_weight`) applies to the listwise objective only.
+    Called directly it is pure math over tensors: `task(user, item, ids, log_q, ...)` is the
+    in-batch softmax, `task.sampled(user, pos, neg, ...)` the objective over K sampled negatives.
+    Built by `build_task` it also holds what a training step needs from the training data (the
+    catalog's log q, the known positives, the negative sampler, the mixed negatives), and
+    `batch_loss(batch, embed_items)` turns one step's tower outputs into its loss — the fit loop
+    calls nothing else, so a new objective is a change to this module alone.
     """
 
     temperature: float = 0.05
@@ -331,15 +399,83 @@ class RetrievalTask:
     margin: float = 0.2       # triplet hinge margin m (in cosine units)
     sigma: float = 10.0       # triplet logistic scale σ
     cold_logq_weight: float | None = None  # logQ weight of rows trained without their id (None: logq_weight)
+    # ---- training state (build_task) --------------------------------------------------------
+    n_items: int = 0
+    log_q_items: torch.Tensor | None = None  # (n_items,) log p of each catalog row under the in-batch proposal
+    pos_keys: torch.Tensor | None = None     # sorted user * n_items + item of every training positive
+    mask_user_positives: bool = True         # also mask candidates the user clicked elsewhere
+    mixed_negatives: int = 0                 # in-batch softmax: uniform catalog candidates per step (MNS)
+    stream: StreamingFrequencyEstimator | None = None  # streamed logQ instead of `log_q_items`
+    sampler: NegativeSampler | None = None   # sampled objectives: the proposal of the K negatives
+    num_negatives: int = 0
+    generator: torch.Generator | None = None  # every draw of negatives (CPU, seeded)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+            raise ValueError(f"objective {self.objective!r} is not one of {tuple(OBJECTIVES)}")
 
     @property
     def uses_sampled_negatives(self) -> bool:
-        return self.objective != "in_batch_softmax"
+        return OBJECTIVES[self.objective].sampled
 
+    # ---- one training step ------------------------------------------------------------------
+    def start_epoch(self, vectors: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Per-epoch hook: a hard-negative sampler re-mines its bands with the current model's
+        (user, item) vectors; `vectors` is only called when the sampler needs them."""
+        if self.sampler is not None and self.sampler.wants_vectors:
+            self.sampler.refresh(*vectors())
+
+    def batch_loss(self, batch: Batch, embed_items: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The loss of one step. `embed_items(rows)` runs the item tower on catalog rows (the
+        negatives that are not the batch's own positives)."""
+        if self.uses_sampled_negatives:
+            return self._sampled_batch_loss(batch, embed_items)
+        return self._in_batch_loss(batch, embed_items)
+
+    def _in_batch_loss(self, batch: Batch, embed_items: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """In-batch softmax, logQ ∝ clicks (exact or streamed), + M uniform catalog items shared by
+        the batch (MNS); the user's other clicks are masked among the in-batch and the uniform
+        candidates in one lookup."""
+        if self.log_q_items is None or self.pos_keys is None or self.generator is None:
+            raise ValueError("batch_loss needs a task made by build_task (log_q_items, pos_keys, generator)")
+        bu, bi = batch.users, batch.items
+        device = bi.device
+        n_mixed, n_items = self.mixed_negatives, self.n_items
+        neg = torch.randint(n_items, (n_mixed,), generator=self.generator).to(device) if n_mixed else None
+        cands = bi if neg is None else torch.cat([bi, neg])
+        known = known_positive_mask(bu, cands, self.pos_keys, n_items) if self.mask_user_positives else None
+        extra = None if known is None else known[:, : len(bi)]
+        lq = self.log_q_items[bi]
+        if self.stream is not None:
+            self.stream.update(bi.cpu().numpy())
+            lq = torch.from_numpy(self.stream.log_q(bi.cpu().numpy(), len(bi))).float().to(device)
+        mns = {}
+        if neg is not None:  # logQ of the mixture
+            nlq = self.log_q_items[neg]
+            if self.stream is not None:
+                nlq = torch.from_numpy(self.stream.log_q(neg.cpu().numpy(), len(bi))).float().to(device)
+            lq, nlq = (mixed_log_q(x, len(bi), n_mixed, n_items) for x in (lq, nlq))
+            mns = {
+                "neg_item": embed_items(neg), "neg_ids": neg, "neg_log_q": nlq,
+                "neg_mask": None if known is None else known[:, len(bi) :],
+            }
+        return self(batch.user_vecs, batch.item_vecs, bi, lq, extra_mask=extra, weights=batch.weights,
+                    id_dropped=batch.user_dropped, **mns)
+
+    def _sampled_batch_loss(self, batch: Batch, embed_items: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """K sampled negatives per row, each with the log q of the sampler that drew it."""
+        if self.sampler is None or self.generator is None:
+            raise ValueError(f"objective {self.objective!r} needs a task made by build_task (sampler, generator)")
+        bu, bi = batch.users, batch.items
+        neg, neg_lq = self.sampler.sample(bu, bi, self.num_negatives, self.generator)
+        # The item tower runs once per distinct negative: B·K draws from a small catalog
+        # repeat items many times (ML-100K: 20,480 draws, at most 1,682 items).
+        uniq, inv = torch.unique(neg.reshape(-1), return_inverse=True)
+        vn = embed_items(uniq)[inv].view(*neg.shape, -1)
+        hits = sampled_hit_mask(bi, neg, bu if self.mask_user_positives else None, self.pos_keys, self.n_items)
+        return self.sampled(batch.user_vecs, batch.item_vecs, vn, neg_log_q=neg_lq, neg_mask=hits, weights=batch.weights)
+
+    # ---- the math -----------------------------------------------------------------------------
     def sampled(
         self,
         user: torch.Tensor,
@@ -395,3 +531,33 @@ class RetrievalTask:
             user, item, item_ids, temperature=self.temperature, log_q=lq, extra_mask=extra_mask, weights=weights,
             row_logq_scale=scale, neg_item=neg_item, neg_ids=neg_ids, neg_log_q=nlq, neg_mask=neg_mask,
         )
+
+
+def build_task(
+    cfg: TrainConfig, counts: np.ndarray, pos_keys: torch.Tensor, generator: torch.Generator, device: torch.device | str
+) -> RetrievalTask:
+    """The task of `cfg` over a catalog with training `counts` per row and the sorted `pos_keys`
+    (user * n_items + item) of the training positives."""
+    n_items = len(counts)
+    objective = OBJECTIVES[cfg.objective]
+    log_q = torch.from_numpy(exact_log_q(counts)).float().to(device)
+    sampler = None
+    if objective.sampled:
+        sampler = build_sampler(
+            cfg.negative_sampler, counts=counts, pos_keys=pos_keys.cpu().numpy(), log_q_items=log_q,
+            alpha=cfg.popularity_alpha, rank_band=tuple(cfg.hard_rank_band),
+            hard_fraction=cfg.mixture_hard_fraction, easy=cfg.mixture_easy,
+        )
+    n_mixed = cfg.mixed_negatives
+    if n_mixed is None:  # the default: MNS with the in-batch softmax (chosen on the nested validation)
+        n_mixed = 0 if objective.sampled else min(DEFAULT_MIXED_NEGATIVES, n_items)
+    stream = None
+    if cfg.frequency == "streaming":
+        stream = StreamingFrequencyEstimator(cfg.stream_buckets, cfg.stream_hashes, cfg.stream_alpha, seed=cfg.seed)
+    return RetrievalTask(
+        temperature=cfg.model.temperature, logq=cfg.logq, logq_weight=cfg.logq_weight,
+        objective=cfg.objective, margin=cfg.triplet_margin, sigma=cfg.logistic_sigma,
+        cold_logq_weight=cfg.cold_logq_weight, n_items=n_items, log_q_items=log_q, pos_keys=pos_keys,
+        mask_user_positives=cfg.mask_user_positives, mixed_negatives=n_mixed, stream=stream, sampler=sampler,
+        num_negatives=cfg.num_negatives, generator=generator,
+    )

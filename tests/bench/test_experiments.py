@@ -4,7 +4,6 @@ tiny synthetic dataset (JSON + report written, cache reused, --report-only, pros
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,9 @@ import pytest
 
 from bench import experiments as ex
 from tests.conftest import tiny_train_config
+from training.config import ModelConfig, TrainConfig
 from training.dataset import read_dataset
-from training.model import ModelConfig
 from training.split import split_interactions
-from training.train import TrainConfig
 
 # ---- deciles --------------------------------------------------------------------------------------
 
@@ -190,7 +188,7 @@ def test_write_markdown_keeps_prose(tmp_path: Path) -> None:
 def base_config(tmp_path: Path) -> Path:
     """The tiny test settings, as a --base-config file (changes to TrainConfig())."""
     p = tmp_path / "base.json"
-    p.write_text(json.dumps(ex.config_diff(asdict(tiny_train_config()), asdict(TrainConfig()))))
+    p.write_text(json.dumps(ex.config_diff(tiny_train_config().to_dict(), TrainConfig().to_dict())))
     return p
 
 

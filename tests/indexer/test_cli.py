@@ -141,12 +141,12 @@ def test_unusable_out_or_options_exit_2_before_any_work(setup, extra, text, tmp_
     [ValueError("bundle X: config.json: truncated JSON"), KeyError("model"), AttributeError("'list' object has no attribute 'items'")],
 )
 def test_bundle_loader_errors_exit_2_with_their_message(error, monkeypatch, tmp_path, tiny_bundle_path, tiny_dataset, capsys):
-    import training.bundle
+    import indexer.rebuild
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise error
 
-    monkeypatch.setattr(training.bundle, "load_bundle", broken)
+    monkeypatch.setattr(indexer.rebuild, "load_bundle", broken)
     code, _, err = run(capsys, "rebuild", "--model", str(tiny_bundle_path), "--data", str(tiny_dataset),
                        "--out", str(tmp_path / "index"), "--no-progress")
     assert code == 2, err

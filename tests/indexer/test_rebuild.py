@@ -16,6 +16,7 @@ import pytest
 from indexer import faiss_index as fi
 from indexer import store
 from indexer.rebuild import RebuildConfig, RebuildInputError, RecallGateError, rebuild
+from indexer.version import load_version, verify_version
 from tests.indexer.conftest import root_snapshot
 
 
@@ -39,13 +40,13 @@ def test_rebuild_writes_a_complete_current_version(tmp_path, tiny_bundle, tiny_b
     root = tmp_path / "index"
     res = rebuild(cfg(tiny_bundle_path.parent, tiny_dataset, root))  # a models dir: newest bundle
     assert store.read_current(root) == res.path.resolve()
-    m = store.verify_version(res.path)
+    m = verify_version(res.path)
     items = read_items_raw(tiny_dataset)
     assert m["model_version"] == tiny_bundle.version and m["count"] == len(items)
     assert m["index"]["factory"] == "Flat"  # auto for a 200-item catalog
     assert m["recall"]["value"] == 1.0 and m["dim"] == tiny_bundle.model.embedding_dim
     assert set(res.timings) >= {"load", "embed", "build", "gate", "write", "switch", "total"}
-    loaded = store.load_version(root / "current")
+    loaded = load_version(root / "current")
     assert loaded.item_ids == items["item_id"].tolist()
     from training.dataset import read_items
 
@@ -69,7 +70,7 @@ def test_hnsw_rebuild_tunes_search_params_and_records_recall(tmp_path, tiny_bund
     assert m["index"]["factory"] == "HNSW8" and set(m["index"]["search_params"]) == {"efSearch"}
     rec = m["recall"]
     assert rec["k"] == 20 and rec["queries"] == "users" and rec["n_queries"] > 0 and rec["value"] >= 0.9
-    loaded = store.load_version(res.path)
+    loaded = load_version(res.path)
     assert fi.get_search_params(loaded.index) == m["index"]["search_params"]
 
 
@@ -92,7 +93,7 @@ def test_fresh_items_are_embedded_from_features_and_removed_items_disappear(tmp_
     pd.concat([items.iloc[5:], fresh]).to_csv(dataset_copy / "items.csv", index=False)
 
     res = rebuild(cfg(tiny_bundle_path, dataset_copy, tmp_path / "index"))
-    loaded = store.load_version(res.path)
+    loaded = load_version(res.path)
     assert len(loaded.item_ids) == len(items) - 5 + 3
     assert not set(removed) & set(loaded.item_ids)
     vocab = set(tiny_bundle.model.item_encoder.ids.tokens)
@@ -107,7 +108,7 @@ def test_fresh_items_are_embedded_from_features_and_removed_items_disappear(tmp_
     np.testing.assert_allclose(emb[row], tiny_bundle.model.embed_items(same_features)[0], atol=1e-6)
     assert not np.allclose(emb[row], emb[loaded.item_ids.index(items["item_id"].iloc[10])], atol=1e-3)
 
-    retr = loaded.retriever()
+    retr = loaded.topk
     for fid in ("fresh-a", "fresh-b", "fresh-c"):
         scores, ids = retr.search(emb[loaded.item_ids.index(fid)], 1)
         assert ids[0, 0] == fid and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
@@ -183,10 +184,10 @@ def test_sigkill_at_any_stage_keeps_current_and_next_run_cleans_up(stage, tmp_pa
         assert tmp_dirs and not new_versions  # killed mid-write: only a temp dir
     if stage in ("renamed", "switched"):
         assert len(new_versions) == 1  # complete, verified, renamed
-        store.verify_version(built_root / new_versions.pop())
+        verify_version(built_root / new_versions.pop())
     if stage == "switched":
         assert store.read_current(built_root).name != before[0]
-        store.verify_version(store.read_current(built_root))
+        verify_version(store.read_current(built_root))
     else:
         assert root_snapshot(built_root) == before  # pointer and every byte it serves
 
@@ -194,7 +195,7 @@ def test_sigkill_at_any_stage_keeps_current_and_next_run_cleans_up(stage, tmp_pa
     assert not list(built_root.glob(".tmp-*"))
     assert {p.name for p in res.cleaned} == {p.name for p in tmp_dirs}
     assert store.read_current(built_root) == res.path.resolve()
-    store.verify_version(res.path)
+    verify_version(res.path)
 
 
 def test_external_sigkill_while_paused_and_lock_contention(tmp_path, built_root, tiny_bundle_path, tiny_dataset):
@@ -232,24 +233,22 @@ def test_external_sigkill_while_paused_and_lock_contention(tmp_path, built_root,
 @pytest.mark.parametrize("factory", ["HNSW16,SQ8", "IVF4,PQ4x4"])
 def test_quantized_index_is_published_and_accepted_by_the_service(factory, tmp_path, tiny_bundle_path, tiny_dataset):
     """Lossy indexes (suggested by --help and docs/nightly.md) pass the shared acceptance check."""
-    from service.state import load_serving_version
-
     root = tmp_path / "index"
     res = rebuild(cfg(tiny_bundle_path, tiny_dataset, root, index=factory, recall_gate=0.5, nprobe=4 if "IVF" in factory else None))
     assert store.read_current(root) == res.path.resolve()
-    assert load_serving_version(res.path).index_version == res.path.name
+    assert load_version(res.path).index_version == res.path.name
 
 
 def test_a_version_the_service_refuses_is_never_published(built_root, tiny_bundle_path, tiny_dataset, monkeypatch):
-    import service.state
+    import indexer.version
     from indexer.rebuild import ServingCheckError
 
     def refuse(version):  # noqa: ANN001, ANN202
-        raise service.state.VersionError("index scores disagree with embeddings.npy")
+        raise indexer.version.IndexVersionError("index scores disagree with embeddings.npy")
 
     before = root_snapshot(built_root)
     versions = store.list_versions(built_root)
-    monkeypatch.setattr(service.state, "_smoke_test", refuse)
+    monkeypatch.setattr(indexer.version, "_smoke_test", refuse)
     with pytest.raises(ServingCheckError, match="the service would refuse the new version .*index scores disagree") as e:
         rebuild(cfg(tiny_bundle_path, tiny_dataset, built_root))
     assert isinstance(e.value, store.IndexVersionError)  # exit 5 from the CLI

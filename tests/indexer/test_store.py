@@ -13,7 +13,9 @@ import pytest
 
 from indexer import faiss_index as fi
 from indexer import store
+from indexer.version import load_version, verify_version
 from tests.indexer.conftest import root_snapshot, tree_digest, unit_rows, write_test_version
+from training.artifacts import remove_stale_temps
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def root(tmp_path: Path) -> Path:
 def test_write_verify_load_roundtrip(root, tiny_bundle_path, tiny_bundle):
     path = write_test_version(root, tiny_bundle_path, n=40, factory="HNSW16")
     assert path.parent == root and not list(root.glob(".tmp-*"))
-    m = store.verify_version(path)
+    m = verify_version(path)
     assert m["format"] == "twotower-index/1" and m["index_version"] == path.name
     assert m["model_version"] == tiny_bundle.version and m["count"] == 40 and m["dim"] == tiny_bundle.model.embedding_dim
     bundle_files = {f"model/{p.name}" for p in tiny_bundle_path.iterdir() if p.is_file()}
@@ -32,14 +34,14 @@ def test_write_verify_load_roundtrip(root, tiny_bundle_path, tiny_bundle):
     assert store.read_current(root) is None  # writing never switches
 
     store.switch_current(root, path.name)
-    loaded = store.load_version(root / "current")
+    loaded = load_version(root / "current")
     assert loaded.path == path.resolve()  # resolved once: immune to a later switch
     assert loaded.index_version == path.name and loaded.model_version == tiny_bundle.version
     assert loaded.item_ids == [f"it0-{i}" for i in range(40)]
     assert loaded.bundle.version == tiny_bundle.version
     assert fi.get_search_params(loaded.index) == m["index"]["search_params"]
     np.testing.assert_array_equal(np.asarray(loaded.embeddings), unit_rows(40, m["dim"], 0))
-    _, ids = loaded.retriever().search(np.asarray(loaded.embeddings[:3]), 1)
+    _, ids = loaded.topk.search(np.asarray(loaded.embeddings[:3]), 1)
     assert ids[:, 0].tolist() == ["it0-0", "it0-1", "it0-2"]
 
 
@@ -92,7 +94,7 @@ def test_read_current_errors(root, tiny_bundle_path):
 )
 def test_verify_detects_corruption(root, tiny_bundle_path, damage):
     path = write_test_version(root, tiny_bundle_path)
-    store.verify_version(path)
+    verify_version(path)
 
     def flip(rel: str, offset: int = -5):
         p = path / rel
@@ -136,9 +138,9 @@ def test_verify_detects_corruption(root, tiny_bundle_path, damage):
         p = path / "index.faiss"
         p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(store.IndexVersionError, match=expect):
-        store.verify_version(path)
+        verify_version(path)
     with pytest.raises(store.IndexVersionError):
-        store.load_version(path)
+        load_version(path)
 
 
 def test_verify_without_hashes_still_reads_back_consistency(root, tiny_bundle_path):
@@ -146,7 +148,7 @@ def test_verify_without_hashes_still_reads_back_consistency(root, tiny_bundle_pa
     path = write_test_version(root, tiny_bundle_path)
     (path / "item_ids.txt").write_text("a\nb\n")
     with pytest.raises(store.IndexVersionError, match="item_ids.txt has 2 ids, manifest count is 50"):
-        store.verify_version(path, check_hashes=False)
+        verify_version(path, check_hashes=False)
 
 
 def test_write_version_refuses_bad_input_and_leaves_nothing(root, tiny_bundle_path, tiny_bundle):
@@ -190,7 +192,7 @@ def test_list_prune_and_stale_tmp(root, tiny_bundle_path):
     store.switch_current(root, versions[0].name)  # an old version is current (after a rollback)
     snap = root_snapshot(root)
     with store.locked(root):
-        removed = store.remove_stale_tmp(root)
+        removed = remove_stale_temps(root)
         pruned = store.prune(root, keep=2)
     assert {p.name for p in removed} == {".tmp-20990101T000000000Z-abcdef", ".tmp-current-1234"}
     assert [p.name for p in pruned] == [versions[1].name]

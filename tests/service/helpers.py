@@ -4,13 +4,13 @@ They write the layout of docs/design.md ("Index version") directly — manifest,
 copy of the model bundle, `embeddings.npy`, `item_ids.txt`, `index.faiss` — so that a test can
 also write versions that `indexer rebuild` never would: a corrupt file, a manifest naming another
 model version, vectors of the wrong dimension. What the service accepts is checked by
-`indexer.store.load_version`, the same loader production uses.
+`indexer.version.load_version`, the same loader production uses. The layout itself is written by
+`indexer.version.write_files`, the indexer's own writer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -19,15 +19,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-INDEX_FORMAT = "twotower-index/1"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+from indexer import store
+from indexer.version import write_files
+from training.artifacts import atomic_directory, sha256_file
 
 
 def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -68,52 +62,34 @@ def write_version(
     model_version: str | None = None,
     switch: bool = True,
 ) -> Path:
-    """Write `root/<name>/` in the design.md layout; optionally point `root/current` at it.
-
-    `model_version` overrides what the manifest claims (default: the bundle's own version).
+    """Write `root/<name>/` in the design.md layout (`indexer.version.write_files`, published by
+    `training.artifacts.atomic_directory`) without the acceptance check; optionally point
+    `root/current` at it. `model_version` overrides what the manifest claims (default: the
+    bundle's own version).
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     bundle_manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
     now = dt.datetime.now(dt.timezone.utc)
     name = name or f"{now:%Y%m%dT%H%M%S%f}Z-{os.urandom(3).hex()}"
-    tmp = root / f".tmp-{name}"
-    shutil.copytree(bundle_path, tmp / "model")
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    np.save(tmp / "embeddings.npy", emb)
-    (tmp / "item_ids.txt").write_text("".join(f"{i}\n" for i in item_ids), encoding="utf-8")
     if index is None:
         index, index_entry = build_index(emb, factory)
     else:
         index_entry = {"factory": factory, "search_params": {}}
-    faiss.write_index(index, str(tmp / "index.faiss"))
-    files = {
-        str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-    }
-    manifest = {
-        "format": INDEX_FORMAT,
-        "index_version": name,
-        "model_version": model_version or bundle_manifest["version"],
-        "created_at": now.isoformat(timespec="seconds"),
-        "count": len(item_ids),
-        "dim": int(emb.shape[1]),
-        "index": index_entry,
-        "recall": None,
-        "files": files,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    final = root / name
-    os.rename(tmp, final)
+    with atomic_directory(root / name) as tmp:
+        write_files(
+            tmp, index=index, embeddings=emb, item_ids=item_ids, bundle_path=bundle_path,
+            manifest={"index_version": name, "model_version": model_version or bundle_manifest["version"],
+                      "created_at": now.isoformat(timespec="seconds"), "index": index_entry, "recall": None},
+        )
     if switch:
         switch_current(root, name)
-    return final
+    return root / name
 
 
 def switch_current(root: Path, name: str) -> None:
     """Point `root/current` at `name` atomically (temp symlink + os.replace)."""
-    link = Path(root) / f".current-{os.getpid()}-{os.urandom(2).hex()}"
-    os.symlink(name, link)
-    os.replace(link, Path(root) / "current")
+    store.switch_current(root, name)
 
 
 def item_embeddings(bundle_path: Path, items_csv: Path) -> tuple[np.ndarray, list[str]]:

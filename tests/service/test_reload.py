@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.tower import UserRecord, UserTower
 from tests.service.conftest import FEATURES, serve, wait_for
 from tests.service.helpers import (
     edit_manifest,
@@ -21,6 +20,7 @@ from tests.service.helpers import (
     write_version,
 )
 from training.bundle import load_bundle
+from training.numpy_tower import UserRecord, UserTower
 
 
 def pair(client) -> tuple[str, str]:  # noqa: ANN001

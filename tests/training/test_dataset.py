@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.dataset import DatasetError, Schema, read_dataset
+from training.dataset import read_dataset
+from training.schema import DatasetError, Schema
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.dataset import FeatureSpec
 from training.features import ContinuousStats, FeatureError, TowerEncoder, Vocabulary
+from training.schema import FeatureSpec
 
 
 def test_vocabulary_oov_and_order() -> None:

@@ -96,11 +96,11 @@ def test_mixed_negatives_need_in_batch_softmax(tiny_dataset: Path, tmp_path: Pat
 def test_mixed_negatives_default_follows_the_objective(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unset, MNS is on with the in-batch softmax (min(1024, catalog) uniform negatives a step)
     and off with sampled objectives, which then train without complaint."""
-    import training.train as train_mod
+    import training.task as task_mod
 
     seen: list[tuple[int, int]] = []
-    real = train_mod.mixed_log_q
-    monkeypatch.setattr(train_mod, "mixed_log_q", lambda lp, b, m, n: seen.append((m, n)) or real(lp, b, m, n))
+    real = task_mod.mixed_log_q
+    monkeypatch.setattr(task_mod, "mixed_log_q", lambda lp, b, m, n: seen.append((m, n)) or real(lp, b, m, n))
     assert tiny_train_config().mixed_negatives is None
     fit(tiny_dataset, tmp_path / "inbatch", tiny_train_config(epochs=1), progress=False)
     n_items = len(pd.read_csv(tiny_dataset / "items.csv"))

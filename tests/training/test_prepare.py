@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training.dataset import DatasetError
 from training.prepare import prepare_movielens_100k
+from training.schema import DatasetError
 
 
 def _append(path: Path, text: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -15,10 +14,10 @@ from safetensors.numpy import load_file
 
 from tests.conftest import tiny_train_config
 from training.bundle import load_bundle
+from training.config import ModelConfig, TrainConfig
 from training.dataset import read_dataset
-from training.model import ModelConfig
 from training.split import is_cold_user, split_interactions
-from training.train import TrainConfig, TrainingDiverged, batch_bounds, fit
+from training.train import TrainingDiverged, batch_bounds, fit
 
 
 def test_same_seed_same_weights(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -148,8 +147,8 @@ def test_config_accepts_every_valid_shape() -> None:
     cfg = TrainConfig.from_dict({"lr": 1, "ema_decay": 0, "full_epochs": None, "cold_logq_weight": None,
                                  "eval_max_users": None, "mixed_negatives": 0, "model": {"temperature": 1, "hidden": []}})
     assert cfg.lr == 1 and cfg.full_epochs is None and cfg.model.hidden == []
-    assert TrainConfig.from_dict(asdict(TrainConfig())) == TrainConfig()
-    assert ModelConfig.from_dict(asdict(ModelConfig())) == ModelConfig()
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
 
 
 def test_committed_configs_stay_valid() -> None:
@@ -169,7 +168,7 @@ def test_committed_configs_stay_valid() -> None:
 
     for path in sorted((root / "docs" / "results").glob("*.json")):
         for c in walk(json.loads(path.read_text())):
-            base = asdict(TrainConfig())
+            base = TrainConfig().to_dict()
             TrainConfig.from_dict(base | {k: v for k, v in c.get("train", c).items() if k in base})
             ModelConfig.from_dict(c["model"])
             found += 1

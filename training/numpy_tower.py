@@ -1,19 +1,22 @@
-"""The user tower on the request path.
+"""The user tower in plain numpy, for the request path; next to `training.model.Tower` on purpose.
 
 `TwoTowerModel.embed_users` is the reference: it validates a record, encodes it and runs the
 torch tower. Per request that costs ~0.2-0.5 ms, almost all of it torch's per-operator overhead
-on tensors of one row. `UserTower` therefore extracts the user tower's weights once per loaded
-version into plain numpy arrays and runs the same arithmetic (embedding rows → concatenation →
-Linear/ReLU stack → L2 normalization) with a handful of numpy calls.
+on tensors of one row. `NumpyTower` runs the same arithmetic (embedding rows → concatenation →
+Linear/ReLU stack → L2 normalization) with a handful of numpy calls over the tower's weights,
+read by their state-dict names (`user_tower.id_emb.weight`, `user_tower.mlp.0.weight`, ...) and
+laid out as `Tower.__init__` lays them out. A change to `Tower`'s architecture is a change here
+too: tests/training/test_numpy_tower.py holds the two against each other.
 
-The fast path is an optimization, never a second source of truth: when a version is loaded it is
-checked against `embed_users` on probe records (OOV user, known ids and tokens, extreme
-continuous values). If the architecture is one it does not understand, or any probe differs by
-more than 1e-5, the tower falls back to `embed_users` under `torch.inference_mode` and logs why.
+`UserTower` is what a served version holds: request-feature validation plus embedding, through
+the numpy path when it matches the torch reference on probe records (OOV user, known ids and
+tokens, extreme continuous values) and the torch reference otherwise (logged, with the reason).
 
 Each record is embedded on its own (a batch is a loop over rows, not one matrix product) so that
 a user's vector is bit-identical whether it was computed by /retrieve, /embed or
 /retrieve/batch: a cached vector written by one endpoint is exactly what the others would compute.
+
+This module imports neither torch nor pandas.
 """
 
 from __future__ import annotations
@@ -21,18 +24,23 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from training.model import FeatureError, TwoTowerModel
+from training.config import ModelConfig
+from training.features import POPULARITY, FeatureError, TowerEncoder
 
-log = logging.getLogger("service.tower")
+if TYPE_CHECKING:
+    from training.model import TwoTowerModel
+
+log = logging.getLogger("training.numpy_tower")
 
 FAST_PATH_TOLERANCE = 1e-5
+
+__all__ = ["FAST_PATH_TOLERANCE", "NumpyTower", "TowerError", "UserRecord", "UserTower", "mlp_layout"]
 
 
 class TowerError(RuntimeError):
@@ -54,63 +62,73 @@ class _Layer:
     relu: bool
 
 
-class _NumpyUserTower:
-    """The user `Tower` of training.model re-expressed with numpy arrays (inference only)."""
+def mlp_layout(cfg: ModelConfig) -> list[tuple[int, bool]]:
+    """(index in `Tower.mlp`, followed by a ReLU) of each Linear layer, as `Tower` builds them:
+    per hidden width Linear, ReLU and (with dropout) Dropout, then the output Linear."""
+    out, i = [], 0
+    for _ in cfg.hidden:
+        out.append((i, True))
+        i += 3 if cfg.dropout > 0 else 2
+    out.append((i, False))
+    return out
 
-    def __init__(self, model: TwoTowerModel) -> None:
-        tower = model.user_tower
-        enc = model.user_encoder
-        self._enc = enc
 
-        def table(emb: nn.Embedding) -> np.ndarray:
-            return np.ascontiguousarray(emb.weight.detach().cpu().numpy(), dtype=np.float32)
+class NumpyTower:
+    """One tower's inference arithmetic over its weights as numpy arrays.
 
-        self._id = table(tower.id_emb)
-        self._cat = [(name, enc.vocabs[name], table(emb)) for name, emb in tower.cat.items()]
+    `weights` maps state-dict names to arrays; `prefix` selects the tower (`"user_tower."`).
+    Raises NotImplementedError naming what the weights lack for the layout of `cfg`/`encoder`.
+    """
+
+    def __init__(self, encoder: TowerEncoder, cfg: ModelConfig, weights: Mapping[str, np.ndarray], prefix: str) -> None:
+        self._enc = enc = encoder
+        used: set[str] = set()
+
+        def table(name: str) -> np.ndarray:
+            key = prefix + name
+            if key not in weights:
+                raise NotImplementedError(f"the weights have no {key!r}")
+            used.add(key)
+            return np.ascontiguousarray(weights[key], dtype=np.float32)
+
+        self._id = table("id_emb.weight")
+        self._cat = [(n, enc.vocabs[n], table(f"cat.{n}.weight")) for n, s in enc.specs.items() if s.type == "categorical"]
         self._multi = [
-            (name, enc.vocabs[name], table(emb), enc.max_len[name]) for name, emb in tower.multi.items()
+            (n, enc.vocabs[n], table(f"multi.{n}.weight"), enc.max_len[n])
+            for n, s in enc.specs.items() if s.type == "multi_categorical"
         ]
         # boundaries as a list of Python floats: bisect on it is np.searchsorted(side="right")
         # without the ~1 µs call overhead
         self._cont = [
-            (name, enc.stats[name], [float(b) for b in enc.stats[name].boundaries], table(tower.bucket[name]))
-            for name in tower.cont_names
+            (n, enc.stats[n], [float(b) for b in enc.stats[n].boundaries], table(f"bucket.{n}.weight"))
+            for n in enc.continuous_names
         ]
-        known = set(tower.cat) | set(tower.multi) | set(tower.cont_names)
-        if known != set(enc.specs):
-            raise NotImplementedError(f"tower features {sorted(known)} != encoder features {sorted(enc.specs)}")
+        # the tower's own training clicks as an input (`TowerEncoder.id_counts`): log1p(clicks of
+        # the id row), 0 for the OOV row
+        self._popularity = (
+            None if enc.id_counts is None else [0.0] + [math.log1p(c) for c in enc.id_counts]
+        )
         self.width = (
             self._id.shape[1]
             + sum(t.shape[1] for _, _, t in self._cat)
             + sum(t.shape[1] for _, _, t, _ in self._multi)
             + sum(1 + t.shape[1] for _, _, _, t in self._cont)
         )
-        layers: list[_Layer] = []
-        for module in tower.mlp:
-            if isinstance(module, nn.Linear):
-                layers.append(
-                    _Layer(
-                        np.ascontiguousarray(module.weight.detach().cpu().numpy().T, dtype=np.float32),
-                        module.bias.detach().cpu().numpy().astype(np.float32)
-                        if module.bias is not None
-                        else np.zeros(module.out_features, np.float32),
-                        relu=False,
-                    )
-                )
-            elif isinstance(module, nn.ReLU):
-                if not layers or layers[-1].relu:
-                    raise NotImplementedError("ReLU not directly after a Linear layer")
-                layers[-1] = _Layer(layers[-1].weight_t, layers[-1].bias, relu=True)
-            elif isinstance(module, nn.Dropout):
-                continue  # identity at inference
-            else:
-                raise NotImplementedError(f"unsupported MLP layer {type(module).__name__}")
-        if not layers or layers[0].weight_t.shape[0] != self.width:
-            raise NotImplementedError("MLP input width does not match the feature layout")
-        self._layers = layers
-        self.dim = layers[-1].weight_t.shape[1]
+        self._layers = [
+            _Layer(np.ascontiguousarray(table(f"mlp.{i}.weight").T), table(f"mlp.{i}.bias"), relu)
+            for i, relu in mlp_layout(cfg)
+        ]
+        unused = sorted(k for k in weights if k.startswith(prefix) and k not in used)
+        if unused:
+            raise NotImplementedError(f"weights {unused} have no place in the numpy tower's layout")
+        if self._layers[0].weight_t.shape[0] != self.width:
+            raise NotImplementedError(
+                f"MLP input width {self._layers[0].weight_t.shape[0]} does not match the feature layout ({self.width})"
+            )
+        self.dim = self._layers[-1].weight_t.shape[1]
 
     def embed_one(self, record: UserRecord) -> np.ndarray:
+        """The unit vector (float32, (dim,)) of one validated record."""
         enc = self._enc
         feats = record.features
         x = np.empty(self.width, dtype=np.float32)
@@ -134,7 +152,7 @@ class _NumpyUserTower:
                 x[pos : pos + w] = 0.0
             pos += w
         for name, stats, bounds, tab in self._cont:
-            value = feats.get(name)
+            value = self._popularity[row] if name == POPULARITY and self._popularity is not None else feats.get(name)
             w = tab.shape[1]
             if value is None or not math.isfinite(value):
                 x[pos] = 0.0
@@ -157,6 +175,11 @@ class _NumpyUserTower:
         return h
 
 
+def model_weights(model: TwoTowerModel) -> dict[str, np.ndarray]:
+    """The model's state dict as numpy arrays (CPU copies)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
 class UserTower:
     """Validation and embedding of request users for one loaded model (fast path + reference)."""
 
@@ -164,10 +187,10 @@ class UserTower:
         self.model = model
         self.encoder = model.user_encoder
         self.dim = int(model.embedding_dim)
-        self.fast: _NumpyUserTower | None = None
+        self.fast: NumpyTower | None = None
         self.fast_path_reason = "not tried"
         try:
-            self.fast = _NumpyUserTower(model)
+            self.fast = NumpyTower(self.encoder, model.cfg, model_weights(model), "user_tower.")
             self.fast_path_reason = "ok"
         except (NotImplementedError, AttributeError, KeyError, TypeError) as e:
             self.fast_path_reason = f"unsupported architecture: {e}"
@@ -205,38 +228,12 @@ class UserTower:
         return self._reference([record])[0]
 
     def _reference(self, records: Sequence[UserRecord]) -> np.ndarray:
-        with torch.inference_mode():
-            return self.model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in records])
+        return self.model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in records])
 
     # ---- load-time check ----------------------------------------------------------------------
-    def _probe_records(self) -> list[UserRecord]:
-        enc = self.encoder
-        known_id = enc.ids.tokens[0] if enc.ids.tokens else None
-        typical: dict[str, object] = {}
-        extreme: dict[str, object] = {}
-        for name, spec in enc.specs.items():
-            if spec.type == "categorical":
-                tokens = enc.vocabs[name].tokens
-                typical[name] = tokens[0] if tokens else "x"
-                extreme[name] = "\x00never-seen"
-            elif spec.type == "multi_categorical":
-                tokens = enc.vocabs[name].tokens
-                typical[name] = list(tokens[:3]) or ["x"]
-                extreme[name] = ["\x00never-seen", *tokens[:1]]
-            else:
-                st = enc.stats[name]
-                typical[name] = float(st.mean)
-                extreme[name] = 1e300
-        return [
-            UserRecord(None, {}),
-            UserRecord(known_id, typical),
-            UserRecord("\x00unknown-user", extreme),
-            UserRecord(known_id, {k: (-v if isinstance(v, float) else v) for k, v in extreme.items()}),
-        ]
-
     def _check(self) -> None:
         """Refuse a tower with non-finite output; keep the fast path only if it matches torch."""
-        probes = self._probe_records()
+        probes = probe_records(self.encoder)
         ref = self._reference(probes)
         if ref.shape != (len(probes), self.dim):
             raise TowerError(f"user tower returns shape {ref.shape}, expected (n, {self.dim})")
@@ -254,3 +251,30 @@ class UserTower:
             self.fast = None
             self.fast_path_reason = f"differs from torch by {diff:.2e}"
             log.warning("numpy user tower disabled, using torch", extra={"fields": {"reason": self.fast_path_reason}})
+
+
+def probe_records(enc: TowerEncoder) -> list[UserRecord]:
+    """Records that exercise every input of the tower: the OOV user, a known id with typical
+    values, unseen tokens and extreme continuous values (both signs)."""
+    known_id = enc.ids.tokens[0] if enc.ids.tokens else None
+    typical: dict[str, Any] = {}
+    extreme: dict[str, Any] = {}
+    for name, spec in enc.specs.items():
+        if spec.type == "categorical":
+            tokens = enc.vocabs[name].tokens
+            typical[name] = tokens[0] if tokens else "x"
+            extreme[name] = "\x00never-seen"
+        elif spec.type == "multi_categorical":
+            tokens = enc.vocabs[name].tokens
+            typical[name] = list(tokens[:3]) or ["x"]
+            extreme[name] = ["\x00never-seen", *tokens[:1]]
+        else:
+            st = enc.stats[name]
+            typical[name] = float(st.mean)
+            extreme[name] = 1e300
+    return [
+        UserRecord(None, {}),
+        UserRecord(known_id, typical),
+        UserRecord("\x00unknown-user", extreme),
+        UserRecord(known_id, {k: (-v if isinstance(v, float) else v) for k, v in extreme.items()}),
+    ]

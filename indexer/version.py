@@ -1,0 +1,417 @@
+"""A served version: one index version directory — its layout, its acceptance check, its loading.
+
+Layout of `INDEX_ROOT/<index_version>/` (docs/design.md, "Index version")::
+
+    manifest.json   model/ (a copy of the bundle)   index.faiss   embeddings.npy   item_ids.txt
+
+This module is the one place that knows what makes a version servable, and both sides use it:
+`indexer rebuild` loads the version it has just written with `load_version` before the rename
+and the switch of `current` (so it can never publish a version the service would refuse), and the
+service's reloader loads every new `current` with the same `load_version`. The checks, in order:
+
+1. files (`verify_version`): manifest format and keys; the directory name matches
+   `index_version`; every listed file exists with its sha256 and nothing unlisted exists;
+   `embeddings.npy` is float32 (count, dim), finite and unit-norm; `item_ids.txt` holds `count`
+   unique ids; the index reads back as a supported inner-product index of `count` vectors of
+   `dim` with valid search parameters; the copied bundle passes its own checksums and is the
+   manifest's `model_version` with the manifest's dimension;
+2. the model: the bundle loads, its user tower gives finite unit vectors of the index's
+   dimension on probe users (`check_user_tower`);
+3. one real query through the whole path (`_smoke_test`): the index agrees with
+   `embeddings.npy` within its own quantization error, and a lossy index holds embeddings.npy's
+   rows in their order.
+
+`ServedVersion` is the immutable result: what a request reads (the user tower, the top-k over the
+catalog, the two version strings). A version that fails any check raises `IndexVersionError`
+naming the version and the problem.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer import faiss_index as fi
+from indexer.topk import FaissTopK
+from training.artifacts import (
+    TMP_PREFIX,
+    copy_file_durable,
+    file_hashes,
+    sha256_file,
+    write_bytes_durable,
+    write_npy_durable,
+)
+from training.bundle import Bundle, BundleError, load_bundle, verify_bundle
+from training.features import FeatureError
+from training.model import TwoTowerModel
+from training.numpy_tower import TowerError, UserRecord, UserTower
+
+FORMAT = "twotower-index/1"
+MANIFEST = "manifest.json"
+DATA_FILES = ("index.faiss", "embeddings.npy", "item_ids.txt")
+MODEL_DIR = "model"
+MANIFEST_KEYS = ("format", "index_version", "model_version", "created_at", "count", "dim", "index", "recall", "files")
+
+SCORE_CHECK_TOL = 1e-4
+# A lossy index must find each of these catalog rows (queried with its own embeddings.npy vector)
+# in its top 10 at least this often: a correct SQ/PQ index nearly always does, an index over
+# other vectors or another row order almost never (see _check_rows_align).
+ALIGNMENT_SAMPLE = 32
+ALIGNMENT_MIN_HITS = 0.5
+
+
+class IndexVersionError(ValueError):
+    """An index version (or the root / `current` pointer) is missing, incomplete, corrupt or
+    not servable; the message names the version and the problem."""
+
+
+@dataclass(frozen=True, eq=False)
+class ServedVersion:
+    """One verified (model, index) pair, immutable once built: everything a request reads."""
+
+    path: Path
+    manifest: dict
+    bundle: Bundle
+    tower: UserTower
+    topk: FaissTopK
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def index_version(self) -> str:
+        return str(self.manifest["index_version"])
+
+    @property
+    def dim(self) -> int:
+        return self.topk.dim
+
+    @property
+    def count(self) -> int:
+        return self.topk.count
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.topk.item_ids
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.topk.embeddings
+
+    @property
+    def index(self) -> faiss.Index:
+        return self.topk.index
+
+    @property
+    def search_params(self) -> dict:
+        return dict((self.manifest.get("index") or {}).get("search_params") or {})
+
+
+def version_name(path: Path) -> str:
+    """The version a directory holds: the indexer loads `.tmp-<version>.<suffix>` before its rename."""
+    name = Path(path).name
+    if name.startswith(TMP_PREFIX):
+        name = name.removeprefix(TMP_PREFIX).rsplit(".", 1)[0]
+    return name
+
+
+# ---- 1. files -------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a version directory, with its format and keys checked."""
+    try:
+        with open(path / MANIFEST, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise IndexVersionError(f"{path}: no {MANIFEST} (not an index version)") from None
+    except (OSError, ValueError) as e:
+        raise IndexVersionError(f"{path}: unreadable {MANIFEST} ({e})") from None
+    if not isinstance(manifest, dict):
+        raise IndexVersionError(f"{path}: {MANIFEST} is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise IndexVersionError(f"{path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise IndexVersionError(f"{path}: manifest lacks {missing}")
+    return manifest
+
+
+def _listed_files(path: Path) -> set[str]:
+    return {
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.relative_to(path).as_posix() != MANIFEST
+    }
+
+
+def read_item_ids(path: str | os.PathLike[str]) -> list[str]:
+    """The ids of `item_ids.txt`: one per line, newline-terminated, in embeddings row order."""
+    data = Path(path).read_bytes().decode("utf-8")
+    if not data:
+        return []
+    if not data.endswith("\n"):
+        raise IndexVersionError(f"{path}: last line is not newline-terminated (truncated file?)")
+    return data[:-1].split("\n")
+
+
+def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -> dict:
+    """Check that a version directory is complete and consistent (check 1 of the module
+    docstring); return its manifest, or raise IndexVersionError naming the first problem.
+
+    `check_hashes=False` skips re-hashing the data files (right after writing them, when the
+    hashes were just computed from the same bytes); the copied bundle is always hashed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexVersionError(f"{path}: no such index version directory")
+    m = read_manifest(path)
+    if version_name(path.resolve()) != m["index_version"]:
+        raise IndexVersionError(f"{path}: directory name does not match manifest index_version {m['index_version']!r}")
+    files = m["files"]
+    if not isinstance(files, dict):
+        raise IndexVersionError(f"{path}: manifest 'files' must be an object")
+    required = {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}
+    if not required <= set(files):
+        raise IndexVersionError(f"{path}: manifest files lack {sorted(required - set(files))}")
+    present = _listed_files(path)
+    if present - set(files):
+        raise IndexVersionError(f"{path}: unlisted file(s) {sorted(present - set(files))}")
+    for rel in sorted(files):
+        p = path / rel
+        if not p.is_file() or p.is_symlink():
+            raise IndexVersionError(f"{path}: {rel} is missing")
+        if check_hashes and sha256_file(p) != files[rel]:
+            raise IndexVersionError(f"{path}: {rel} sha256 mismatch (corrupt or modified)")
+    count, dim = m["count"], m["dim"]
+    if not isinstance(count, int) or not isinstance(dim, int) or count < 1 or dim < 1:
+        raise IndexVersionError(f"{path}: manifest count={count!r}, dim={dim!r} must be positive integers")
+
+    emb = _open_embeddings(path)
+    if emb.dtype != np.float32 or emb.shape != (count, dim):
+        raise IndexVersionError(f"{path}: embeddings.npy is {emb.dtype} {emb.shape}, manifest says float32 ({count}, {dim})")
+    for s in range(0, count, 1 << 16):
+        block = np.asarray(emb[s : s + (1 << 16)])
+        try:
+            fi.check_unit_rows(fi.as_matrix(block, name="embeddings.npy rows"), name="embeddings.npy rows")
+        except ValueError as e:
+            raise IndexVersionError(f"{path}: {e}") from None
+
+    ids = read_item_ids(path / "item_ids.txt")
+    if len(ids) != count:
+        raise IndexVersionError(f"{path}: item_ids.txt has {len(ids)} ids, manifest count is {count}")
+    if len(set(ids)) != count:
+        raise IndexVersionError(f"{path}: item_ids.txt has duplicate ids")
+
+    index = _open_index(path, m)
+    if index.ntotal != count or index.d != dim:
+        raise IndexVersionError(f"{path}: index.faiss holds {index.ntotal} vectors of dim {index.d}, manifest says {count} of {dim}")
+    del index
+
+    try:
+        bm = verify_bundle(path / MODEL_DIR)  # small next to the index: always hashed
+    except BundleError as e:
+        raise IndexVersionError(f"{path}: copied model bundle: {e}") from None
+    except (OSError, ValueError) as e:
+        raise IndexVersionError(f"{path}: copied model bundle manifest unreadable ({e})") from None
+    if bm.get("version") != m["model_version"]:
+        raise IndexVersionError(f"{path}: model/ is version {bm.get('version')!r}, manifest model_version is {m['model_version']!r}")
+    if bm.get("embedding_dim") not in (None, dim):
+        raise IndexVersionError(f"{path}: dimension mismatch: model embedding_dim {bm.get('embedding_dim')} != index dim {dim}")
+    return m
+
+
+def _open_embeddings(path: Path) -> np.ndarray:
+    try:
+        return np.load(path / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexVersionError(f"{path}: embeddings.npy unreadable ({e})") from None
+
+
+def _open_index(path: Path, manifest: dict) -> faiss.Index:
+    """index.faiss with the manifest's search parameters applied."""
+    try:
+        index = fi.read_index(path / "index.faiss")
+        fi.apply_search_params(index, (manifest["index"] or {}).get("search_params"))
+    except ValueError as e:
+        raise IndexVersionError(f"{path}: {e}") from None
+    return index
+
+
+def open_search_files(path: str | os.PathLike[str], manifest: dict) -> tuple[faiss.Index, np.ndarray, list[str]]:
+    """(index with its search parameters, memory-mapped embeddings, item ids) of a version whose
+    files were verified (no model is loaded: `indexer verify`'s recall check)."""
+    path = Path(path)
+    return _open_index(path, manifest), _open_embeddings(path), read_item_ids(path / "item_ids.txt")
+
+
+# ---- 2. the model, 3. the whole path ----------------------------------------------------------
+
+
+def check_user_tower(model: TwoTowerModel, name: str) -> UserTower:
+    """The version's `UserTower`, or IndexVersionError saying why the service cannot use it.
+
+    `indexer rebuild` calls it right after loading the bundle too: a tower the service would
+    refuse (e.g. NaN feature statistics in features.json, which make every probe user a
+    validation error) must fail the rebuild before any work, not the service after the switch.
+    """
+    try:
+        return UserTower(model)
+    except (TowerError, FeatureError) as e:
+        raise IndexVersionError(f"{name}: user tower unusable: {e}") from None
+
+
+def load_version(
+    path: str | os.PathLike[str], *, check_hashes: bool = True, ef_search_override: int | None = None,
+    exact_fallback_max_items: int = 5_000_000,
+) -> ServedVersion:
+    """Verify and load one version directory (or `INDEX_ROOT/current`): checks 1-3 of the module
+    docstring. The path is resolved first, so `current` loads one consistent version even if a
+    rebuild switches the pointer meanwhile. `check_hashes=False`: see `verify_version`.
+    """
+    path = Path(path).resolve()
+    manifest = verify_version(path, check_hashes=check_hashes)
+    name = version_name(path)
+    index, embeddings, item_ids = open_search_files(path, manifest)
+    try:
+        bundle = load_bundle(path / MODEL_DIR, verify=False)  # its files were just verified
+    except BundleError as e:
+        raise IndexVersionError(f"{name}: copied model bundle: {e}") from None
+    dim = int(bundle.model.embedding_dim)
+    if dim != manifest["dim"]:
+        raise IndexVersionError(f"{name}: dimension mismatch: user tower {dim}, index {manifest['dim']}")
+    tower = check_user_tower(bundle.model, name)
+    if ef_search_override is not None:
+        inner = faiss.downcast_index(index)
+        if isinstance(inner, faiss.IndexHNSW):
+            inner.hnsw.efSearch = int(ef_search_override)
+    try:
+        topk = FaissTopK(index, embeddings, item_ids, exact_fallback_max_items=exact_fallback_max_items)
+    except ValueError as e:
+        raise IndexVersionError(f"{name}: {e}") from None
+    version = ServedVersion(path=path, manifest=manifest, bundle=bundle, tower=tower, topk=topk)
+    _smoke_test(version)
+    return version
+
+
+def _smoke_test(version: ServedVersion) -> None:
+    """One real query through the whole path: the index must agree with embeddings.npy.
+
+    Every returned row must be a catalog row (no duplicates), and its index score must be within
+    `SCORE_CHECK_TOL + ||x̂ − x||` of the exact cosine with its embeddings.npy row `x`, where `x̂`
+    is the vector the index stores for that row (`search_and_reconstruct`). For a Flat / HNSW
+    flat / IVF flat index `x̂ = x` and this is the 1e-4 check; a quantized index (SQ, PQ) scores
+    against `x̂`, and by Cauchy–Schwarz (`q` is a unit vector) its score can differ from the exact
+    cosine by at most `||x̂ − x||`, so the tolerance is the index's own quantization error, not
+    a guess per index type. That bound holds for any `x̂`, so a lossy index must also show that
+    its rows are embeddings.npy's rows (`_check_rows_align`). Served scores are recomputed from
+    embeddings.npy in any case (indexer.topk): a quantized index only chooses candidates.
+    """
+    if version.count == 0:
+        return
+    name = version_name(version.path)
+    q = version.tower.embed([UserRecord(None, {})])
+    k = min(10, version.count)
+    try:
+        scores, rows, stored = version.index.search_and_reconstruct(q, k)
+    except RuntimeError:  # an index type that cannot reconstruct: treat it as exact storage
+        scores, rows = version.index.search(q, k)
+        stored = None
+    rows0, scores0 = rows[0], scores[0]
+    valid = rows0 >= 0
+    if not valid.any():
+        raise IndexVersionError(f"{name}: the index returns no results")
+    found = rows0[valid]
+    if (found >= version.count).any() or len(np.unique(found)) != len(found):
+        raise IndexVersionError(f"{name}: the index returns rows that are not catalog rows: {found.tolist()}")
+    exact_rows = np.asarray(version.embeddings[found], dtype=np.float32)
+    exact = exact_rows @ q[0]
+    error = np.zeros(len(found), dtype=np.float32)
+    if stored is not None:
+        error = np.linalg.norm(stored[0][valid] - exact_rows, axis=1)
+        if not np.isfinite(error).all():
+            raise IndexVersionError(f"{name}: the index stores non-finite vectors")
+    gap = np.abs(exact - scores0[valid])
+    if not np.isfinite(scores0[valid]).all() or (gap > SCORE_CHECK_TOL + error).any():
+        raise IndexVersionError(f"{name}: index scores disagree with embeddings.npy (by up to {float(gap.max()):.3g})")
+    if error.max() > SCORE_CHECK_TOL:
+        _check_rows_align(version)
+
+
+def _check_rows_align(version: ServedVersion) -> None:
+    """A lossy index's row i must hold (an approximation of) embeddings.npy row i.
+
+    Queried with a row's own vector, a correct index returns a row with that vector among its
+    top 10 (the row itself, or an identical duplicate); an index built over other vectors, or
+    the same vectors in another order, returns rows whose embeddings.npy vectors are others.
+    A sample spread over the catalog must mostly succeed (ANN misses are allowed).
+    """
+    n = version.count
+    sample = np.unique(np.linspace(0, n - 1, min(ALIGNMENT_SAMPLE, n)).astype(np.int64))
+    queries = np.ascontiguousarray(version.embeddings[sample], dtype=np.float32)
+    _, rows = version.index.search(queries, min(10, n))
+    hits = 0
+    for query, found in zip(queries, rows, strict=True):
+        found = found[(found >= 0) & (found < n)]
+        if len(found) and float((np.asarray(version.embeddings[found]) @ query).max()) >= 1.0 - SCORE_CHECK_TOL:
+            hits += 1
+    if hits < ALIGNMENT_MIN_HITS * len(sample):
+        raise IndexVersionError(
+            f"{version_name(version.path)}: the index does not hold embeddings.npy's rows: queried with {len(sample)} "
+            f"catalog vectors it found the row itself for {hits} (built from other vectors or another row order?)"
+        )
+
+
+# ---- writing the layout -----------------------------------------------------------------------
+
+
+def write_files(
+    directory: Path,
+    *,
+    index: faiss.Index,
+    embeddings: np.ndarray,
+    item_ids: Sequence[str],
+    bundle_path: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    checkpoint: Any = None,
+) -> dict:
+    """Write the layout into `directory` (an empty temp directory of `training.artifacts`' atomic
+    publish): the bundle copy, embeddings, ids, index, then the manifest — `manifest` plus
+    `format`, `created_at` (unless given), `count`, `dim` and the sha256 of every file. Each file
+    is fsynced as written. Nothing is verified here (`store.write_version` does that).
+    `checkpoint(stage)` is a test hook called between steps. Returns the manifest written.
+    """
+    cb = checkpoint or (lambda stage: None)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    (directory / MODEL_DIR).mkdir()
+    for p in sorted(Path(bundle_path).iterdir()):
+        if p.is_dir() or p.is_symlink() or p.name.startswith("."):
+            continue
+        copy_file_durable(p, directory / MODEL_DIR / p.name)
+    cb("write:model")
+    write_npy_durable(directory / "embeddings.npy", emb)
+    write_bytes_durable(directory / "item_ids.txt", "".join(str(i) + "\n" for i in item_ids).encode("utf-8"))
+    cb("write:embeddings")
+    fi.write_index(index, directory / "index.faiss")
+    full = {
+        "format": FORMAT,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "count": len(item_ids),
+        "dim": int(emb.shape[1]),
+        **manifest,
+        "files": file_hashes(directory, exclude=(MANIFEST,)),
+    }
+    write_bytes_durable(directory / MANIFEST, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())
+    cb("write:manifest")
+    return full

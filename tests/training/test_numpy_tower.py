@@ -1,0 +1,125 @@
+"""The numpy user tower against the torch `Tower` it re-expresses (training/numpy_tower.py).
+
+The request path embeds users with `NumpyTower`; `TwoTowerModel.embed_users` is the reference.
+These tests hold the two together on every input type (ids known and unknown, categorical,
+multi-categorical, continuous, missing values, extreme values) and on architectures other than
+the default (several hidden layers, dropout layers, no hidden layer, the popularity input), so a
+change to `Tower` that the fast path does not follow fails here, not in production.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from training.bundle import load_bundle
+from training.config import ModelConfig
+from training.features import TowerEncoder
+from training.model import TwoTowerModel
+from training.numpy_tower import (
+    FAST_PATH_TOLERANCE,
+    NumpyTower,
+    UserRecord,
+    UserTower,
+    model_weights,
+    probe_records,
+)
+from training.schema import FeatureSpec
+
+# The shared tiny dataset's user schema: age (continuous), country, device (categorical),
+# interests (multi_categorical, "|").
+FEATURES = {"age": 31, "country": "k1", "device": "ios", "interests": "t0|t3"}
+
+
+def test_tower_gives_the_same_bits_alone_and_in_a_batch(tiny_bundle_path: Path) -> None:
+    tower = UserTower(load_bundle(tiny_bundle_path).model)
+    assert tower.fast is not None, tower.fast_path_reason
+    records = [
+        UserRecord("u1", tower.validate(FEATURES)),
+        UserRecord(None, {}),
+        UserRecord("nobody", tower.validate({"age": 1e6, "device": "web"})),
+    ]
+    alone = [tower.embed([r]) for r in records]
+    batch = tower.embed(records)
+    for i, row in enumerate(alone):
+        assert row.shape == (1, tower.dim) and row.dtype == np.float32
+        assert row.tobytes() == batch[i : i + 1].tobytes()
+    reference = tower._reference(records)
+    np.testing.assert_allclose(batch, reference, atol=1e-5)
+
+
+def _model(cfg: ModelConfig, popularity: bool = False, seed: int = 0) -> TwoTowerModel:
+    """A randomly initialised model over a small user table with one feature of every type."""
+    rng = np.random.default_rng(seed)
+    n = 200
+    users = pd.DataFrame({
+        "user_id": [f"u{i}" for i in range(n)],
+        "country": rng.choice(["de", "fr", "it", "es"], n),
+        "tags": ["|".join(rng.choice(["a", "b", "c", "d", "e"], rng.integers(0, 4), replace=False)) for _ in range(n)],
+        "age": [str(v) for v in rng.integers(16, 80, n)],
+    })
+    specs = {
+        "country": FeatureSpec("country", "categorical"),
+        "tags": FeatureSpec("tags", "multi_categorical", "|"),
+        "age": FeatureSpec("age", "continuous"),
+    }
+    clicks = users["user_id"].repeat(3)
+    user_enc = TowerEncoder.fit("user", specs, clicks, users, n_buckets=5, popularity=popularity)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(20)]})
+    item_enc = TowerEncoder.fit("item", {}, items["item_id"], items)
+    torch.manual_seed(seed)
+    model = TwoTowerModel(cfg, user_enc, item_enc)
+    with torch.no_grad():  # make the MLP biases and embeddings non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    return model.eval()
+
+
+ARCHITECTURES = {
+    "default": ModelConfig(embedding_dim=16, id_dim=8, feature_dim=4, hidden=[32]),
+    "deep": ModelConfig(embedding_dim=8, id_dim=8, feature_dim=4, hidden=[32, 16, 8]),
+    "dropout": ModelConfig(embedding_dim=8, id_dim=4, feature_dim=4, hidden=[16, 16], dropout=0.3),
+    "linear": ModelConfig(embedding_dim=8, id_dim=4, feature_dim=4, hidden=[]),
+}
+
+
+@pytest.mark.parametrize("popularity", [False, True])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_numpy_tower_equals_the_torch_tower(arch: str, popularity: bool) -> None:
+    model = _model(ARCHITECTURES[arch], popularity=popularity)
+    fast = NumpyTower(model.user_encoder, model.cfg, model_weights(model), "user_tower.")
+    tower = UserTower(model)
+    assert tower.fast is not None, tower.fast_path_reason
+    rng = np.random.default_rng(1)
+    records = probe_records(model.user_encoder) + [
+        UserRecord(
+            rng.choice([None, "u3", "u150", "nobody"]),
+            tower.validate({
+                k: v for k, v in {
+                    "country": rng.choice(["de", "fr", "xx"]),
+                    "tags": list(rng.choice(["a", "b", "zz"], rng.integers(0, 3))),
+                    "age": float(rng.normal(40, 30)),
+                }.items() if rng.random() < 0.8
+            }),
+        )
+        for _ in range(50)
+    ]
+    got = np.stack([fast.embed_one(r) for r in records])
+    want = model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in records])
+    assert np.abs(got - want).max() <= FAST_PATH_TOLERANCE
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_weights_outside_the_layout_are_refused() -> None:
+    """A tower with a layer the numpy path does not know cannot be served by it silently."""
+    model = _model(ARCHITECTURES["default"])
+    weights = model_weights(model)
+    with pytest.raises(NotImplementedError, match="'user_tower.mlp.0.weight'"):
+        NumpyTower(model.user_encoder, model.cfg, {k: v for k, v in weights.items() if k != "user_tower.mlp.0.weight"}, "user_tower.")
+    extra = dict(weights) | {"user_tower.mlp.9.weight": np.zeros((2, 2), np.float32)}
+    with pytest.raises(NotImplementedError, match=r"mlp\.9\.weight"):
+        NumpyTower(model.user_encoder, model.cfg, extra, "user_tower.")
