@@ -1,8 +1,8 @@
 """Serving benchmark: `uvicorn service.app:app` on a 1M-item HNSW catalog, driven by `wrk`.
 
-    python bench/serve.py                       # full run: 1,000,000 items (builds once, ~5 min)
-    python bench/serve.py --items 50000 --duration 5 --out /tmp/b.json --md /tmp/b.md   # smoke
-    python bench/serve.py --ef-search k20 --in-process   # CPU µs per request, no wrk (see 5.)
+    python -m bench.serve                       # full run: 1,000,000 items (builds once, ~5 min)
+    python -m bench.serve --items 50000 --duration 5 --out /tmp/b.json --md /tmp/b.md   # smoke
+    python -m bench.serve --ef-search k20 --in-process   # CPU µs per request, no wrk (see 5.)
 
 What it does (docs/bench/serve.md has the results and their reading):
 
@@ -57,11 +57,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import BEGIN, END, command_line, cpu_model, splice_results
 
-from bench.machine import cpu_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FEATURE_POOL = {"countries": 20, "devices": ["ios", "android", "web"], "interests": 30}
 K = 20
@@ -490,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     report = {
-        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("bench.serve", argv if argv is not None else sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
@@ -801,18 +799,11 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
     }
 
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
 def write_markdown(path: Path, table: str) -> None:
     """Replace the generated block of an existing page (keeping its prose), or write a new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    block = f"{BEGIN}\n{table}{END}"
-    if path.is_file() and BEGIN in (text := path.read_text()) and END in text:
-        head, rest = text.split(BEGIN, 1)
-        path.write_text(head + block + rest.split(END, 1)[1])
-    else:
-        path.write_text(f"# Serving benchmark\n\n{block}\n")
+    spliced = splice_results(path.read_text(), table) if path.is_file() else None
+    path.write_text(spliced or f"# Serving benchmark\n\n{BEGIN}\n{table}{END}\n")
 
 
 def render_markdown(report: dict) -> str:
