@@ -712,8 +712,9 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
     async def run() -> dict:
         app = create_app(settings, start_reloader=False)
         async with app.router.lifespan_context(app):
-            for handler in logging.getLogger("service").handlers:  # the access log goes nowhere
-                handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
+            for handler in logging.getLogger().handlers:  # the access log goes nowhere
+                if getattr(handler, "_service_handler", False):  # the one configure_logging installed
+                    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
             outcome = await asyncio.to_thread(app.state.service.reloader.check_once)
             if outcome != "swapped":
                 raise RuntimeError(f"version did not load: {app.state.service.reloader.last_error}")

@@ -17,6 +17,11 @@ then it stops everything and exits 1, rather than spinning), and forwards SIGTER
 workers finish their requests and exit, then it does. Each worker hot-reloads index versions on
 its own (see service/state.py), as under uvicorn's supervisor.
 
+Logging: every process (supervisor and workers) writes through one handler on the root logger,
+in one format (`--log-format`, default `$SERVICE_LOG_FORMAT` or json; see
+service.observability.logging_config), which uvicorn gets as its `log_config`, so uvicorn's own
+lines are in that format too and no record is written twice.
+
 The listening sockets are created with `IPPROTO_TCP`, so asyncio turns on TCP_NODELAY for every
 accepted connection (see service/http.py for what goes wrong without it).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import multiprocessing
 import os
 import signal
@@ -35,6 +41,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
+
+from service.observability import LOG_FORMATS, logging_config
 
 log = logging.getLogger("service.run")
 
@@ -67,17 +75,27 @@ def reuseport_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
 
 
 def uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
+    """uvicorn.Config keywords. `log_config` replaces uvicorn's own logging setup in every
+    process with ours (service.observability.logging_config): one handler, one format."""
     return {
         "http": args.http, "loop": args.loop, "log_level": args.log_level, "access_log": args.access_log,
         "timeout_keep_alive": args.timeout_keep_alive, "backlog": args.backlog,
+        "log_config": logging_config(args.log_level, args.log_format),
     }
 
 
 def _worker(host: str, port: int, options: dict[str, Any]) -> None:  # pragma: no cover - runs in a child
     import uvicorn
 
-    sock = reuseport_socket(host, port, options["backlog"])
-    uvicorn.Server(uvicorn.Config(APP, **options)).run(sockets=[sock])
+    logging.config.dictConfig(options["log_config"])
+    logging.captureWarnings(True)
+    try:
+        sock = reuseport_socket(host, port, options["backlog"])
+        uvicorn.Server(uvicorn.Config(APP, **options)).run(sockets=[sock])
+    except Exception:
+        # logged in the process's format rather than multiprocessing's plain traceback on stderr
+        log.exception("worker failed")
+        raise SystemExit(1) from None
 
 
 class Supervisor:
@@ -145,6 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http", default="auto", help="uvicorn --http (e.g. service.http:H11Protocol)")
     p.add_argument("--loop", default="auto", help="uvicorn --loop")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default=os.environ.get("SERVICE_LOG_FORMAT", "json"),
+                   help="json (default; $SERVICE_LOG_FORMAT, as the app reads it) or plain: the format of "
+                   "every log line of the supervisor, the workers and uvicorn")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                    help="uvicorn's own access log (the service writes structured request logs itself)")
     p.add_argument("--timeout-keep-alive", type=int, default=KEEP_ALIVE_S,
@@ -165,13 +186,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--port 0 with --workers > 1 would give every worker a different port: pick a port")
     if args.backlog < 1:
         p.error(f"--backlog must be >= 1, got {args.backlog}")
+    if args.log_format not in LOG_FORMATS:
+        p.error(f"--log-format / SERVICE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = uvicorn_options(args)
+    logging.config.dictConfig(options["log_config"])
+    logging.captureWarnings(True)
     if args.workers == 1:
         import uvicorn
 
