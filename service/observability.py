@@ -69,18 +69,22 @@ def log_handler(fmt: str = "json") -> logging.Handler:
     return handler
 
 
+# the server's own loggers, which gunicorn and uvicorn would give plain handlers of their own
+SERVER_LOGGERS = ("gunicorn.error", "gunicorn.access", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def logging_config(level: str, fmt: str = "json") -> dict[str, Any]:
-    """`logging.config.dictConfig` for a whole server process (`python -m service.run` hands it
-    to uvicorn as `log_config`, so each worker applies it too): `log_handler(fmt)` on the root
-    logger and uvicorn's loggers without handlers of their own, propagating to it. Every record
-    is written once, in one format; uvicorn's default config would add its own plain handlers."""
+    """`logging.config.dictConfig` for a whole server process (`python -m service.run` gives it
+    to gunicorn as `logconfig_dict`; the forked workers inherit it): `log_handler(fmt)` on the
+    root logger, and gunicorn's and uvicorn's loggers without handlers of their own,
+    propagating to it. Every record is written once, in one format."""
     log_handler(fmt)  # a bad format fails here, not in each worker
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "handlers": {"service": {"()": log_handler, "fmt": fmt}},
         "root": {"handlers": ["service"], "level": level.upper()},
-        "loggers": {name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+        "loggers": {name: {"handlers": [], "propagate": True} for name in SERVER_LOGGERS},
     }
 
 
