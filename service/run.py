@@ -67,6 +67,10 @@ RESTART_WINDOW_S = 60.0
 # reused just as the server closes it gets a reset ("Connection reset by peer", a 502 at a load
 # balancer): the HTTP/1.1 keep-alive race, which a POST cannot safely retry.
 KEEP_ALIVE_S = 75
+# gunicorn kills a worker that has not checked in for this long, booting included: importing
+# torch and FAISS took 16 s on 2 loaded cores, and gunicorn's default of 30 s would kill slow
+# boots. A running worker checks in from its event loop every second or so.
+BOOT_AND_HANG_TIMEOUT_S = 120
 
 
 def reuseport_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -104,7 +108,7 @@ def gunicorn_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bind": [f"{host}:{args.port}"], "workers": args.workers, "worker_class": worker_class(options),
         "reuse_port": True, "keepalive": options["timeout_keep_alive"], "backlog": options["backlog"],
-        "graceful_timeout": 30, "loglevel": args.log_level, "proc_name": "service.run",
+        "graceful_timeout": 30, "timeout": BOOT_AND_HANG_TIMEOUT_S, "loglevel": args.log_level, "proc_name": "service.run",
         "logconfig_dict": logging_config(args.log_level, args.log_format), "child_exit": _child_exit,
         # gunicorn 25+'s control socket ($HOME/.gunicorn/gunicorn.ctl, shared by every instance
         # of the user): nothing here uses it
