@@ -69,7 +69,7 @@ RESTART_WINDOW_S = 60.0
 KEEP_ALIVE_S = 75
 # gunicorn kills a worker that has not checked in for this long, booting included: importing
 # torch and FAISS took 16 s on 2 loaded cores, and gunicorn's default of 30 s would kill slow
-# boots. A running worker checks in from its event loop every second or so.
+# boots. A running worker checks in from its event loop every half of it (uvicorn_worker).
 BOOT_AND_HANG_TIMEOUT_S = 120
 
 
