@@ -58,13 +58,25 @@ LOG_FORMATS = ("json", "plain")
 PLAIN_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
+class PlainFormatter(logging.Formatter):
+    """`time logger level message key=value ...`: the fields JSON lines carry, for reading by eye."""
+
+    def __init__(self) -> None:
+        super().__init__(PLAIN_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's naming
+        fields = getattr(record, "fields", None)
+        extra = "".join(f" {k}={v}" for k, v in fields.items()) if isinstance(fields, dict) else ""
+        return super().formatMessage(record) + extra
+
+
 def log_handler(fmt: str = "json") -> logging.Handler:
     """The process's one log handler: stderr, one JSON object per line (`json`) or
     `asctime name level message` (`plain`, for reading by eye)."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(PLAIN_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     handler._service_handler = True  # type: ignore[attr-defined]
     return handler
 

@@ -4,6 +4,7 @@ restart and stop, one log format."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import run
+from service import observability, run
 from tests.service.conftest import FEATURES, RedisServer, free_port, terminate, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +51,16 @@ def test_workers_default_to_web_concurrency(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     assert run.parse_args(["--port", "9000"]).workers == 3
     assert run.parse_args(["--workers", "2"]).workers == 2  # the flag wins
+
+
+def test_plain_log_format_keeps_a_records_fields() -> None:
+    """SERVICE_LOG_FORMAT=plain: one readable line, with the fields a JSON line would carry."""
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"path": "/x", "status": 404}
+    assert observability.log_handler("plain").format(record).endswith(" service.access INFO request path=/x status=404")
+    assert json.loads(observability.log_handler("json").format(record))["status"] == 404
+    with pytest.raises(ValueError, match="log format must be one of"):
+        observability.log_handler("xml")
 
 
 def test_idle_connections_outlive_a_load_balancers_idle_timeout() -> None:
