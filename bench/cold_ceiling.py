@@ -15,7 +15,8 @@ use, and a cold-start target above that level is a target on noise.
 
 The tool evaluates a grid of segments (each user feature alone and each pair; continuous ones
 cut into quintiles of the training users) and betas on the *pseudo-cold* users of the nested
-validation split (bench/cold_validation.py: built from EVAL.md train rows only), picks the best
+validation split (`bench.common.nested_frames`, the one bench/cold_validation.py trains on:
+built from EVAL.md train rows only), picks the best
 by pseudo-cold recall@20, and only then evaluates that one ranker, beside the two popularity
 references, on the real cold test users. Nothing is chosen on test.
 
@@ -40,28 +41,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.common import (
+    PSEUDO_COLD_BUCKET,
+    cold_ranking_metrics,
+    command_line,
+    mean_se,
+    nested_frames,
+    pool,
+    user_popularity,
+)
 from training.artifacts import atomic_write_json, atomic_write_text
 from training.dataset import read_dataset
-from training.evaluate import KS, group_items, ranking_metrics
+from training.evaluate import group_items
 from training.split import Split, split_interactions
 
 BETAS = (5.0, 20.0, 50.0, 200.0)
 QUANTILES = 5
-KEYS = ("recall@20", "recall@100", "ndcg@20")
-
-
-def user_popularity(user_codes: np.ndarray, item_codes: np.ndarray, n_items: int) -> np.ndarray:
-    """Item scores where each user's clicks weigh 1/(their click count): every user counts once.
-
-    `user_codes[j]`, `item_codes[j]`: user and item (0..n_items-1) of click j. Sums to the
-    number of distinct users.
-    """
-    if user_codes.shape != item_codes.shape or user_codes.ndim != 1:
-        raise ValueError(f"user_codes {user_codes.shape} and item_codes {item_codes.shape} must be equal 1-d arrays")
-    if len(item_codes) and (item_codes.min() < 0 or item_codes.max() >= n_items):
-        raise ValueError(f"item codes must lie in 0..{n_items - 1}, got {item_codes.min()}..{item_codes.max()}")
-    _, inverse, counts = np.unique(user_codes, return_inverse=True, return_counts=True)
-    return np.bincount(item_codes, weights=1.0 / counts[inverse], minlength=n_items)
 
 
 def segment_popularity(
@@ -119,31 +114,19 @@ class Ranker:
     per_click: bool = False
 
 
-def per_user_recall(top: np.ndarray, truth: list[np.ndarray], k: int = 20) -> np.ndarray:
-    """Recall@k of each ranked list `top[r]` against the relevant items `truth[r]` (EVAL.md)."""
-    return np.array([np.isin(np.unique(t), row[:k]).sum() / len(np.unique(t)) for row, t in zip(top, truth, strict=True)])
-
-
-def mean_se(x: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error (per-user values: the spread a different set of users would give)."""
-    return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
 def evaluate_ranker(ranker: Ranker, split: Split, items: pd.Index, users: pd.DataFrame | None,
                     continuous: Sequence[str]) -> dict:
-    """EVAL.md cold-user metrics (every cold click is relevant, nothing excluded) of `ranker`,
-    fitted on `split.train`, plus `users` (cold users ranked), `se_recall@20` (standard error of
-    the per-user recall@20) and `per_user` (user id -> recall@20, for paired comparisons)."""
+    """`bench.common.cold_ranking_metrics` of `ranker` fitted on `split.train`: EVAL.md cold-user
+    metrics, `users`, `se_recall@20` and `per_user` (user id -> recall@20)."""
     n_items = len(items)
     train = split.train
     u_codes, u_index = pd.factorize(train["user_id"])
     i_codes = items.get_indexer(train["item_id"])
-    truth = group_items(split.cold, items)
-    cold_users = list(truth)
+    rows = None  # one ranking for every cold user
     if ranker.per_click:
-        scores, rows = np.bincount(i_codes, minlength=n_items)[None, :].astype(float), np.zeros(len(cold_users), int)
+        scores = np.bincount(i_codes, minlength=n_items)[None, :].astype(float)
     elif not ranker.columns or users is None:
-        scores, rows = user_popularity(u_codes, i_codes, n_items)[None, :], np.zeros(len(cold_users), int)
+        scores = user_popularity(u_codes, i_codes, n_items)[None, :]
     else:
         feats = users.set_index("user_id")
         train_feats = feats.reindex(u_index)
@@ -152,23 +135,11 @@ def evaluate_ranker(ranker: Ranker, split: Split, items: pd.Index, users: pd.Dat
         train_key = segment_keys(train_feats, ranker.columns, continuous, edges)
         codes, names = pd.factorize(train_key)  # NaN keys get -1
         scores = segment_popularity(u_codes, i_codes, codes[u_codes], n_items, len(names), ranker.beta)
+        cold_users = list(group_items(split.cold, items))
         cold_key = segment_keys(feats.reindex(cold_users), ranker.columns, continuous, edges)
         rows = names.get_indexer(cold_key.fillna("\0missing"))
         rows = np.where(rows < 0, len(names), rows)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, : max(KS)][rows]
-    truths = [truth[u] for u in cold_users]
-    metrics = ranking_metrics(top, truths, np.zeros(n_items, bool), n_items)
-    recall = per_user_recall(top, truths)
-    return {k: metrics[k] for k in KEYS} | {"se_recall@20": mean_se(recall)[1], "users": len(cold_users),
-                                           "per_user": dict(zip(cold_users, recall, strict=True))}
-
-
-def pool(results: list[dict]) -> dict:
-    """One ranker's results over several folds (disjoint users) as one: means over all users."""
-    n = np.array([r["users"] for r in results])
-    recall = np.concatenate([list(r["per_user"].values()) for r in results])
-    return {k: round(float(np.average([r[k] for r in results], weights=n)), 4) for k in KEYS} | {
-        "se_recall@20": round(mean_se(recall)[1], 4), "users": int(n.sum())}
+    return cold_ranking_metrics(scores, rows, split, items)
 
 
 def grid(user_columns: Sequence[str]) -> list[Ranker]:
@@ -181,11 +152,6 @@ def grid(user_columns: Sequence[str]) -> list[Ranker]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.cold_validation import (  # it imports this module's functions
-        PSEUDO_COLD_BUCKET,
-        nested_frames,
-    )
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="prepared dataset directory with users.csv (e.g. ML-100K)")
     ap.add_argument("--out", default="docs/results", help="report directory")
@@ -228,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in test_rows:
         print("test", json.dumps(row), flush=True)
 
-    cmd = "python -m bench.cold_ceiling " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("bench.cold_ceiling", argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "cold_ceiling.json", {

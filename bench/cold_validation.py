@@ -9,7 +9,7 @@ This tool builds a *validation dataset* from the training data alone:
 
 * every cold user (EVAL.md rule 1) is dropped, and so is every warm user's test rows — only the
   official `train` split remains;
-* one warm user in ten (`crc32(id) % 10 == 7`) becomes *pseudo-cold*: its id is rewritten to a
+* one warm user in ten (`crc32(id) % 10 == 7`, `bench.common.is_pseudo_cold`) becomes *pseudo-cold*: its id is rewritten to a
   number ending in 0, so the EVAL.md split of the derived dataset treats it as cold — never
   trained on, evaluated by its features over all of its (train-split) clicks.
 
@@ -35,7 +35,6 @@ import os
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.cold_ceiling import Ranker, evaluate_ranker, mean_se, per_user_recall, pool
-from bench.experiments import merge_overrides
+from bench.common import (
+    PSEUDO_COLD_BUCKET,
+    command_line,
+    mean_se,
+    merge_overrides,
+    nested_frames,
+    per_user_recall,
+    pool,
+    popularity_each_user_once,
+)
 from training.artifacts import atomic_write_json, atomic_write_text
 from training.bundle import load_bundle
 from training.dataset import Dataset, read_dataset
@@ -53,39 +60,7 @@ from training.model import TwoTowerModel
 from training.split import Split, split_interactions
 from training.train import TrainConfig, fit
 
-PSEUDO_COLD_BUCKET = 7
 KEYS = ("recall@20", "recall@100", "tail_recall@100", "cold_recall@20", "cold_recall@100", "cold_ndcg@20")
-
-
-def is_pseudo_cold(user_id: str, bucket: int = PSEUDO_COLD_BUCKET) -> bool:
-    """One warm user in ten, chosen by a hash that is independent of EVAL.md's `id % 10`;
-    buckets 0..9 are disjoint folds of the warm users."""
-    return zlib.crc32(str(user_id).encode()) % 10 == bucket
-
-
-def pseudo_cold_id(user_id: str) -> str:
-    """A fresh id that EVAL.md's rule 1 classifies as cold (an integer ending in 0)."""
-    return str(10 * (zlib.crc32(f"pseudo-cold:{user_id}".encode()) + 1))
-
-
-def nested_frames(
-    interactions: pd.DataFrame, users: pd.DataFrame | None, bucket: int = PSEUDO_COLD_BUCKET
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """The validation dataset's interactions and users: the EVAL.md train split only, with the
-    pseudo-cold users (those of `bucket`) renamed (pure function over frames)."""
-    if not 0 <= bucket <= 9:
-        raise ValueError(f"bucket must be in 0..9, got {bucket}")
-    train = split_interactions(interactions).train
-    mapping = {u: pseudo_cold_id(u) for u in pd.unique(train["user_id"]) if is_pseudo_cold(u, bucket)}
-    if len(set(mapping.values())) != len(mapping) or set(mapping.values()) & set(train["user_id"]):
-        raise ValueError("pseudo-cold ids collide with each other or with existing ids")
-    out = train[["user_id", "item_id", "timestamp"] + (["weight"] if "weight" in train else [])].copy()
-    out["user_id"] = out["user_id"].map(lambda u: mapping.get(u, u))
-    if users is None:
-        return out, None
-    kept = users[users["user_id"].isin(set(train["user_id"]))].copy()
-    kept["user_id"] = kept["user_id"].map(lambda u: mapping.get(u, u))
-    return out, kept
 
 
 def write_nested_dataset(data_dir: str | Path, out_dir: str | Path, bucket: int = PSEUDO_COLD_BUCKET) -> Path:
@@ -130,12 +105,6 @@ def pooled(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
         else:
             out[k] = round(float(np.mean(vals)), 4)
     return out
-
-
-def popularity_reference(split: Split, items: pd.Index) -> dict:
-    """Pseudo-cold metrics of popularity with each training user counted once, with `per_user`
-    recall@20 (bench/cold_ceiling.py): the reference a cold-start path has to beat."""
-    return evaluate_ranker(Ranker("popularity, each user once"), split, items, None, [])
 
 
 def model_cold_recall(model: TwoTowerModel, dataset: Dataset, split: Split, k: int = 20) -> dict[str, float]:
@@ -184,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             nested = write_nested_dataset(args.data, Path(tmp) / f"data-{b}", bucket=b)
             ds = read_dataset(nested)
             split = split_interactions(ds.interactions)
-            folds.append(Fold(b, nested, ds, split, popularity_reference(split, pd.Index(ds.items["item_id"]))))
+            folds.append(Fold(b, nested, ds, split, popularity_each_user_once(split, pd.Index(ds.items["item_id"]))))
             print(f"fold {b}: {split.summary()}", flush=True)
         for value in values:
             cfg = TrainConfig.from_dict(_set(base, args.field, value))
@@ -205,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     n_cold = sum(f.cold_users for f in folds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python -m bench.cold_validation " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("bench.cold_validation", argv if argv is not None else sys.argv[1:])
     stem = f"cold_validation_{args.field}" + ("" if args.buckets == [PSEUDO_COLD_BUCKET] else "_buckets" + "".join(map(str, args.buckets)))
     report = {"command": cmd, "field": args.field, "buckets": args.buckets, "pseudo_cold_users": n_cold,
               "splits": {f.bucket: f.split.summary() for f in folds}, "rows": rows,

@@ -31,6 +31,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from bench.common import command_line, cpu_model, loadavg
 from indexer import faiss_index as fi
 
 K = 100
@@ -196,20 +197,10 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
 
 
 def machine_facts(args: argparse.Namespace) -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
     return {
-        "cpu": cpu, "usable_cpus": fi.available_cpus(), "python": platform.python_version(),
+        "cpu": cpu_model(), "usable_cpus": fi.available_cpus(), "python": platform.python_version(),
         "faiss": faiss.__version__, "numpy": np.__version__, "platform": platform.platform(),
-        "loadavg_at_end": [round(x, 2) for x in load] if load else None,
+        "loadavg_at_end": loadavg(),
     }
 
 
@@ -301,9 +292,7 @@ def save_report(report: dict, out: Path) -> None:
 
 
 def _command(argv: list[str] | None) -> str:
-    import shlex
-
-    return "python -m bench.index " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return command_line("bench.index", argv if argv is not None else sys.argv[1:])
 
 
 def run_rebuild(args: argparse.Namespace) -> dict:
@@ -320,11 +309,11 @@ def run_rebuild(args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "indexer.cli", "rebuild", "--model", str(args.rebuild_model),
            "--data", str(args.rebuild_data), "--out", str(root), "--no-progress"]
     try:
-        load_before = [round(x, 2) for x in os.getloadavg()]
+        load_before = loadavg()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        load_after = [round(x, 2) for x in os.getloadavg()]
+        load_after = loadavg()
         if proc.returncode != 0:
             raise SystemExit(f"indexer rebuild failed ({proc.returncode}): {proc.stderr.strip()}")
         stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"stage (\S+) done in ([\d.]+)s", proc.stdout)}

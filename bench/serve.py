@@ -1,8 +1,8 @@
 """Serving benchmark: `uvicorn service.app:app` on a 1M-item HNSW catalog, driven by `wrk`.
 
-    python bench/serve.py                       # full run: 1,000,000 items (builds once, ~5 min)
-    python bench/serve.py --items 50000 --duration 5 --out /tmp/b.json --md /tmp/b.md   # smoke
-    python bench/serve.py --ef-search k20 --in-process   # CPU µs per request, no wrk (see 5.)
+    python -m bench.serve                       # full run: 1,000,000 items (builds once, ~5 min)
+    python -m bench.serve --items 50000 --duration 5 --out /tmp/b.json --md /tmp/b.md   # smoke
+    python -m bench.serve --ef-search k20 --in-process   # CPU µs per request, no wrk (see 5.)
 
 What it does (docs/bench/serve.md has the results and their reading):
 
@@ -13,9 +13,10 @@ What it does (docs/bench/serve.md has the results and their reading):
    to its recall@100 >= 0.95 gate and switches `INDEX_ROOT/current`. Also recorded: the efSearch
    that reaches recall@20 >= 0.95 (what these k=20 requests need), see `--ef-search`.
 2. **Server**: a `redis-server` on a free loopback port and `python -m service.run` with
-   `--workers` uvicorn processes, each on its own SO_REUSEPORT listener (`--supervisor uvicorn`:
-   `uvicorn --workers` and its one shared socket instead), configured only through `SERVICE_*`
-   variables. The worker CPU split per scenario shows whether the load reached every worker.
+   `--workers` uvicorn processes under gunicorn, each on its own SO_REUSEPORT listener
+   (`--supervisor uvicorn`: `uvicorn --workers` and its one shared socket instead;
+   `--supervisor gunicorn`: the bare `gunicorn --reuse-port` command line with uvicorn's h11
+   worker), configured only through `SERVICE_*` variables. The worker CPU split per scenario shows whether the load reached every worker.
 3. **Load**: `wrk` (Lua scripts for the POST bodies) at `--connections` connections, one warm-up
    then one measured run per scenario:
    - `healthz`: GET /healthz — the framework ceiling of the same server;
@@ -35,6 +36,9 @@ What it does (docs/bench/serve.md has the results and their reading):
    process, fed raw requests through a fake transport, with a real redis-server; CPU µs per
    request for healthz / retrieve_miss / retrieve_hit, rounds interleaved, min and median. The
    tool for comparing changes on a loaded machine (what the report's "where the time goes" uses).
+   `--routes fastapi` registers the JSON POST routes as plain FastAPI routes (without
+   service.jsonroute.JSONBodyRoute), `--env SERVICE_REDIS_CLIENT=redis-py` swaps the Redis client:
+   the figures that keep those two hand-written pieces.
 """
 
 from __future__ import annotations
@@ -57,11 +61,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import BEGIN, END, command_line, cpu_model, splice_results
 
-from bench.machine import cpu_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FEATURE_POOL = {"countries": 20, "devices": ["ios", "android", "web"], "interests": 30}
 K = 20
@@ -195,13 +197,23 @@ def start_server(args: argparse.Namespace, index_root: Path, redis_url: str, log
         if not sep or not name.startswith("SERVICE_"):
             raise SystemExit(f"--env expects SERVICE_NAME=VALUE, got {setting!r}")
         env[name] = value
-    launcher = ["-m", "service.run"] if args.supervisor == "service.run" else ["-m", "uvicorn", "service.app:app"]
-    cmd = [
-        sys.executable, *launcher, "--host", "127.0.0.1", "--port", str(args.port),
-        "--workers", str(args.workers), "--http", args.http, "--loop", args.loop, "--no-access-log",
-        "--log-level", "warning",
-        "--backlog", "1024",
-    ]
+    if args.supervisor == "gunicorn":
+        # gunicorn >= 19.8 with --reuse-port binds one SO_REUSEPORT socket per worker after the
+        # fork, as service.run does; UvicornH11Worker is uvicorn's h11 protocol (gunicorn sets
+        # TCP_NODELAY on its listeners, which accepted connections inherit). No access log.
+        cmd = [
+            sys.executable, "-m", "gunicorn", "service.app:app", "--worker-class", "uvicorn_worker.UvicornH11Worker",
+            "--bind", f"127.0.0.1:{args.port}", "--workers", str(args.workers), "--reuse-port",
+            "--log-level", "warning", "--backlog", "1024",
+        ]
+    else:
+        launcher = ["-m", "service.run"] if args.supervisor == "service.run" else ["-m", "uvicorn", "service.app:app"]
+        cmd = [
+            sys.executable, *launcher, "--host", "127.0.0.1", "--port", str(args.port),
+            "--workers", str(args.workers), "--http", args.http, "--loop", args.loop, "--no-access-log",
+            "--log-level", "warning",
+            "--backlog", "1024",
+        ]
     out = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     out.close()
@@ -415,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         "what these k=20 requests need) or a number; passed as SERVICE_HNSW_EF_SEARCH",
     )
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--supervisor", choices=("service.run", "uvicorn"), default="service.run",
-                   help="service.run: one SO_REUSEPORT socket per worker; uvicorn: `uvicorn --workers` (one shared socket)")
+    p.add_argument("--supervisor", choices=("service.run", "uvicorn", "gunicorn"), default="service.run",
+                   help="service.run: one SO_REUSEPORT socket per worker; uvicorn: `uvicorn --workers` (one shared "
+                   "socket); gunicorn: `gunicorn --reuse-port` with uvicorn workers (pip install gunicorn uvicorn-worker)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--duration", type=float, default=15.0)
@@ -438,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--requests", type=int, default=2000, help="--in-process: requests per round")
     p.add_argument("--rounds", type=int, default=5, help="--in-process: rounds (min and median reported)")
+    p.add_argument("--routes", choices=("jsonbody", "fastapi"), default="jsonbody",
+                   help="--in-process: jsonbody: the app as deployed (service.jsonroute.JSONBodyRoute on the JSON "
+                   "POST routes); fastapi: the same routes registered as plain FastAPI routes (what JSONBodyRoute saves)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "serve.json")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "bench" / "serve.md")
     args = p.parse_args(argv)
@@ -490,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     report = {
-        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("bench.serve", argv if argv is not None else sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
@@ -712,10 +728,22 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
         return out
 
     async def run() -> dict:
-        app = create_app(settings, start_reloader=False)
+        if args.routes == "fastapi":  # bench-only: the JSON POST routes without route_class_override
+            from unittest import mock
+
+            from service import routes
+
+            def plain_post(app, path: str, **kwargs):  # noqa: ANN001, ANN202
+                return app.post(path, **kwargs)
+
+            with mock.patch.object(routes, "post_json", plain_post):
+                app = create_app(settings, start_reloader=False)
+        else:
+            app = create_app(settings, start_reloader=False)
         async with app.router.lifespan_context(app):
-            for handler in logging.getLogger("service").handlers:  # the access log goes nowhere
-                handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
+            for handler in logging.getLogger().handlers:  # the access log goes nowhere
+                if getattr(handler, "_service_handler", False):  # the one configure_logging installed
+                    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
             outcome = await asyncio.to_thread(app.state.service.reloader.check_once)
             if outcome != "swapped":
                 raise RuntimeError(f"version did not load: {app.state.service.reloader.last_error}")
@@ -791,6 +819,8 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
     return {
         "ef_search": ef_value or "manifest",
         "http": args.http,
+        "routes": args.routes,
+        "redis_client": settings.redis_client,
         "loop": "uvloop" if runner is not asyncio.run else "asyncio",
         "connections": connections,
         "requests_per_round": args.requests,
@@ -801,18 +831,11 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
     }
 
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
 def write_markdown(path: Path, table: str) -> None:
     """Replace the generated block of an existing page (keeping its prose), or write a new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    block = f"{BEGIN}\n{table}{END}"
-    if path.is_file() and BEGIN in (text := path.read_text()) and END in text:
-        head, rest = text.split(BEGIN, 1)
-        path.write_text(head + block + rest.split(END, 1)[1])
-    else:
-        path.write_text(f"# Serving benchmark\n\n{block}\n")
+    spliced = splice_results(path.read_text(), table) if path.is_file() else None
+    path.write_text(spliced or f"# Serving benchmark\n\n{BEGIN}\n{table}{END}\n")
 
 
 def render_markdown(report: dict) -> str:

@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, *, start_reloader: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         configure_threads(settings)
         service.cache = make_cache(settings, metrics)
         metrics.ready.set(0)

@@ -54,15 +54,65 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr for the `service` loggers (idempotent; leaves other loggers alone)."""
-    logger = logging.getLogger("service")
-    logger.setLevel(level)
-    if not any(getattr(h, "_service_json", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        handler._service_json = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+LOG_FORMATS = ("json", "plain")
+PLAIN_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class PlainFormatter(logging.Formatter):
+    """`time logger level message key=value ...`: the fields JSON lines carry, for reading by eye."""
+
+    def __init__(self) -> None:
+        super().__init__(PLAIN_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's naming
+        fields = getattr(record, "fields", None)
+        extra = "".join(f" {k}={v}" for k, v in fields.items()) if isinstance(fields, dict) else ""
+        return super().formatMessage(record) + extra
+
+
+def log_handler(fmt: str = "json") -> logging.Handler:
+    """The process's one log handler: stderr, one JSON object per line (`json`) or
+    `asctime name level message` (`plain`, for reading by eye)."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    handler._service_handler = True  # type: ignore[attr-defined]
+    return handler
+
+
+# the server's own loggers, which gunicorn and uvicorn would give plain handlers of their own
+SERVER_LOGGERS = ("gunicorn.error", "gunicorn.access", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def logging_config(level: str, fmt: str = "json") -> dict[str, Any]:
+    """`logging.config.dictConfig` for a whole server process (`python -m service.run` gives it
+    to gunicorn as `logconfig_dict`; the forked workers inherit it): `log_handler(fmt)` on the
+    root logger, and gunicorn's and uvicorn's loggers without handlers of their own,
+    propagating to it. Every record is written once, in one format."""
+    log_handler(fmt)  # a bad format fails here, not in each worker
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"service": {"()": log_handler, "fmt": fmt}},
+        "root": {"handlers": ["service"], "level": level.upper()},
+        "loggers": {name: {"handlers": [], "propagate": True} for name in SERVER_LOGGERS},
+    }
+
+
+def configure_logging(level: str, fmt: str = "json") -> None:
+    """Level of the `service` loggers, and `log_handler(fmt)` on the root logger unless one is
+    there already (idempotent: under `python -m service.run` `logging_config` installed it).
+
+    One handler, on the root: a handler on `service` as well would write each of its records
+    twice, once there and once more at the root's handler the record propagates to. Python
+    warnings are logged through it too (`py.warnings`), so stderr stays one format.
+    """
+    logging.getLogger("service").setLevel(level)
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    if not any(getattr(h, "_service_handler", False) for h in root.handlers):
+        root.addHandler(log_handler(fmt))
 
 
 # Metric label values must come from a fixed set: the method is whatever token the client sent

@@ -5,6 +5,14 @@ Why not redis-py on the request path: its asyncio client spends ~55 µs of CPU p
 miss issues two commands, and the whole miss budget is a few hundred µs. redis-py stays the
 fallback for what this client does not speak (`rediss://`, `unix://`; see `make_cache`).
 
+Still paying (re-measured): `python -m bench.serve --items 20000 --in-process --ef-search k20
+--requests 1000 --rounds 5`, with and without `--env SERVICE_REDIS_CLIENT=redis-py`, four runs
+each, interleaved, on 2 cores shared with other jobs (load average 7-9, so every figure is
+~3-4x a quiet machine's). CPU µs per request, server (fastest round) + redis-server, median of
+the four runs: cache miss 1445 with this client, 2620 with redis-py; cache hit 1144 against
+1779; `/healthz` in the same runs 549 and 610. In units of `/healthz`: miss 2.64 against 3.69,
+hit 2.22 against 2.70. No run of one overlapped any run of the other.
+
 Design: one TCP connection per process, shared by all requests and pipelined: a request appends
 its reply future(s) to a FIFO and its command(s) to the write buffer in the same synchronous step,
 so replies (which Redis sends in order) are matched to futures in order. The buffer is written

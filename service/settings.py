@@ -95,6 +95,11 @@ class Settings(BaseSettings):
 
     # ---- logging ---------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "plain"] = Field(
+        "json",
+        description="json: one JSON object per log line on stderr (under `python -m service.run` "
+        "uvicorn's lines too); plain: `time logger level message`, for reading by eye.",
+    )
     access_log: bool = Field(True, description="One JSON log line per request.")
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.cold_ceiling import Ranker, evaluate_ranker, main, segment_popularity, user_popularity
+from bench.cold_ceiling import Ranker, evaluate_ranker, main, segment_popularity
+from bench.common import user_popularity
 from training.split import split_interactions
 
 

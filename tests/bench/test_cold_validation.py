@@ -7,14 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from bench.cold_validation import (
-    is_pseudo_cold,
-    main,
-    nested_frames,
-    pooled,
-    pseudo_cold_id,
-    write_nested_dataset,
-)
+from bench.cold_validation import main, pooled, write_nested_dataset
+from bench.common import is_pseudo_cold, nested_frames, pseudo_cold_id
 from training.bundle import load_bundle
 from training.dataset import read_dataset
 from training.split import is_cold_user, split_interactions

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench import common
 from bench import experiments as ex
 from tests.conftest import tiny_train_config
 from training.config import ModelConfig, TrainConfig
@@ -73,7 +74,7 @@ def test_recall_by_decile_by_hand(k: int, recall: list) -> None:
 
 def test_per_user_recall_by_hand() -> None:
     top = np.array([[0, 1, 2], [3, 4, 5]])
-    r = ex.per_user_recall(top, [np.array([0, 9]), np.array([], dtype=np.int64)], k=2)
+    r = common.per_user_recall(top, [np.array([0, 9]), np.array([], dtype=np.int64)], k=2)
     assert r.tolist() == [0.5]  # users without truth are skipped, as in EVAL.md
 
 
@@ -82,7 +83,7 @@ def test_per_user_recall_by_hand() -> None:
 
 def test_merge_overrides_merges_model_key_wise_and_copies() -> None:
     base = {"lr": 0.003, "hard_rank_band": [20, 100], "model": {"temperature": 0.05, "hidden": [256]}}
-    out = ex.merge_overrides(base, {"lr": 0.01, "model": {"temperature": 0.1}, "new": 1})
+    out = common.merge_overrides(base, {"lr": 0.01, "model": {"temperature": 0.1}, "new": 1})
     assert out == {"lr": 0.01, "hard_rank_band": [20, 100], "model": {"temperature": 0.1, "hidden": [256]}, "new": 1}
     out["model"]["hidden"].append(1)
     assert base["model"] == {"temperature": 0.05, "hidden": [256]}  # base untouched

@@ -1,7 +1,10 @@
-"""`python -m service.run`: per-worker SO_REUSEPORT listeners, argument checks, restart and stop."""
+"""`python -m service.run` (gunicorn + uvicorn workers): per-worker SO_REUSEPORT listeners, argument checks,
+restart and stop, one log format."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
@@ -12,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import run
+from service import observability, run
 from tests.service.conftest import FEATURES, RedisServer, free_port, terminate, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,12 +29,14 @@ REPO = Path(__file__).resolve().parents[2]
         (["--port", "70000"], {}, "--port must be in 0..65535, got 70000"),
         (["--backlog", "0"], {}, "--backlog must be >= 1, got 0"),
         ([], {"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY must be an integer, got 'two'"),
+        ([], {"SERVICE_LOG_FORMAT": "xml"}, "SERVICE_LOG_FORMAT must be one of json, plain, got 'xml'"),
     ],
 )
 def test_bad_arguments_name_the_problem(
     argv: list[str], env: dict, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.delenv("SERVICE_LOG_FORMAT", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as exc:
@@ -46,6 +51,16 @@ def test_workers_default_to_web_concurrency(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     assert run.parse_args(["--port", "9000"]).workers == 3
     assert run.parse_args(["--workers", "2"]).workers == 2  # the flag wins
+
+
+def test_plain_log_format_keeps_a_records_fields() -> None:
+    """SERVICE_LOG_FORMAT=plain: one readable line, with the fields a JSON line would carry."""
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"path": "/x", "status": 404}
+    assert observability.log_handler("plain").format(record).endswith(" service.access INFO request path=/x status=404")
+    assert json.loads(observability.log_handler("json").format(record))["status"] == 404
+    with pytest.raises(ValueError, match="log format must be one of"):
+        observability.log_handler("xml")
 
 
 def test_idle_connections_outlive_a_load_balancers_idle_timeout() -> None:
@@ -89,17 +104,16 @@ def test_a_port_held_without_reuseport_is_a_clear_error() -> None:
 
 
 def _workers(supervisor: int) -> list[int]:
-    """Pids of the supervisor's worker processes (not multiprocessing's resource tracker)."""
+    """Pids of the supervisor's worker processes (gunicorn forks them: its only children)."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == supervisor and b"spawn_main" in cmdline:
+        if ppid == supervisor:
             out.append(int(entry))
     return sorted(out)
 
@@ -184,3 +198,62 @@ def test_two_workers_share_connections_restart_and_stop(
         terminate(proc, timeout=40)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert _workers(proc.pid) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_output_line_is_json_and_each_request_is_logged_once(
+    workers: int, index_root: Path, tmp_path: Path
+) -> None:
+    """The image's command writes one JSON object per line, each record once.
+
+    Regression: a plain `asctime name level` handler on the root logger (logging.basicConfig)
+    beside the JSON handler of the `service` logger, which propagates to the root, wrote every
+    service record twice, once in each format; uvicorn's own lines were plain text.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVICE_") and k != "WEB_CONCURRENCY"}
+    env.update(SERVICE_INDEX_ROOT=str(index_root), PYTHONUNBUFFERED="1")  # access log on (the default)
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.run", "--port", str(port), "--workers", str(workers)],
+            cwd=REPO, env=env, stdout=out, stderr=err,
+        )
+
+    def loaded() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"service.run exited {proc.returncode}:\n{err_path.read_text()[-3000:]}")
+        return err_path.read_text(errors="replace").count("serving new version") >= workers
+
+    probes = [f"/probe-{os.getpid()}-{workers}-{i}" for i in range(6)]
+    try:
+        wait_for(loaded, timeout=90, what=f"{workers} worker(s) serving")
+        base = f"http://127.0.0.1:{port}"
+        for path in probes:  # a new connection each: with 2 workers both get some
+            assert httpx.get(base + path, timeout=10).status_code == 404
+        body = {"user_id": "196", "features": FEATURES}
+        assert httpx.post(base + "/retrieve", json=body | {"k": 5}, timeout=10).status_code == 200
+        assert httpx.post(base + "/embed", json=body, timeout=10).status_code == 200
+    finally:
+        terminate(proc, timeout=40)
+    assert proc.returncode == 0, err_path.read_text()[-3000:]
+
+    lines = [ln for ln in (out_path.read_text() + err_path.read_text()).splitlines() if ln.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    assert all(isinstance(r, dict) and {"ts", "level", "logger", "msg"} <= r.keys() for r in records), records
+    access = [r for r in records if r["logger"] == "service.access"]
+    for path in probes:
+        assert [r["status"] for r in access if r["path"] == path] == [404], path
+    assert [r["endpoint"] for r in access if r["method"] == "POST"] == ["/retrieve", "/embed"]
+    assert not any(r["logger"] == "uvicorn.access" for r in records)  # off: the service writes its own
+    assert sum(r["msg"] == "serving new version" for r in records) == workers
+    # uvicorn's own lines come through the same handler, once each
+    started = [r for r in records if r["logger"].startswith("uvicorn") and "Application startup complete" in r["msg"]]
+    assert len(started) == workers, records
+    assert sum(r["logger"] == "gunicorn.error" and r["msg"].startswith("Booting worker with pid") for r in records) == workers
