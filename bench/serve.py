@@ -24,6 +24,10 @@ What it does (docs/bench/serve.md has the results and their reading):
    - `retrieve_miss`: POST /retrieve, every request a new user id and new features;
    - `retrieve_redis_down`: the cache-hit bodies with redis-server killed (breaker open);
    - `batch`: POST /retrieve/batch with `--batch` new users per call.
+   - `retrieve_miss_swaps`: `retrieve_miss` while `INDEX_ROOT/current` switches between two
+     versions every `--swap-every` seconds (a second version is built once from the same
+     bundle); reports each worker's reload cost from the server log. With `--server-repo` the
+     server runs another checkout's code: before/after figures in one run (docs/bench/swap.md).
    Before each scenario a probe checks the `cached` flag is what the scenario claims.
 4. **Report**: throughput and p50/p95/p99/max latency per scenario (wrk's numbers), the targets
    (miss p99 <= 15 ms; /retrieve >= 40% of /healthz throughput), machine facts (cores, load
@@ -55,6 +59,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +134,22 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
     }
     (root / "catalog.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def ensure_second_version(root: Path, catalog: dict, log) -> None:  # noqa: ANN001
+    """`retrieve_miss_swaps` switches between two versions of one model: rebuild the catalog's
+    index once more from the same bundle (kept with the cached catalog), `current` unchanged."""
+    from indexer import store
+    from indexer.rebuild import RebuildConfig, rebuild
+
+    index_root = root / "index"
+    if any(v.name != catalog["index_version"] for v in store.list_versions(index_root)):
+        return
+    t0 = time.perf_counter()
+    bundle = root / "models" / catalog["model_version"]
+    rebuild(RebuildConfig(model=bundle, data=root / "data", out=index_root, index="HNSW32", progress=False))
+    store.switch_current(index_root, catalog["index_version"])
+    log(f"second version for the swap scenario built in {time.perf_counter() - t0:.0f}s")
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -215,7 +236,7 @@ def start_server(args: argparse.Namespace, index_root: Path, redis_url: str, log
             "--backlog", "1024",
         ]
     out = log_path.open("wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=args.server_repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     out.close()
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
@@ -442,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--env", action="append", default=[], metavar="SERVICE_X=V", help="extra server setting")
     p.add_argument("--scenarios", default="healthz,retrieve_hit,retrieve_miss,batch,retrieve_redis_down")
+    p.add_argument("--swap-every", type=float, default=10.0,
+                   help="retrieve_miss_swaps: seconds between switches of INDEX_ROOT/current between two versions")
+    p.add_argument("--server-repo", type=Path, default=REPO,
+                   help="the checkout whose service/ the server runs (another one: before/after in one run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--in-process",
@@ -491,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
 
+    if "retrieve_miss_swaps" in args.scenarios:
+        ensure_second_version(root, catalog, log)
     load_before = os.getloadavg()
     runs = []
     for ef_value in ef_values:
@@ -555,6 +582,45 @@ def targets_of(results: dict[str, dict]) -> dict:
     return targets
 
 
+class Swapper:
+    """`retrieve_miss_swaps`: switches `INDEX_ROOT/current` between the catalog's version and a
+    second one every `every` seconds while wrk runs, the way a nightly rebuild or an update
+    switches it, and reads back from the server log what each worker's swap cost (the reloader's
+    `load_ms` and `gc_freeze_ms`). Ends on the version it started from."""
+
+    def __init__(self, index_root: Path, every: float, server_log: Path) -> None:
+        from indexer import store
+
+        self.store, self.root, self.every, self.server_log = store, index_root, every, server_log
+        self.first = store.read_current(index_root).name
+        others = [v.name for v in store.list_versions(index_root) if v.name != self.first]
+        self.pair = (self.first, others[-1])
+        self.log_offset = server_log.stat().st_size
+        self.swaps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.swaps += 1
+            self.store.switch_current(self.root, self.pair[self.swaps % 2])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        if self.swaps % 2:
+            self.store.switch_current(self.root, self.first)
+        reloads = []
+        with self.server_log.open("rb") as f:
+            f.seek(self.log_offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                if '"serving new version"' in line:
+                    rec = json.loads(line)
+                    reloads.append({k: rec.get(k) for k in ("load_ms", "gc_freeze_ms")})
+        return {"swap_every_s": self.every, "swaps": self.swaps, "reloads": reloads}
+
+
 def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, dict], list[str]]:  # noqa: ANN001
     """Fresh redis-server + uvicorn, every scenario once, both stopped again."""
     results: dict[str, dict] = {}
@@ -593,7 +659,7 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
                 probe("/retrieve", hit_bodies, None)  # fills the cache (every worker shares Redis)
                 probe("/retrieve", hit_bodies[:32], True)
                 url, script = base + "/retrieve", lua_pool(hit_text, "/retrieve")
-            elif name == "retrieve_miss":
+            elif name in ("retrieve_miss", "retrieve_miss_swaps"):
                 probe("/retrieve", [{**random_user(rng, f"probe-{nonce}-{i}"), "k": K} for i in range(8)], False)
                 url = base + "/retrieve"
                 script, warm_script = (lua_unique("/retrieve", int(rng.integers(1 << 30)), 0) for _ in range(2))
@@ -613,7 +679,14 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
             before = redis.stats()
             meter = CpuMeter(server.pid, redis.proc.pid if redis.proc and redis.proc.poll() is None else None)
             cpu0, workers0 = meter.sample(), child_cpu_s(server.pid)
-            res = run_wrk(url, script, args.duration, args.connections, args.wrk_threads, tmp)
+            swapper = Swapper(root / "index", args.swap_every, tmp / "server.log") if name.endswith("_swaps") else None
+            try:
+                res = run_wrk(url, script, args.duration, args.connections, args.wrk_threads, tmp)
+            finally:
+                if swapper is not None:
+                    res_swaps = swapper.stop()
+            if swapper is not None:
+                res.update(res_swaps)
             res["cpu_us_per_request"] = CpuMeter.per_request_us(cpu0, meter.sample(), res["requests"])
             res["worker_cpu_split"] = worker_split(workers0, child_cpu_s(server.pid))
             res["cores_busy"] = round(res["cpu_us_per_request"]["total"] * res["rps"] / 1e6, 2)

@@ -162,17 +162,26 @@ class Reloader:
 
 
 def _freeze_heap() -> float:
-    """Collect the previous version's garbage, then exempt everything alive from the cyclic GC.
+    """Collect what is not frozen yet, then exempt everything alive from the cyclic GC.
 
-    A loaded version is hundreds of thousands of long-lived objects (vocabularies, id lists,
-    config). CPython's full (generation 2) collection walks all of them: ~100 ms at 1M items,
-    triggered every few seconds under load, stalling the event loop (and timing out Redis calls
-    that were in flight). `gc.freeze()` moves them to a permanent generation the collector skips;
-    they are still freed by reference counting when the version is dropped. The full collection
-    here runs once per swap, in the reloader thread. Returns its duration in ms.
+    A process holds hundreds of thousands of long-lived objects (the imported libraries, the
+    loaded version's vocabularies and config). CPython's full (generation 2) collection walks
+    all of them, ~150 ms per pass on a 20k-item catalog, triggered every few seconds under load,
+    stalling the event loop. `gc.freeze()` moves them to a permanent generation the collector
+    skips; they are still freed by reference counting when the version is dropped (a swapped-out
+    `ServedVersion` holds no reference cycle: tests/service/test_reload.py checks it is freed at
+    the swap with the collector off).
+
+    What is collected here is only what came since the last swap — the new version and the
+    requests' garbage — because the objects frozen at earlier swaps stay frozen. (Unfreezing
+    first, as this did before, made every swap walk the whole heap again: six swaps of a
+    20k-item version in one process took 132-187 ms each, now 0.4-0.7 ms after the first;
+    `python -m bench.serve --scenarios retrieve_miss,retrieve_miss_swaps` reports the tail latency
+    with a swap every `--swap-every` seconds next to none, docs/bench/swap.md.) The
+    collection before the freeze keeps cyclic garbage of that interval from being frozen
+    forever. Runs in the reloader thread, once per swap; returns its duration in ms.
     """
     t0 = time.perf_counter()
-    gc.unfreeze()
     gc.collect()
     gc.freeze()
     return round((time.perf_counter() - t0) * 1000, 1)

@@ -79,6 +79,56 @@ def test_a_swap_is_in_the_metrics_before_it_is_served(
             poll.join()
 
 
+def test_a_swapped_out_version_is_freed_by_reference_counting(
+    index_root: Path, bundle_b: Path, catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    """The swap freezes the heap (gc.freeze) instead of walking it; that only frees the old
+    version if it holds no reference cycle. With the collector off, it must be gone at once."""
+    import gc
+    import weakref
+
+    with serve(index_root) as c:
+        holder = c.app.state.service.holder
+        old = weakref.ref(holder.current)
+        write_version(index_root, bundle_b, catalog[0], catalog[1])
+        gc.disable()
+        try:
+            assert c.app.state.service.reloader.check_once() == "swapped"
+            assert old() is None, "the swapped-out version is still alive: a reference cycle or a leak"
+        finally:
+            gc.enable()
+
+
+def test_a_swap_does_not_walk_what_earlier_swaps_froze(
+    index_root: Path, bundle_b: Path, catalog: tuple[np.ndarray, list[str]]
+) -> None:
+    """The cost of a swap must not grow with the swaps before it: the collection it runs walks
+    only objects that are not frozen yet. A sentinel frozen by the first swap is looked for
+    among the collector's objects while the second swap's collection runs."""
+    import gc
+
+    sentinel = [object()]  # a tracked container, alive across both swaps
+    seen: list[bool] = []
+
+    def during_collection(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            seen.append(any(o is sentinel for o in gc.get_objects()))
+
+    with serve(index_root) as c:
+        reloader = c.app.state.service.reloader
+        write_version(index_root, bundle_b, catalog[0], catalog[1])
+        assert reloader.check_once() == "swapped"  # freezes the sentinel
+        assert not any(o is sentinel for o in gc.get_objects())
+        switch_current(index_root, sorted(p.name for p in index_root.iterdir() if p.name[0].isdigit())[0])
+        gc.callbacks.append(during_collection)
+        try:
+            assert reloader.check_once() == "swapped"
+        finally:
+            gc.callbacks.remove(during_collection)
+    assert seen, "the swap ran no full collection"
+    assert not any(seen), "a swap unfroze the heap: every swap would walk every object again"
+
+
 def _corrupt_checksum(d: Path, dim: int) -> None:
     data = bytearray((d / "embeddings.npy").read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the payload, manifest unchanged
