@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.retrieval import RequestFieldError
+from service.retrieval import RequestFieldError, UnknownItemError
 
 log = logging.getLogger("service.errors")
 
@@ -58,6 +58,10 @@ async def field_error_handler(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestFieldError):
         return await unhandled_error_handler(request, exc)
     return JSONResponse({"detail": [error_item(exc.loc, exc.msg, exc.type)]}, status_code=422)
+
+
+async def unknown_item_handler(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
 
 
 async def not_ready_handler(request: Request, exc: Exception) -> JSONResponse:
