@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.retrieval import RequestFieldError, UnknownItemError
+from service.retrieval import RequestFieldError
 
 log = logging.getLogger("service.errors")
 
