@@ -371,7 +371,7 @@ class AttributeTable:
             col = items[name].astype(str)
             if spec.type == "categorical":
                 values = sorted(set(col.tolist()) - {""})
-                codes = pd.Categorical(col, categories=values).codes.astype(np.int32)
+                codes = pd.Categorical(col.where(col != "", None), categories=values).codes.astype(np.int32)
                 columns[name] = CategoricalColumn(spec, {"codes": codes}, values)
             elif spec.type == "multi_categorical":
                 tokens = col.str.split(spec.separator, regex=False).explode()
