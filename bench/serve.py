@@ -85,6 +85,27 @@ def random_user(rng: np.random.Generator, user_id: str | None) -> dict:
     }
 
 
+BRANDS, BRAND_EXPONENT = 10_000, 1.0
+
+
+def add_filter_attributes(data: Path, seed: int) -> None:
+    """Two filterable attributes for the filter scenarios (not model features): `brand`, a
+    categorical with a power-law (Zipf, exponent 1) distribution over 10,000 values — the top
+    value holds ~10 % of the items, rank ~100 ~0.1 %, rank ~1000 ~0.01 % — and `u`, a continuous
+    uniform on [0, 1), so a range of width s selects a share s of the catalog."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed + 7)
+    items = pd.read_csv(data / "items.csv", dtype=str, keep_default_na=False)
+    weights = 1.0 / np.arange(1, BRANDS + 1) ** BRAND_EXPONENT
+    items["brand"] = np.char.add("b", rng.choice(BRANDS, len(items), p=weights / weights.sum()).astype(str))
+    items["u"] = np.char.mod("%.6f", rng.random(len(items)))
+    items.to_csv(data / "items.csv", index=False)
+    schema = json.loads((data / "schema.json").read_text())
+    schema["item"]["attributes"] = {"brand": {"type": "categorical"}, "u": {"type": "continuous"}}
+    (data / "schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+
+
 def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: ANN001
     """The production pipeline at `n_items`: prepare synthetic → trainer fit → indexer rebuild.
 
@@ -102,6 +123,7 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
     data = prepare_synthetic(
         root / "data", n_users=20_000, n_items=n_items, n_interactions=min(150_000, 30 * n_items), seed=seed
     )
+    add_filter_attributes(data, seed)
     log(f"dataset with {n_items} items in {time.perf_counter() - t0:.0f}s")
     t1 = time.perf_counter()
     cfg = TrainConfig(epochs=2, full_epochs=2, eval_max_users=1000, seed=seed)
