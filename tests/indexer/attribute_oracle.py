@@ -15,16 +15,16 @@ from training.schema import AttributeSpec
 
 SPECS = {
     "color": AttributeSpec("color", "categorical"),
-    "tags": AttributeSpec("tags", "multi_categorical", ";"),
-    "price": AttributeSpec("price", "continuous"),
+    "labels": AttributeSpec("labels", "multi_categorical", ";"),
+    "cost": AttributeSpec("cost", "continuous"),
     "in_stock": AttributeSpec("in_stock", "bool"),
 }
 SCHEMA_ATTRIBUTES = {n: s.to_json() for n, s in SPECS.items()}
 
 
 def random_items(n: int, seed: int = 0) -> pd.DataFrame:
-    """items.csv cells (str, '' = missing): color power-law over c0..c9, tags 0-3 of t0..t14
-    (with repeats and empty tokens), price with two decimals, in_stock in mixed literals."""
+    """items.csv cells (str, '' = missing): color power-law over c0..c9, labels 0-3 of t0..t14
+    (with repeats and empty tokens), cost with two decimals, in_stock in mixed literals."""
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, 11) ** 1.2
     color = rng.choice([f"c{i}" for i in range(10)], n, p=weights / weights.sum()).astype(object)
@@ -41,7 +41,7 @@ def random_items(n: int, seed: int = 0) -> pd.DataFrame:
     price[:3] = ["10", "10.0", "20"]  # equal numbers written differently
     stock = rng.choice(["true", "False", "1", "0", "TRUE", ""], n).astype(object)
     return pd.DataFrame({
-        "item_id": [f"i{i}" for i in range(n)], "color": color, "tags": tags, "price": price, "in_stock": stock,
+        "item_id": [f"i{i}" for i in range(n)], "color": color, "labels": tags, "cost": price, "in_stock": stock,
     })
 
 
@@ -91,9 +91,9 @@ def oracle_mask(df: pd.DataFrame, filt: dict) -> np.ndarray:
 CONDITIONS = {
     "color": ["c0", "c3", "nope", {"in": ["c1", "c2", "zz"]}, {"not_in": ["c0", "c1"]}, {"exists": True},
               {"exists": False}],
-    "tags": ["t1", {"in": ["t2", "t3"]}, {"any": ["t4", "none"]}, {"all": ["t1", "t2"]}, {"all": ["t5"]},
+    "labels": ["t1", {"in": ["t2", "t3"]}, {"any": ["t4", "none"]}, {"all": ["t1", "t2"]}, {"all": ["t5"]},
              {"all": ["t5", "absent"]}, {"not_in": ["t0", "t1", "t2"]}, {"exists": True}, {"exists": False}],
-    "price": [10, 20.0, {"gte": 50}, {"lte": 10}, {"gte": 10, "lte": 20}, {"gte": 30, "lte": 10},
+    "cost": [10, 20.0, {"gte": 50}, {"lte": 10}, {"gte": 10, "lte": 20}, {"gte": 30, "lte": 10},
               {"in": [10, 20, 55.5]}, {"not_in": [10]}, {"exists": False}],
     "in_stock": [True, False, {"in": [True]}, {"not_in": [True]}, {"exists": True}, {"exists": False}],
 }

@@ -46,7 +46,7 @@ COMBOS = [
     {a: ca, b: cb}
     for (a, b) in itertools.combinations(CONDITIONS, 2)
     for ca, cb in zip(CONDITIONS[a][:3], CONDITIONS[b][-3:], strict=False)
-] + [{"color": {"in": ["c0", "c1", "c2"]}, "tags": "t1", "price": {"lte": 60}, "in_stock": True}]
+] + [{"color": {"in": ["c0", "c1", "c2"]}, "labels": "t1", "cost": {"lte": 60}, "in_stock": True}]
 
 
 @pytest.mark.parametrize("filt", COMBOS, ids=[json.dumps(c) for c in COMBOS])
@@ -57,10 +57,10 @@ def test_combinations_are_anded(table, items, filt):
 def test_the_oracle_sees_every_kind_of_cell(items):
     """The catalog exercises what the rules distinguish: missing cells of every type, equal
     numbers written differently, repeated and empty multi tokens, every bool literal."""
-    assert (items["color"] == "").any() and (items["tags"] == "").any() and (items["price"] == "").any()
+    assert (items["color"] == "").any() and (items["labels"] == "").any() and (items["cost"] == "").any()
     assert (items["in_stock"] == "").any() and {"true", "False", "1", "0", "TRUE"} <= set(items["in_stock"])
-    assert items["tags"].str.contains(";;|;$", regex=True).any()
-    assert oracle_mask(items, {"price": 10}).sum() >= 2  # "10" and "10.0"
+    assert items["labels"].str.contains(";;|;$", regex=True).any()
+    assert oracle_mask(items, {"cost": 10}).sum() >= 2  # "10" and "10.0"
 
 
 def test_write_and_load_round_trip(tmp_path: Path, table, items):
@@ -158,8 +158,8 @@ def test_parse_condition_rejects(raw, message):
 
 def test_parse_filter_names_the_attribute():
     with pytest.raises(FilterError) as e:
-        parse_filter({"color": "c1", "price": {"in": []}})
-    assert e.value.attribute == "price"
+        parse_filter({"color": "c1", "cost": {"in": []}})
+    assert e.value.attribute == "cost"
 
 
 @pytest.mark.parametrize(
@@ -169,10 +169,10 @@ def test_parse_filter_names_the_attribute():
         ({"color": 3}, "color", "takes string values, got a number"),
         ({"color": {"gte": 1}}, "color", "does not apply to a categorical"),
         ({"color": {"all": ["c1"]}}, "color", "'all' does not apply"),
-        ({"tags": {"gte": 1}}, "tags", "does not apply to a multi_categorical"),
-        ({"price": "10"}, "price", "takes number values, got a string"),
-        ({"price": {"any": [1]}}, "price", "'any' does not apply"),
-        ({"price": True}, "price", "got a bool"),
+        ({"labels": {"gte": 1}}, "labels", "does not apply to a multi_categorical"),
+        ({"cost": "10"}, "cost", "takes number values, got a string"),
+        ({"cost": {"any": [1]}}, "cost", "'any' does not apply"),
+        ({"cost": True}, "cost", "got a bool"),
         ({"in_stock": 1}, "in_stock", "takes bool values, got a number"),
         ({"in_stock": {"in": ["true"]}}, "in_stock", "got a string"),
     ],
@@ -192,9 +192,9 @@ def test_masks_are_cached_per_filter_and_bounded(items):
     assert table.allowed(parse_filter({"color": "c1"})) is a
     assert table.allowed(parse_filter({"color": "c2"})) is not a
     for i in range(10):  # more filters than fit: the oldest go, memory stays bounded
-        table.allowed(parse_filter({"price": {"gte": i}}))
+        table.allowed(parse_filter({"cost": {"gte": i}}))
     assert 0 < table._cache_bytes <= LIMIT
     assert table.allowed(parse_filter({"color": "c1"})) is not a
     # 1 (a number) and True (a bool) are different filters even though 1 == True in Python
-    assert table.allowed(parse_filter({"price": 1})).count == 0
+    assert table.allowed(parse_filter({"cost": 1})).count == 0
     assert not a.mask.flags.writeable

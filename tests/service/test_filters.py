@@ -47,8 +47,8 @@ def user_vector(c) -> np.ndarray:  # noqa: ANN001
 
 
 FILTERS = [{n: c} for n, conds in CONDITIONS.items() for c in conds] + [
-    {"color": {"in": ["c0", "c1", "c2"]}, "tags": {"any": ["t1", "t2", "t3"]}},
-    {"price": {"gte": 20, "lte": 80}, "in_stock": True, "color": {"not_in": ["c0"]}},
+    {"color": {"in": ["c0", "c1", "c2"]}, "labels": {"any": ["t1", "t2", "t3"]}},
+    {"cost": {"gte": 20, "lte": 80}, "in_stock": True, "color": {"not_in": ["c0"]}},
     {"color": "nope"},  # zero items
 ]
 
@@ -82,7 +82,7 @@ def test_k_beyond_the_allowed_set_returns_every_allowed_item(filtered_root, cata
 
 def test_batch_applies_each_request_its_own_filter(filtered_root, catalog, cells):
     emb, ids = catalog
-    filters = [{"color": "c1"}, None, {"price": {"lte": 30}}, {"tags": {"all": ["t1"]}}, {"in_stock": {"exists": False}}]
+    filters = [{"color": "c1"}, None, {"cost": {"lte": 30}}, {"labels": {"all": ["t1"]}}, {"in_stock": {"exists": False}}]
     body = {"requests": [{**USER, "k": 8, **({"filter": f} if f else {})} for f in filters]}
     with serve(filtered_root) as c:
         vec = user_vector(c)
@@ -99,10 +99,10 @@ def test_batch_applies_each_request_its_own_filter(filtered_root, catalog, cells
         ({"nope": "x"}, "filter.nope", "unknown attribute"),
         ({"color": 3}, "filter.color", "string values"),
         ({"color": {"in": []}}, "filter.color", "at least one value"),
-        ({"price": {"gte": "1"}}, "filter.price", "must be a number"),
+        ({"cost": {"gte": "1"}}, "filter.cost", "must be a number"),
         ({"color": {"in": ["a"] * 4}}, "filter.color", "at most 3"),
         ({"color": {"regex": "c."}}, "filter.color", "unknown operator"),
-        ({"tags": {"gte": 1}}, "filter.tags", "does not apply"),
+        ({"labels": {"gte": 1}}, "filter.labels", "does not apply"),
         ({"in_stock": "true"}, "filter.in_stock", "bool values"),
         ([["color", "c1"]], "filter", ""),
     ],
@@ -119,15 +119,15 @@ def test_bad_filters_are_422_naming_the_attribute(filtered_root, filt, field, me
 @pytest.mark.parametrize("bound", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
 def test_non_finite_bound_is_422(filtered_root, bound):
     with serve(filtered_root) as c:
-        raw = b'{"filter": {"price": {"lte": %s}}}' % bound
+        raw = b'{"filter": {"cost": {"lte": %s}}}' % bound
         r = c.post("/retrieve", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422
-        assert r.json()["detail"][0]["field"] == "filter.price"
+        assert r.json()["detail"][0]["field"] == "filter.cost"
 
 
 def test_too_many_attributes_is_422(filtered_root):
     with serve(filtered_root, max_filter_attributes=2) as c:
-        r = c.post("/retrieve", json={"filter": {"color": "c1", "price": 1, "in_stock": True}})
+        r = c.post("/retrieve", json={"filter": {"color": "c1", "cost": 1, "in_stock": True}})
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "filter"
 
 
@@ -178,7 +178,7 @@ def test_similar_items(filtered_root, catalog, cells):
         assert got == exact(emb, ids, emb[7], 10, np.ones(len(ids), dtype=bool), [item])
         np.testing.assert_allclose([it["score"] for it in body["items"]], emb[[ids.index(i) for i in got]] @ emb[7], atol=1e-5)
 
-        filt, exclude = {"in_stock": True, "price": {"gte": 10}}, [got[0]]
+        filt, exclude = {"in_stock": True, "cost": {"gte": 10}}, [got[0]]
         r = c.post("/similar", json={"item_id": item, "k": 500, "filter": filt, "exclude_item_ids": exclude})
         got = [it["item_id"] for it in r.json()["items"]]
         assert got == exact(emb, ids, emb[7], 500, oracle_mask(cells, filt), [item, *exclude])
