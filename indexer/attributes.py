@@ -39,6 +39,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ __all__ = [
 ATTRIBUTES_DIR = "attributes"
 OPERATORS = ("in", "not_in", "gte", "lte", "exists", "any", "all")
 FILTER_CACHE_BYTES = 64 << 20  # per table; at 1M items a cached filter takes ~1.1-9 MB
+# A condition matching at most max(MIN, FRACTION × n) rows is answered from its column's index
+# (sorted rows of a value / a range) instead of a pass over every row: at 1M rows the pass costs
+# ~0.3-0.4 ms plus ~0.2-0.5 ms to list its rows, sorting 10k indexed rows ~0.5 ms.
+INDEXED_ROWS_MIN = 1000
+INDEXED_ROWS_FRACTION = 0.01
 DEFAULT_MAX_VALUES = 1000
 
 Scalar = str | float | int | bool
@@ -231,24 +237,63 @@ class Column:
         assert self.index is not None
         return np.array([self.index[v] for v in values if v in self.index], dtype=np.int64)
 
-    def mask(self, cond: Condition) -> np.ndarray:  # pragma: no cover - abstract
+    def mask(self, cond: Condition, rows: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover - abstract
+        """The rows (all, or only `rows`) satisfying `cond`, as a bool array."""
         raise NotImplementedError
 
-    def present(self) -> np.ndarray:  # pragma: no cover - abstract
+    def present(self, rows: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def matching_rows(self, cond: Condition, limit: int) -> np.ndarray | None:
+        """The sorted rows satisfying `cond` from this column's index, without a pass over every
+        row — or None when the column has no index for `cond` or more than `limit` rows match
+        (then a pass over the rows is as cheap)."""
+        return None
+
+    def _main(self, part: str, rows: np.ndarray | None) -> np.ndarray:
+        a = self.arrays[part]
+        return a if rows is None else a.take(rows)
 
 
 class CategoricalColumn(Column):
     parts = ("codes",)
 
-    def present(self) -> np.ndarray:
-        return self.arrays["codes"] >= 0
+    def present(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return self._main("codes", rows) >= 0
 
-    def mask(self, cond: Condition) -> np.ndarray:
+    @cached_property
+    def postings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ordered by code then row, start of each code's run; code -1 first): the inverted
+        index of the column, built on first use (~50 ms at 1M rows)."""
         codes = self.arrays["codes"]
+        order = np.argsort(codes, kind="stable")
+        starts = np.zeros(len(self.values or ()) + 2, dtype=np.int64)
+        np.cumsum(np.bincount(codes + 1, minlength=len(self.values or ()) + 1), out=starts[1:])
+        return order, starts
+
+    def matching_rows(self, cond: Condition, limit: int) -> np.ndarray | None:
+        if cond.op not in ("eq", "in"):
+            return None
+        order, starts = self.postings
+        codes = np.unique(self.codes_of(cond.values))
+        if int(sum(starts[c + 2] - starts[c + 1] for c in codes)) > limit:
+            return None
+        runs = [order[starts[c + 1] : starts[c + 2]] for c in codes]
+        if not runs:
+            return np.zeros(0, dtype=np.int64)
+        return runs[0].astype(np.int64) if len(runs) == 1 else np.sort(np.concatenate(runs)).astype(np.int64)
+
+    def mask(self, cond: Condition, rows: np.ndarray | None = None) -> np.ndarray:
+        codes = self._main("codes", rows)
         if cond.op == "exists":
-            return self.present() if cond.values[0] else ~self.present()
-        lut = _lookup(len(self.values or ()), self.codes_of(cond.values))
+            return self.present(rows) if cond.values[0] else ~self.present(rows)
+        wanted = np.unique(self.codes_of(cond.values))
+        if cond.op != "not_in" and len(wanted) <= 4:  # a compare per value beats a gather
+            out = np.zeros(len(codes), dtype=bool)
+            for c in wanted:
+                out |= codes == c
+            return out
+        lut = _lookup(len(self.values or ()), wanted)
         if cond.op == "not_in":
             lut[:-1] = ~lut[:-1]  # a missing value (code -1, the last entry) still matches nothing
         return lut[codes]
@@ -264,11 +309,14 @@ class MultiColumn(Column):
         np.cumsum(lut[codes], out=hits[1:])
         return hits[offsets[1:]] - hits[offsets[:-1]]
 
-    def present(self) -> np.ndarray:
+    def present(self, rows: np.ndarray | None = None) -> np.ndarray:
         offsets = self.arrays["offsets"]
-        return offsets[1:] > offsets[:-1]
+        out = offsets[1:] > offsets[:-1]
+        return out if rows is None else out[rows]
 
-    def mask(self, cond: Condition) -> np.ndarray:
+    def mask(self, cond: Condition, rows: np.ndarray | None = None) -> np.ndarray:
+        if rows is not None:  # CSR rows are not gathered cheaply; the full pass, then the rows
+            return self.mask(cond)[rows]
         if cond.op == "exists":
             return self.present() if cond.values[0] else ~self.present()
         wanted = self.codes_of(cond.values)
@@ -287,32 +335,61 @@ class MultiColumn(Column):
 class ContinuousColumn(Column):
     parts = ("values",)
 
-    def present(self) -> np.ndarray:
-        return ~np.isnan(self.arrays["values"])
+    def present(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return ~np.isnan(self._main("values", rows))
 
-    def mask(self, cond: Condition) -> np.ndarray:
+    @cached_property
+    def sorted_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ordered by value, the present values in that order; NaN rows last and left
+        out), built on first use (~100 ms at 1M rows)."""
         x = self.arrays["values"]
+        order = np.argsort(x, kind="stable")
+        present = int(np.count_nonzero(~np.isnan(x)))
+        return order, x[order[:present]]
+
+    def matching_rows(self, cond: Condition, limit: int) -> np.ndarray | None:
+        if cond.op not in ("eq", "range", "in"):
+            return None
+        order, values = self.sorted_index
+        if cond.op == "range":
+            bounds = [cond.values]
+        else:
+            bounds = [(float(v), float(v)) for v in set(cond.values)]
+        spans = []
+        for lo, hi in bounds:
+            a = 0 if lo is None else int(np.searchsorted(values, lo, side="left"))
+            b = len(values) if hi is None else int(np.searchsorted(values, hi, side="right"))
+            if b > a:
+                spans.append((a, b))
+        if sum(b - a for a, b in spans) > limit:
+            return None
+        if not spans:
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(np.concatenate([order[a:b] for a, b in spans])).astype(np.int64)
+
+    def mask(self, cond: Condition, rows: np.ndarray | None = None) -> np.ndarray:
+        x = self._main("values", rows)
         if cond.op == "exists":
-            return self.present() if cond.values[0] else ~self.present()
+            return self.present(rows) if cond.values[0] else ~self.present(rows)
         if cond.op == "range":
             lo, hi = cond.values
             out = np.ones(len(x), dtype=bool) if lo is None else x >= lo
             return out if hi is None else out & (x <= hi)
         listed = np.array([float(v) for v in cond.values], dtype=np.float64)
         hit = np.isin(x, listed)
-        return hit if cond.op != "not_in" else ~hit & self.present()
+        return hit if cond.op != "not_in" else ~hit & ~np.isnan(x)
 
 
 class BoolColumn(Column):
     parts = ("values",)
 
-    def present(self) -> np.ndarray:
-        return self.arrays["values"] >= 0
+    def present(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return self._main("values", rows) >= 0
 
-    def mask(self, cond: Condition) -> np.ndarray:
-        x = self.arrays["values"]
+    def mask(self, cond: Condition, rows: np.ndarray | None = None) -> np.ndarray:
+        x = self._main("values", rows)
         if cond.op == "exists":
-            return self.present() if cond.values[0] else ~self.present()
+            return self.present(rows) if cond.values[0] else ~self.present(rows)
         listed = {int(v) for v in cond.values}
         lut = np.zeros(3, dtype=bool)  # index 0: false, 1: true, 2 (= -1): missing
         for v in listed:
@@ -482,6 +559,22 @@ class AttributeTable:
             out &= self.columns[name].mask(cond)
         return out
 
+    def evaluate(self, filt: Filter) -> Allowed:
+        """The rows satisfying every condition (not cached, not checked). When one condition is
+        selective and indexed (a categorical value, a continuous range: `Column.matching_rows`),
+        its rows come from the index and the other conditions are tested on those rows only —
+        no pass over the whole catalog; otherwise one vectorized pass per condition."""
+        limit = max(INDEXED_ROWS_MIN, int(INDEXED_ROWS_FRACTION * self.count))
+        for name, cond in filt.items():
+            rows = self.columns[name].matching_rows(cond, limit)
+            if rows is None:
+                continue
+            for other, ocond in filt.items():
+                if other != name and len(rows):
+                    rows = rows[self.columns[other].mask(ocond, rows)]
+            return Allowed.from_rows(rows, self.count)
+        return Allowed(self.mask(filt))
+
     def allowed(self, filt: Filter) -> Allowed:
         """Check `filt` and return the rows it allows, from the cache when it was asked before."""
         self.check(filt)
@@ -491,7 +584,7 @@ class AttributeTable:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        result = Allowed(self.mask(filt))
+        result = self.evaluate(filt)
         size = result.nbytes_estimate
         if size > self._cache_limit:
             return result

@@ -21,9 +21,8 @@ proposes candidate rows:
   `min(k, |allowed − excluded|)` items, all allowed, at every selectivity and for every index
   type. The strategy is chosen here by the filter's size (`filter_strategy`): a selective filter
   is an exact scan of its allowed rows (`exact`); a broad one asks the backend for candidates
-  among the allowed rows only (`ann`: a FAISS `IDSelectorBitmap` with efSearch / nprobe raised by
-  1 / selectivity, so as many allowed vectors are visited as an unfiltered search visits
-  vectors); an ANN answer that comes back short is redone by the exact scan (`fallback`). The
+  among the allowed rows only (`ann`: a FAISS `IDSelectorBitmap`, with IVF's nprobe raised by
+  1 / selectivity and HNSW's efSearch to ~2 k / selectivity, see `selector_params`); an ANN answer that comes back short is redone by the exact scan (`fallback`). The
   thresholds come from `python -m bench.filters` (docs/bench/filters.md).
 
 `BruteForceTopK` is the exact backend (numpy over the rows; ties at the cut-off broken by row)
@@ -56,11 +55,15 @@ EXACT_GATHER_ROWS = 1 << 16  # allowed rows scored per block of a filtered exact
 
 # Filtered queries: which strategy, by the number of allowed rows. Measured by `python -m
 # bench.filters` (docs/bench/filters.md: 1M items, 64-d, HNSW32 efSearch 128, one thread): the
-# exact scan costs ~0.065 µs per allowed row (5 % = 50k rows: 3.3 ms p50), the ANN with a bitmap
-# selector ~ its raised efSearch (128 / s: 5.0 ms at 5 %, 1.8 ms at 10 %, 0.5 ms at 50 %), so they
-# cross between 5 % and 10 %; below 20k rows the scan takes <= ~1.3 ms whatever the catalog.
+# exact scan costs ~0.065 µs per allowed row (1 %: 0.8 ms, 3 %: ~2 ms, 5 %: 3.3 ms p50), the HNSW
+# search with a bitmap selector ~ its efSearch (raised to 2 k / s: ~1.2 ms at 3 %, 0.2 ms at
+# 10 %, at recall@20 1.0), so they cross near 3 %; below 20k rows the scan takes <= ~1.3 ms.
 FILTER_EXACT_MAX_ROWS = 20_000
-FILTER_EXACT_FRACTION = 0.06
+FILTER_EXACT_FRACTION = 0.03
+# HNSW with a selector keeps searching until its candidate list holds efSearch *allowed* nodes,
+# so it needs efSearch ~ k / s, not efSearch / s (bench.filters: at s = 3 % efSearch 512 gives
+# recall@20 1.0, 256 0.94; at 10 % 128 gives 1.0): efSearch = max(manifest's, HNSW_FILTER_EF_PER_K × k / s)
+HNSW_FILTER_EF_PER_K = 2.0
 # raised search knobs never go beyond these (HNSW's candidate list; IVF is capped by nlist)
 FILTER_MAX_EF_SEARCH = 4096
 
@@ -68,23 +71,46 @@ STRATEGIES = ("exact", "ann", "fallback")
 
 
 class Allowed:
-    """The catalog rows a query may return: a bool mask over the rows, with its count, and (on
-    first use) the sorted row numbers and the little-endian bitmap FAISS's `IDSelectorBitmap`
-    reads. Read-only and shared: one instance may serve many requests (`indexer.attributes`
+    """The catalog rows a query may return: their count, and (each computed on first use from
+    the other) a bool mask over the rows, the sorted row numbers and the little-endian bitmap
+    FAISS's `IDSelectorBitmap` reads. Built from a mask (`Allowed(mask)`) or from sorted rows
+    (`Allowed.from_rows`: a selective filter answered by an index never touches the n-row
+    mask). Read-only and shared: one instance may serve many requests (`indexer.attributes`
     caches them per filter)."""
 
-    __slots__ = ("__dict__", "count", "mask")
+    __slots__ = ("__dict__", "count", "size")
 
     def __init__(self, mask: np.ndarray) -> None:
         mask = np.asarray(mask)
         if mask.dtype != np.bool_ or mask.ndim != 1:
             raise ValueError(f"an allowed-rows mask must be a 1-D bool array, got {mask.dtype} {mask.shape}")
         mask.setflags(write=False)
-        self.mask = mask
+        self.__dict__["mask"] = mask
+        self.size = len(mask)
         self.count = int(np.count_nonzero(mask))
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, size: int) -> Allowed:
+        """From sorted, unique row numbers of a catalog of `size` rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= size or (np.diff(rows) <= 0).any())):
+            raise ValueError(f"allowed rows must be sorted, unique and within [0, {size})")
+        rows.setflags(write=False)
+        out = cls.__new__(cls)
+        out.__dict__["rows"] = rows
+        out.size = int(size)
+        out.count = len(rows)
+        return out
 
     def __len__(self) -> int:
         return self.count
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        mask = np.zeros(self.size, dtype=bool)
+        mask[self.rows] = True
+        mask.setflags(write=False)
+        return mask
 
     @cached_property
     def rows(self) -> np.ndarray:
@@ -98,12 +124,12 @@ class Allowed:
 
     @property
     def nbytes_estimate(self) -> int:
-        """Bytes this holds once rows and bitmap exist (for a cache's budget)."""
-        return int(self.mask.nbytes + 8 * self.count + self.mask.nbytes // 8)
+        """Bytes this holds once mask, rows and bitmap exist (for a cache's budget)."""
+        return int(self.size + 8 * self.count + self.size // 8)
 
     @property
     def selectivity(self) -> float:
-        return self.count / max(1, len(self.mask))
+        return self.count / max(1, self.size)
 
 
 @dataclass(frozen=True)
@@ -243,8 +269,8 @@ class TopK:
             return [[] for _ in queries], strategies
         for i, q in enumerate(queries):
             if q.allowed is not None:
-                if len(q.allowed.mask) != self.count:
-                    raise ValueError(f"an allowed-rows mask of {len(q.allowed.mask)} rows for a catalog of {self.count}")
+                if q.allowed.size != self.count:
+                    raise ValueError(f"an allowed-rows mask of {q.allowed.size} rows for a catalog of {self.count}")
                 results[i], strategies[i] = self._filtered(vecs[i], q)
         plain = [i for i, q in enumerate(queries) if q.allowed is None]
         if len(plain) < len(queries):
@@ -386,15 +412,15 @@ class FaissTopK(TopK):
         return rows
 
     def selector_params(self, fetch: int, allowed: Allowed) -> tuple[faiss.SearchParameters, faiss.IDSelector]:
-        """Search parameters restricted to `allowed` (a bitmap selector), with efSearch / nprobe
-        raised by 1 / selectivity: an unfiltered search visits about efSearch graph nodes or
-        nprobe lists' vectors to find its k; with a share s of the rows allowed, visiting 1/s as
-        many finds about as many allowed ones. (Returned with the selector: the caller keeps
-        both, and the bitmap, alive during the search.)"""
+        """Search parameters restricted to `allowed` (a bitmap selector). IVF: nprobe raised by
+        1 / selectivity — the probed lists hold a share s of allowed vectors, so 1/s as many lists
+        give an unfiltered search's candidates. HNSW: efSearch raised to HNSW_FILTER_EF_PER_K × k /
+        s (see there). (Returned with the selector: the caller keeps both, and the bitmap, alive
+        during the search.)"""
         sel = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(allowed.bitmap))
         boost = 1.0 / max(allowed.selectivity, 1e-9)
         if self.hnsw_ef_search is not None:
-            ef = min(FILTER_MAX_EF_SEARCH, max(fetch, math.ceil(self.hnsw_ef_search * boost)))
+            ef = min(FILTER_MAX_EF_SEARCH, max(self.hnsw_ef_search, math.ceil(HNSW_FILTER_EF_PER_K * fetch * boost)))
             return faiss.SearchParametersHNSW(efSearch=max(ef, fetch), sel=sel), sel
         if self.ivf_nprobe is not None and self.ivf_nlist is not None:
             nprobe = min(self.ivf_nlist, math.ceil(self.ivf_nprobe * boost))

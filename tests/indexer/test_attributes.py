@@ -34,11 +34,28 @@ def table(items) -> AttributeTable:
 SINGLE = [(name, cond) for name, conds in CONDITIONS.items() for cond in conds]
 
 
+@pytest.fixture(params=["indexed", "scan"])
+def evaluation(request, monkeypatch) -> str:
+    """Both ways a filter is evaluated: from a column's index (sorted rows of a value or range,
+    the other conditions tested on those rows) and by a pass over every row."""
+    from indexer import attributes
+
+    if request.param == "indexed":
+        monkeypatch.setattr(attributes, "INDEXED_ROWS_MIN", N)
+    else:
+        monkeypatch.setattr(attributes, "INDEXED_ROWS_MIN", 0)
+        monkeypatch.setattr(attributes, "INDEXED_ROWS_FRACTION", 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize(("name", "cond"), SINGLE, ids=[f"{n}={c}" for n, c in SINGLE])
-def test_every_condition_matches_the_oracle(table, items, name, cond):
+def test_every_condition_matches_the_oracle(table, items, name, cond, evaluation):
     filt = {name: cond}
-    got = table.allowed(parse_filter(filt)).mask
-    np.testing.assert_array_equal(got, oracle_mask(items, filt))
+    allowed = table.evaluate(parse_filter(filt))
+    want = oracle_mask(items, filt)
+    np.testing.assert_array_equal(allowed.mask, want)
+    np.testing.assert_array_equal(allowed.rows, np.flatnonzero(want))
+    assert allowed.count == want.sum()
 
 
 # pairs and triples over different attributes: conditions are ANDed
@@ -50,8 +67,10 @@ COMBOS = [
 
 
 @pytest.mark.parametrize("filt", COMBOS, ids=[json.dumps(c) for c in COMBOS])
-def test_combinations_are_anded(table, items, filt):
-    np.testing.assert_array_equal(table.allowed(parse_filter(filt)).mask, oracle_mask(items, filt))
+def test_combinations_are_anded(table, items, filt, evaluation):
+    allowed = table.evaluate(parse_filter(filt))
+    np.testing.assert_array_equal(allowed.mask, oracle_mask(items, filt))
+    np.testing.assert_array_equal(allowed.rows, np.flatnonzero(oracle_mask(items, filt)))
 
 
 def test_the_oracle_sees_every_kind_of_cell(items):

@@ -180,3 +180,16 @@ def test_a_mask_of_another_catalog_is_refused(catalog, queries):
 def test_allowed_rejects_a_non_bool_mask():
     with pytest.raises(ValueError, match="1-D bool"):
         Allowed(np.ones(5, dtype=np.int8))
+
+
+def test_allowed_from_rows_matches_allowed_from_a_mask():
+    mask = make_mask(0.2, seed=8)
+    a, b = Allowed(mask), Allowed.from_rows(np.flatnonzero(mask), N)
+    assert a.count == b.count and a.size == b.size == N
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.bitmap, b.bitmap)
+    with pytest.raises(ValueError, match="sorted, unique"):
+        Allowed.from_rows(np.array([3, 1]), N)
+    with pytest.raises(ValueError, match="sorted, unique"):
+        Allowed.from_rows(np.array([N]), N)
