@@ -66,7 +66,7 @@ FILTER_CACHE_BYTES = 64 << 20  # per table; at 1M items a cached filter takes ~1
 # (sorted rows of a value / a range) instead of a pass over every row: at 1M rows the pass costs
 # ~0.3-0.4 ms plus ~0.2-0.5 ms to list its rows, sorting 10k indexed rows ~0.5 ms.
 INDEXED_ROWS_MIN = 1000
-INDEXED_ROWS_FRACTION = 0.01
+INDEXED_ROWS_FRACTION = 0.02
 DEFAULT_MAX_VALUES = 1000
 
 Scalar = str | float | int | bool

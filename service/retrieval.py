@@ -32,6 +32,8 @@ from training.numpy_tower import UserRecord
 
 # Searches fetching more rows than this run in the threadpool, not on the event loop.
 INLINE_FETCH_MAX = 2048
+# Filtered exact scans of more allowed rows than this run in the threadpool.
+INLINE_FILTER_ROWS_MAX = 50_000
 
 
 class RequestFieldError(ValueError):
@@ -138,10 +140,13 @@ def is_expensive(version: ServedVersion, queries: Sequence[Query]) -> bool:
         fetch = topk.fetch_size(q)
         if fetch > INLINE_FETCH_MAX or topk.needs_exact(fetch):
             return True
-        if q.allowed is not None and (q.allowed.count > INLINE_FETCH_MAX and topk.filter_strategy(q.allowed) == "exact"):
-            return True  # a scan of many allowed rows
-        if q.allowed is not None and topk.filter_strategy(q.allowed) == "ann" and q.allowed.selectivity < 0.5:
-            return True  # a search with raised efSearch / nprobe
+        if q.allowed is not None:
+            # bench.filters at 1M items: a scan of <= 30k allowed rows takes ~2 ms, an HNSW search
+            # with a selector down to 3 % ~1.3 ms — less than a thread hop costs under load
+            # (docs/bench/filters.md); only bigger scans and very selective ANN searches leave
+            exact = topk.filter_strategy(q.allowed) == "exact"
+            if (exact and q.allowed.count > INLINE_FILTER_ROWS_MAX) or (not exact and q.allowed.selectivity < 0.01):
+                return True
     return False
 
 
