@@ -23,7 +23,12 @@ What it does (docs/bench/serve.md has the results and their reading):
    - `retrieve_hit`: POST /retrieve, 256 users whose vectors are cached in Redis;
    - `retrieve_miss`: POST /retrieve, every request a new user id and new features;
    - `retrieve_redis_down`: the cache-hit bodies with redis-server killed (breaker open);
-   - `batch`: POST /retrieve/batch with `--batch` new users per call.
+   - `batch`: POST /retrieve/batch with `--batch` new users per call;
+   - `filter50` ... `filter0.01` (not in the default list; docs/bench/filters.md): the cache-hit
+     users with an attribute filter of selectivity 50 %, 10 %, 1 %, 0.1 %, 0.01 % (half of the
+     bodies a `brand` value of that share, half a `u` window of that width, each its own), their
+     recall@20 against the exact filtered top-20 on 64 probes, and the strategy the service's
+     rule picks;
    - `retrieve_miss_swaps`: `retrieve_miss` while `INDEX_ROOT/current` switches between two
      versions every `--swap-every` seconds (a second version is built once from the same
      bundle); reports each worker's reload cost from the server log. With `--server-repo` the
@@ -90,6 +95,89 @@ def random_user(rng: np.random.Generator, user_id: str | None) -> dict:
     }
 
 
+BRANDS, BRAND_EXPONENT = 10_000, 1.0
+
+
+def add_filter_attributes(data: Path, seed: int) -> None:
+    """Two filterable attributes for the filter scenarios (not model features): `brand`, a
+    categorical with a power-law (Zipf, exponent 1) distribution over 10,000 values — the top
+    value holds ~10 % of the items, rank ~100 ~0.1 %, rank ~1000 ~0.01 % — and `u`, a continuous
+    uniform on [0, 1), so a range of width s selects a share s of the catalog."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed + 7)
+    items = pd.read_csv(data / "items.csv", dtype=str, keep_default_na=False)
+    weights = 1.0 / np.arange(1, BRANDS + 1) ** BRAND_EXPONENT
+    items["brand"] = np.char.add("b", rng.choice(BRANDS, len(items), p=weights / weights.sum()).astype(str))
+    items["u"] = np.char.mod("%.6f", rng.random(len(items)))
+    items.to_csv(data / "items.csv", index=False)
+    schema = json.loads((data / "schema.json").read_text())
+    schema["item"]["attributes"] = {"brand": {"type": "categorical"}, "u": {"type": "continuous"}}
+    (data / "schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+
+
+# filter scenarios: name -> selectivity (share of the catalog a filter allows)
+FILTER_SCENARIOS = {"filter50": 0.5, "filter10": 0.1, "filter1": 0.01, "filter0.1": 0.001, "filter0.01": 0.0001}
+RECALL_PROBES = 64
+
+
+class FilterOracle:
+    """The served version's attributes and vectors, in this process: the filters of a scenario
+    (half a `brand` value or set of the wanted share — the power-law column — half a `u` window
+    of that width at a random offset, each body its own filter) and the exact filtered top-k
+    every served answer is compared with (float64 over the allowed rows)."""
+
+    def __init__(self, index_root: Path) -> None:
+        from indexer.attributes import AttributeTable
+        from indexer.version import read_item_ids, read_manifest
+
+        path = (index_root / "current").resolve()
+        manifest = read_manifest(path)
+        self.table = AttributeTable.load(path, manifest["attributes"], manifest["count"])
+        self.embeddings = np.load(path / "embeddings.npy", mmap_mode="r")
+        self.item_ids = read_item_ids(path / "item_ids.txt")
+        self.rows = {item: i for i, item in enumerate(self.item_ids)}
+        self.index_version = manifest["index_version"]
+        brand = self.table.columns["brand"]
+        counts = np.bincount(brand.arrays["codes"][brand.arrays["codes"] >= 0], minlength=len(brand.values))
+        self.brands = [(brand.values[i], int(counts[i])) for i in np.argsort(-counts, kind="stable")]
+
+    def filters(self, share: float, n: int, rng: np.random.Generator) -> list[dict]:
+        target = share * len(self.item_ids)
+        best = min(self.brands, key=lambda vc: abs(vc[1] - target))
+        if abs(best[1] - target) <= 0.3 * target:
+            brand = {"brand": best[0]}
+        else:  # the head of the distribution until the share is reached
+            chosen, total = [], 0
+            for value, count in self.brands:
+                chosen.append(value)
+                total += count
+                if total >= target:
+                    break
+            brand = {"brand": {"in": chosen}}
+        out = []
+        for i in range(n):
+            lo = float(rng.uniform(0, 1 - share))
+            out.append(brand if i % 2 == 0 else {"u": {"gte": round(lo, 6), "lte": round(lo + share, 6)}})
+        return out
+
+    def exact(self, filt: dict, vec: np.ndarray, k: int) -> tuple[set[str], int]:
+        from indexer.attributes import parse_filter
+
+        mask = self.table.mask(parse_filter(filt))
+        rows = np.flatnonzero(mask)
+        scores = self.embeddings.take(rows, axis=0).astype(np.float64) @ vec.astype(np.float64)
+        top = rows[np.lexsort((rows, -scores))[:k]]
+        return {self.item_ids[r] for r in top}, len(rows)
+
+
+def service_strategy(allowed: int, n_items: int) -> str:
+    """The strategy the service picks for a filter of `allowed` rows (indexer.topk's rule)."""
+    from indexer.topk import FILTER_EXACT_FRACTION, FILTER_EXACT_MAX_ROWS
+
+    return "exact" if allowed <= max(FILTER_EXACT_MAX_ROWS, FILTER_EXACT_FRACTION * n_items) else "ann"
+
+
 def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: ANN001
     """The production pipeline at `n_items`: prepare synthetic → trainer fit → indexer rebuild.
 
@@ -107,6 +195,7 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
     data = prepare_synthetic(
         root / "data", n_users=20_000, n_items=n_items, n_interactions=min(150_000, 30 * n_items), seed=seed
     )
+    add_filter_attributes(data, seed)
     log(f"dataset with {n_items} items in {time.perf_counter() - t0:.0f}s")
     t1 = time.perf_counter()
     cfg = TrainConfig(epochs=2, full_epochs=2, eval_max_users=1000, seed=seed)
@@ -576,6 +665,13 @@ def targets_of(results: dict[str, dict]) -> dict:
     if "retrieve_miss" in results:
         targets["miss_p99_le_15ms"] = {"value_ms": results["retrieve_miss"]["p99_ms"], "target_ms": 15.0,
                                        "met": results["retrieve_miss"]["p99_ms"] <= 15.0}
+    for name in FILTER_SCENARIOS:
+        if name in results:
+            r = results[name]
+            targets[f"{name}_recall_ge_0.95_p99_le_25ms"] = {
+                f"recall@{K}": r[f"recall@{K}"], "p99_ms": r["p99_ms"],
+                "met": r[f"recall@{K}"] >= 0.95 and r["p99_ms"] <= 25.0,
+            }
     if "retrieve_miss" in results and "healthz" in results:
         share = results["retrieve_miss"]["share_of_healthz"]
         targets["retrieve_rps_ge_40pct_healthz"] = {"miss_share": share, "target": 0.4, "met": share >= 0.4}
@@ -637,6 +733,33 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
     hit_text = [json.dumps(b) for b in hit_bodies]
     nonce = os.urandom(3).hex()  # probe user ids only
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    oracle = FilterOracle(root / "index") if any(s in FILTER_SCENARIOS for s in scenarios) else None
+
+    def filter_probe(bodies: list[dict]) -> dict:
+        """Recall@K of served filtered answers against the exact filtered top-K, and that each
+        answer is exactly min(K, allowed) items, all allowed (checked on the oracle's mask)."""
+        recalls, strategies, allowed_counts = [], [], []
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for b in bodies[:RECALL_PROBES]:
+                user = {"user_id": b["user_id"], "features": b["features"]}
+                vec = np.asarray(c.post("/embed", json=user).json()["vector"], dtype=np.float32)
+                r = c.post("/retrieve", json=b)
+                r.raise_for_status()
+                data = r.json()
+                if data["index_version"] != oracle.index_version:
+                    raise RuntimeError(f"answered by {data['index_version']}, oracle holds {oracle.index_version}")
+                want, allowed = oracle.exact(b["filter"], vec, K)
+                got = [it["item_id"] for it in data["items"]]
+                if len(got) != min(K, allowed):
+                    raise RuntimeError(f"{len(got)} items for a filter allowing {allowed}: {b['filter']}")
+                recalls.append(len(set(got) & want) / max(1, len(want)))
+                strategies.append(service_strategy(allowed, len(oracle.item_ids)))
+                allowed_counts.append(allowed)
+        return {
+            f"recall@{K}": round(float(np.mean(recalls)), 4), f"recall@{K}_min": round(float(np.min(recalls)), 4),
+            "recall_probes": len(recalls), "allowed_mean": round(float(np.mean(allowed_counts)), 1),
+            "strategy_by_rule": {u: strategies.count(u) for u in sorted(set(strategies))},
+        }
 
     def probe(path: str, bodies: list[dict], expect_cached: bool | None) -> None:
         with httpx.Client(base_url=base, timeout=30) as c:
@@ -667,6 +790,13 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
                 url = base + "/retrieve/batch"
                 script, warm_script = (lua_unique("/retrieve/batch", int(rng.integers(1 << 30)), args.batch)
                                        for _ in range(2))
+            elif name in FILTER_SCENARIOS:
+                probe("/retrieve", hit_bodies, None)  # the users' vectors cached: the filter and search are measured
+                filters = oracle.filters(FILTER_SCENARIOS[name], len(hit_bodies), rng)
+                bodies = [{**b, "filter": f} for b, f in zip(hit_bodies, filters, strict=True)]
+                quality = filter_probe(bodies)
+                log(f"{name}: {quality}")
+                url, script = base + "/retrieve", lua_pool([json.dumps(b) for b in bodies], "/retrieve")
             elif name == "retrieve_redis_down":
                 redis.stop()
                 time.sleep(0.5)
@@ -697,6 +827,9 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
             if name == "batch":
                 res["users_per_s"] = round(res["rps"] * args.batch, 1)
                 res["batch_size"] = args.batch
+            if name in FILTER_SCENARIOS:
+                res["selectivity"] = FILTER_SCENARIOS[name]
+                res.update(quality)
             results[name] = res
             log(f"{name}: {res}")
         metrics_text = httpx.get(base + "/metrics", timeout=10).text
@@ -704,7 +837,10 @@ def run_scenarios(args: argparse.Namespace, root: Path, log) -> tuple[dict[str, 
         stop_server(server)
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    return results, [ln for ln in metrics_text.splitlines() if ln.startswith("service_cache") and "_created" not in ln]
+    return results, [
+        ln for ln in metrics_text.splitlines()
+        if ln.startswith(("service_cache", "service_filtered")) and "_created" not in ln
+    ]
 
 
 # ---- in-process cost per request ---------------------------------------------------------------
@@ -952,6 +1088,19 @@ def render_markdown(report: dict) -> str:
                 f"{'' if cpu_share is None else f'{cpu_share:.0%}'} | {busy} | {split} | {redis} | {r['non_2xx'] + r['socket_errors']} |"
             )
         lines.append("")
+        filtered = {n: r for n, r in run["results"].items() if n in FILTER_SCENARIOS}
+        if filtered:
+            lines += [
+                f"| filter scenario | selectivity | allowed rows (mean) | req/s | p50 ms | p99 ms | recall@{K} (min) | strategy (service rule) |",
+                "|---|---:|---:|---:|---:|---:|---:|---|",
+            ]
+            for n, r in filtered.items():
+                used = ", ".join(f"{k} {v}" for k, v in r["strategy_by_rule"].items())
+                lines.append(
+                    f"| {n} | {r['selectivity'] * 100:g} % | {r['allowed_mean']:,.0f} | {r['rps']:.0f} | {r['p50_ms']} | "
+                    f"{r['p99_ms']} | {r[f'recall@{K}']:.3f} ({r[f'recall@{K}_min']:.2f}) | {used} |"
+                )
+            lines.append("")
         for name, t in run["targets"].items():
             lines.append(f"- target `{name}`: **{'met' if t['met'] else 'missed'}** ({t})")
         lines.append("")

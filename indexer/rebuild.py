@@ -6,7 +6,8 @@ A rebuild must never hurt serving: it either produces a better, verified index a
 1. **lock** `INDEX_ROOT/.lock` (fail fast if another run holds it); remove `.tmp-*` leftovers
    of killed runs;
 2. **load** the model bundle (the newest in a models directory) and read the catalog
-   (`items.csv` / `.parquet`), checking the model's item features are columns of it;
+   (`items.csv` / `.parquet`), checking the model's item features are columns of it, and its
+   declared attributes (`schema.json` `item.attributes`) into the columnar attribute table;
 3. **embed** every catalog item with the item tower. Items added since training have
    out-of-vocabulary ids and get their vector from their features alone, so new items are
    retrievable the next night without retraining; removed items simply are not embedded;
@@ -17,7 +18,7 @@ A rebuild must never hurt serving: it either produces a better, verified index a
    (users of `users.csv`, or trained user ids, through the user tower) — what the service
    will search with — falling back to item vectors. Below the threshold the run fails and
    `current` stays;
-7. **write** `.tmp-<version>/` (bundle copy, embeddings, ids, index, manifest), fsync, verify,
+7. **write** `.tmp-<version>/` (bundle copy, embeddings, ids, index, attributes, manifest), fsync, verify,
    load it exactly as the service will (`indexer.version.load_version`: the service's own
    acceptance check, so a version it would refuse is never published), rename to `<version>/`;
 8. **switch** `current` atomically; **prune** to the newest `keep` versions (never `current`).
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 from indexer import faiss_index as fi
 from indexer import store
+from indexer.attributes import AttributeTable
 from indexer.version import IndexVersionError, check_user_tower, load_version, read_manifest
 from training.artifacts import check_output_dir, remove_stale_temps
 from training.bundle import Bundle, BundleError, find_bundle, load_bundle
@@ -184,7 +186,8 @@ def _check_out(root: Path) -> None:
         )
 
 
-def _load_catalog(data: Path, model: TwoTowerModel) -> pd.DataFrame:
+def _load_catalog(data: Path, model: TwoTowerModel) -> tuple[pd.DataFrame, AttributeTable | None]:
+    """The checked catalog, and its attribute table when schema.json declares attributes."""
     try:
         schema = read_schema(data)
         items = read_items(data, schema)
@@ -203,7 +206,8 @@ def _load_catalog(data: Path, model: TwoTowerModel) -> pd.DataFrame:
     bad = items["item_id"].astype(str).str.contains("[\r\n]", regex=True)
     if bad.any():
         raise RebuildInputError(f"{data}: item id {items['item_id'][bad].iloc[0]!r} contains a line break")
-    return items
+    attributes = AttributeTable.from_frame(items, schema.item_attributes) if schema.item_attributes else None
+    return items, attributes
 
 
 def _embed(model: TwoTowerModel, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray:
@@ -277,7 +281,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
                 raise RebuildInputError(f"{bundle_path}: model bundle unloadable ({type(e).__name__}: {e})") from None
             model = bundle.model
             _check_bundle_servable(bundle, bundle_path)
-            items = _load_catalog(Path(cfg.data), model)
+            items, attributes = _load_catalog(Path(cfg.data), model)
             ids = items["item_id"].astype(str).tolist()
             vocab = set(model.item_encoder.ids.tokens)
             fresh = sum(1 for i in ids if i not in vocab)
@@ -321,7 +325,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
             path = store.write_version(
                 root, version, index=index, embeddings=vectors, item_ids=ids, bundle_path=bundle_path,
                 model_version=bundle.version, index_info=index_info, recall=recall, extra=extra,
-                checkpoint=_checkpoint, accept=_service_accepts,
+                checkpoint=_checkpoint, accept=_service_accepts, attributes=attributes,
             )
         _checkpoint("renamed")
 

@@ -44,6 +44,7 @@ import faiss
 import numpy as np
 
 from indexer import faiss_index as fi
+from indexer.attributes import AttributeTable
 from indexer.version import MANIFEST, IndexVersionError, verify_version, write_files
 from training.artifacts import TMP_PREFIX, atomic_directory, fsync_dir, remove_stale_temps
 from training.bundle import new_version
@@ -219,6 +220,7 @@ def write_version(
     extra: dict | None = None,
     checkpoint: Callable[[str], None] | None = None,
     accept: Callable[[Path], object] | None = None,
+    attributes: AttributeTable | None = None,
 ) -> Path:
     """Write a complete version directory and return its final path (not yet `current`).
 
@@ -246,6 +248,7 @@ def write_version(
     with atomic_directory(final) as tmp:
         write_files(
             tmp, index=index, embeddings=emb, item_ids=ids, bundle_path=bundle_path, checkpoint=checkpoint,
+            attributes=attributes,
             manifest={"index_version": version, "model_version": model_version, "index": index_info, "recall": recall,
                       **(extra or {})},
         )

@@ -16,6 +16,15 @@ proposes candidate rows:
   answered by the exact scan, so a result never has fewer items than promised, a -1 row or a
   null score. When the fetch is a large share of the catalog the exact scan is used directly.
 
+* **filters**: a query may carry the rows it is allowed to return (`Allowed`, a bool mask over
+  the catalog: an attribute filter, `indexer.attributes`); the answer then holds exactly
+  `min(k, |allowed − excluded|)` items, all allowed, at every selectivity and for every index
+  type. The strategy is chosen here by the filter's size (`filter_strategy`): a selective filter
+  is an exact scan of its allowed rows (`exact`); a broad one asks the backend for candidates
+  among the allowed rows only (`ann`: a FAISS `IDSelectorBitmap`, with IVF's nprobe raised by
+  1 / selectivity and HNSW's efSearch to ~2 k / selectivity, see `selector_params`); an ANN answer that comes back short is redone by the exact scan (`fallback`). The
+  thresholds come from `python -m bench.filters` (docs/bench/filters.md).
+
 `BruteForceTopK` is the exact backend (numpy over the rows; ties at the cut-off broken by row)
 and doubles as the test oracle; `FaissTopK` proposes candidates from a FAISS index.
 
@@ -25,27 +34,112 @@ and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import faiss
 import numpy as np
 
 from indexer.faiss_index import as_matrix
 
-__all__ = ["EXACT_FETCH_FRACTION", "BruteForceTopK", "FaissTopK", "Query", "TopK", "exact_scores"]
+__all__ = [
+    "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "FaissTopK", "Query", "TopK", "exact_scores",
+]
 
 # Fetching more than this fraction of the catalog: an exact scan is as cheap and exact.
 EXACT_FETCH_FRACTION = 0.25
 EXACT_BLOCK_CELLS = 1 << 25  # scores per block of an exact scan over many queries (~128 MB)
+EXACT_GATHER_ROWS = 1 << 16  # allowed rows scored per block of a filtered exact scan
+
+# Filtered queries: which strategy, by the number of allowed rows. Measured by `python -m
+# bench.filters` (docs/bench/filters.md: 1M items, 64-d, HNSW32 efSearch 128, one thread): the
+# exact scan costs ~0.065 µs per allowed row (1 %: 0.8 ms, 3 %: ~2 ms, 5 %: 3.3 ms p50), the HNSW
+# search with a bitmap selector ~ its efSearch (raised to 2 k / s: ~1.2 ms at 3 %, 0.2 ms at
+# 10 %, at recall@20 1.0), so they cross near 3 %; below 20k rows the scan takes <= ~1.3 ms.
+FILTER_EXACT_MAX_ROWS = 20_000
+FILTER_EXACT_FRACTION = 0.03
+# HNSW with a selector keeps searching until its candidate list holds efSearch *allowed* nodes,
+# so it needs efSearch ~ k / s, not efSearch / s (bench.filters: at s = 3 % efSearch 512 gives
+# recall@20 1.0, 256 0.94; at 10 % 128 gives 1.0): efSearch = max(manifest's, HNSW_FILTER_EF_PER_K × k / s)
+HNSW_FILTER_EF_PER_K = 2.0
+# raised search knobs never go beyond these (HNSW's candidate list; IVF is capped by nlist)
+FILTER_MAX_EF_SEARCH = 4096
+
+STRATEGIES = ("exact", "ann", "fallback")
+
+
+class Allowed:
+    """The catalog rows a query may return: their count, and (each computed on first use from
+    the other) a bool mask over the rows, the sorted row numbers and the little-endian bitmap
+    FAISS's `IDSelectorBitmap` reads. Built from a mask (`Allowed(mask)`) or from sorted rows
+    (`Allowed.from_rows`: a selective filter answered by an index never touches the n-row
+    mask). Read-only and shared: one instance may serve many requests (`indexer.attributes`
+    caches them per filter)."""
+
+    __slots__ = ("__dict__", "count", "size")
+
+    def __init__(self, mask: np.ndarray) -> None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.ndim != 1:
+            raise ValueError(f"an allowed-rows mask must be a 1-D bool array, got {mask.dtype} {mask.shape}")
+        mask.setflags(write=False)
+        self.__dict__["mask"] = mask
+        self.size = len(mask)
+        self.count = int(np.count_nonzero(mask))
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, size: int) -> Allowed:
+        """From sorted, unique row numbers of a catalog of `size` rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= size or (np.diff(rows) <= 0).any())):
+            raise ValueError(f"allowed rows must be sorted, unique and within [0, {size})")
+        rows.setflags(write=False)
+        out = cls.__new__(cls)
+        out.__dict__["rows"] = rows
+        out.size = int(size)
+        out.count = len(rows)
+        return out
+
+    def __len__(self) -> int:
+        return self.count
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        mask = np.zeros(self.size, dtype=bool)
+        mask[self.rows] = True
+        mask.setflags(write=False)
+        return mask
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        rows = np.flatnonzero(self.mask)
+        rows.setflags(write=False)
+        return rows
+
+    @cached_property
+    def bitmap(self) -> np.ndarray:
+        return np.packbits(self.mask, bitorder="little")
+
+    @property
+    def nbytes_estimate(self) -> int:
+        """Bytes this holds once mask, rows and bitmap exist (for a cache's budget)."""
+        return int(self.size + 8 * self.count + self.size // 8)
+
+    @property
+    def selectivity(self) -> float:
+        return self.count / max(1, self.size)
 
 
 @dataclass(frozen=True)
 class Query:
-    """One retrieval: how many items, and the ids that must not appear."""
+    """One retrieval: how many items, the ids that must not appear, and optionally the only rows
+    that may (`allowed`, over this catalog's rows; None: every row)."""
 
     k: int
     exclude: frozenset[str] = field(default_factory=frozenset)
+    allowed: Allowed | None = field(default=None, compare=False)
 
 
 def exact_scores(embeddings: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
@@ -69,13 +163,20 @@ class TopK:
     """
 
     approximate = False
+    selector_search = False  # whether `allowed_candidates` searches an index (else: exact scan)
+    # a filter allowing at most max(rows, fraction * catalog) rows is scanned exactly (tests and
+    # the benchmark set them per instance to force a strategy)
+    filter_exact_max_rows = FILTER_EXACT_MAX_ROWS
+    filter_exact_fraction = FILTER_EXACT_FRACTION
 
     def __init__(self, embeddings: np.ndarray, item_ids: Sequence[str], *, exact_fallback_max_items: int = 5_000_000) -> None:
         if embeddings.ndim != 2 or embeddings.dtype != np.float32:
             raise ValueError(f"catalog vectors must be a float32 (n, d) array, got {embeddings.dtype} {embeddings.shape}")
         if len(item_ids) != len(embeddings):
             raise ValueError(f"{len(item_ids)} item ids for {len(embeddings)} vectors; need one id per row")
-        if len(set(item_ids)) != len(item_ids):
+        # id -> row (POST /similar looks an item up); also the uniqueness check
+        self.rows = {item: row for row, item in enumerate(item_ids)}
+        if len(self.rows) != len(item_ids):
             seen: set[str] = set()
             dup = next(i for i in item_ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
             raise ValueError(f"item ids must be unique; {dup!r} appears more than once")
@@ -95,6 +196,25 @@ class TopK:
         """(n, >= fetch) candidate rows for each query row of `vecs`; -1 where fewer were found.
         The base proposes the exact ones (`exact_candidates`); approximate backends override."""
         return self.exact_candidates(vecs, fetch)
+
+    def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
+        """Candidate rows among `allowed` only for one query (1-D; -1 where fewer were found).
+        The base scans them exactly; approximate backends override with a selector search."""
+        return self.exact_allowed_candidates(vec, fetch, allowed)
+
+    def exact_allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
+        """The allowed rows of the `fetch` highest exact scores (plus ties with the last),
+        scoring the allowed rows a block at a time (a gather, then one matrix-vector product)."""
+        rows = allowed.rows
+        if fetch >= len(rows):
+            return rows
+        parts = [
+            self.embeddings.take(rows[s : s + EXACT_GATHER_ROWS], axis=0) @ vec
+            for s in range(0, len(rows), EXACT_GATHER_ROWS)
+        ]
+        scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        kth = np.partition(scores, len(rows) - fetch)[len(rows) - fetch]
+        return rows[scores >= kth]
 
     def exact_candidates(self, vecs: np.ndarray, fetch: int) -> np.ndarray:
         """The rows of the `fetch` highest exact scores of each query, plus any row tied with the
@@ -124,13 +244,42 @@ class TopK:
         """An approximate backend asked for a large share of the catalog: scan exactly instead."""
         return self.approximate and self.exact_ok and fetch > EXACT_FETCH_FRACTION * self.count
 
+    def filter_strategy(self, allowed: Allowed) -> str:
+        """'exact' (scan the allowed rows) or 'ann' (search the index among them), by size."""
+        if not self.selector_search:
+            return "exact"
+        threshold = max(self.filter_exact_max_rows, self.filter_exact_fraction * self.count)
+        return "exact" if allowed.count <= threshold else "ann"
+
     def top_k(self, vecs: np.ndarray, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
-        """Results for each query (row i of `vecs`), each exactly min(k, catalog − excluded) long."""
+        """Results for each query (row i of `vecs`), each exactly min(k, allowed − excluded) long
+        (allowed: the query's `allowed` rows, else the whole catalog)."""
+        return self.top_k_strategies(vecs, queries)[0]
+
+    def top_k_strategies(
+        self, vecs: np.ndarray, queries: Sequence[Query]
+    ) -> tuple[list[list[tuple[str, float]]], list[str | None]]:
+        """`top_k`, and per query the strategy that answered a filtered one (`STRATEGIES`; None
+        for a query without `allowed`), for the service's metrics."""
         if vecs.shape != (len(queries), self.dim) or not np.isfinite(vecs).all():
             raise ValueError(f"query vectors of shape {vecs.shape} must be finite (n, {self.dim}) = ({len(queries)}, {self.dim})")
         results: list[list[tuple[str, float]] | None] = [None] * len(queries)
+        strategies: list[str | None] = [None] * len(queries)
         if self.count == 0:
-            return [[] for _ in queries]
+            return [[] for _ in queries], strategies
+        for i, q in enumerate(queries):
+            if q.allowed is not None:
+                if q.allowed.size != self.count:
+                    raise ValueError(f"an allowed-rows mask of {q.allowed.size} rows for a catalog of {self.count}")
+                results[i], strategies[i] = self._filtered(vecs[i], q)
+        plain = [i for i, q in enumerate(queries) if q.allowed is None]
+        if len(plain) < len(queries):
+            if not plain:
+                return results, strategies  # type: ignore[return-value]
+            sub, _ = self.top_k_strategies(np.ascontiguousarray(vecs[plain]), [queries[i] for i in plain])
+            for i, r in zip(plain, sub, strict=True):
+                results[i] = r
+            return results, strategies  # type: ignore[return-value]
         ann = [i for i, q in enumerate(queries) if not self.needs_exact(self.fetch_size(q))]
         if ann:
             fetch = max(self.fetch_size(queries[i]) for i in ann)
@@ -143,7 +292,29 @@ class TopK:
         for i, q in enumerate(queries):
             if results[i] is None:
                 results[i] = self.finish(vecs[i], self.exact_candidates(vecs[i : i + 1], self.fetch_size(q))[0], q)
-        return results  # type: ignore[return-value]
+        return results, strategies  # type: ignore[return-value]
+
+    def _filtered(self, vec: np.ndarray, q: Query) -> tuple[list[tuple[str, float]], str]:
+        """One query restricted to `q.allowed`: exactly min(k, allowed − excluded) allowed items.
+
+        Fetching `min(k + len(exclude), allowed)` allowed rows leaves at least k once the excluded
+        are dropped, or every allowed row; an ANN answer with fewer valid allowed rows than that
+        and fewer than k results is redone exactly (`fallback`).
+        """
+        allowed = q.allowed
+        assert allowed is not None
+        fetch = min(q.k + len(q.exclude), allowed.count)
+        if fetch == 0:
+            return [], "exact"
+        if self.filter_strategy(allowed) == "exact":
+            return self.finish(vec, self.exact_allowed_candidates(vec, fetch, allowed), q), "exact"
+        rows = self.allowed_candidates(vec, fetch, allowed)
+        rows = rows[rows >= 0]
+        rows = rows[allowed.mask[rows]]  # a selector guarantees it; never trust a backend with a filter
+        res = self.finish(vec, rows, q)
+        if len(res) < q.k and len(rows) < fetch:
+            return self.finish(vec, self.exact_allowed_candidates(vec, fetch, allowed), q), "fallback"
+        return res, "ann"
 
     def finish(self, vec: np.ndarray, rows: np.ndarray, q: Query) -> list[tuple[str, float]]:
         """Exact re-scoring, exclusion filter, order by (score desc, row asc), cut at k.
@@ -207,6 +378,8 @@ class FaissTopK(TopK):
     """Candidates from a FAISS inner-product index over the same rows (thread-safe: per-call
     search parameters, the index is never mutated)."""
 
+    selector_search = True
+
     def __init__(
         self,
         index: faiss.Index,
@@ -226,6 +399,10 @@ class FaissTopK(TopK):
         hnsw = inner if isinstance(inner, faiss.IndexHNSW) else None
         self.hnsw_ef_search = int(hnsw.hnsw.efSearch) if hnsw is not None else None
 
+        ivf = faiss.try_extract_index_ivf(index)
+        self.ivf_nprobe = int(ivf.nprobe) if ivf is not None else None
+        self.ivf_nlist = int(ivf.nlist) if ivf is not None else None
+
     def candidates(self, vecs: np.ndarray, fetch: int) -> np.ndarray:
         params = None
         if self.hnsw_ef_search is not None and fetch > self.hnsw_ef_search:
@@ -233,3 +410,26 @@ class FaissTopK(TopK):
             params = faiss.SearchParametersHNSW(efSearch=fetch)
         _, rows = self.index.search(vecs, fetch, params=params)
         return rows
+
+    def selector_params(self, fetch: int, allowed: Allowed) -> tuple[faiss.SearchParameters, faiss.IDSelector]:
+        """Search parameters restricted to `allowed` (a bitmap selector). IVF: nprobe raised by
+        1 / selectivity — the probed lists hold a share s of allowed vectors, so 1/s as many lists
+        give an unfiltered search's candidates. HNSW: efSearch raised to HNSW_FILTER_EF_PER_K × k /
+        s (see there). (Returned with the selector: the caller keeps both, and the bitmap, alive
+        during the search.)"""
+        sel = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(allowed.bitmap))
+        boost = 1.0 / max(allowed.selectivity, 1e-9)
+        if self.hnsw_ef_search is not None:
+            ef = min(FILTER_MAX_EF_SEARCH, max(self.hnsw_ef_search, math.ceil(HNSW_FILTER_EF_PER_K * fetch * boost)))
+            return faiss.SearchParametersHNSW(efSearch=max(ef, fetch), sel=sel), sel
+        if self.ivf_nprobe is not None and self.ivf_nlist is not None:
+            nprobe = min(self.ivf_nlist, math.ceil(self.ivf_nprobe * boost))
+            return faiss.SearchParametersIVF(nprobe=nprobe, sel=sel), sel
+        return faiss.SearchParameters(sel=sel), sel
+
+    def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
+        params, sel = self.selector_params(fetch, allowed)
+        bitmap = allowed.bitmap  # noqa: F841 - the selector points into it
+        _, rows = self.index.search(np.ascontiguousarray(vec[None, :], dtype=np.float32), fetch, params=params)
+        del sel
+        return rows[0]

@@ -3,6 +3,7 @@
 Layout of `INDEX_ROOT/<index_version>/` (docs/design.md, "Index version")::
 
     manifest.json   model/ (a copy of the bundle)   index.faiss   embeddings.npy   item_ids.txt
+    [attributes/ (filterable item attributes, `indexer.attributes`; manifest key `attributes`)]
 
 This module is the one place that knows what makes a version servable, and both sides use it:
 `indexer rebuild` loads the version it has just written with `load_version` before the rename
@@ -41,6 +42,7 @@ import faiss
 import numpy as np
 
 from indexer import faiss_index as fi
+from indexer.attributes import AttributeFileError, AttributeTable
 from indexer.topk import FaissTopK
 from training.artifacts import (
     TMP_PREFIX,
@@ -84,6 +86,8 @@ class ServedVersion:
     tower: UserTower
     topk: FaissTopK
     loaded_at: float = field(default_factory=time.time)
+    # the item attributes requests may filter on; None: a version built without any
+    attributes: AttributeTable | None = None
 
     @property
     def model_version(self) -> str:
@@ -183,6 +187,11 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
     if not isinstance(files, dict):
         raise IndexVersionError(f"{path}: manifest 'files' must be an object")
     required = {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}
+    if m.get("attributes") is not None:
+        try:
+            required |= set(AttributeTable.files(m["attributes"]))
+        except (TypeError, KeyError, AttributeError) as e:
+            raise IndexVersionError(f"{path}: manifest 'attributes' is malformed ({e!r})") from None
     if not required <= set(files):
         raise IndexVersionError(f"{path}: manifest files lack {sorted(required - set(files))}")
     present = _listed_files(path)
@@ -218,6 +227,7 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
     if index.ntotal != count or index.d != dim:
         raise IndexVersionError(f"{path}: index.faiss holds {index.ntotal} vectors of dim {index.d}, manifest says {count} of {dim}")
     del index
+    open_attributes(path, m)
 
     try:
         bm = verify_bundle(path / MODEL_DIR)  # small next to the index: always hashed
@@ -247,6 +257,17 @@ def _open_index(path: Path, manifest: dict) -> faiss.Index:
     except ValueError as e:
         raise IndexVersionError(f"{path}: {e}") from None
     return index
+
+
+def open_attributes(path: Path, manifest: dict) -> AttributeTable | None:
+    """The version's memory-mapped attribute table (checked against the manifest and the
+    catalog size), or None for a version without attributes."""
+    if manifest.get("attributes") is None:
+        return None
+    try:
+        return AttributeTable.load(path, manifest["attributes"], manifest["count"])
+    except AttributeFileError as e:
+        raise IndexVersionError(f"{path}: {e}") from None
 
 
 def open_search_files(path: str | os.PathLike[str], manifest: dict) -> tuple[faiss.Index, np.ndarray, list[str]]:
@@ -300,7 +321,9 @@ def load_version(
         topk = FaissTopK(index, embeddings, item_ids, exact_fallback_max_items=exact_fallback_max_items)
     except ValueError as e:
         raise IndexVersionError(f"{name}: {e}") from None
-    version = ServedVersion(path=path, manifest=manifest, bundle=bundle, tower=tower, topk=topk)
+    version = ServedVersion(
+        path=path, manifest=manifest, bundle=bundle, tower=tower, topk=topk, attributes=open_attributes(path, manifest)
+    )
     _smoke_test(version)
     return version
 
@@ -385,10 +408,12 @@ def write_files(
     bundle_path: str | os.PathLike[str],
     manifest: dict[str, Any],
     checkpoint: Any = None,
+    attributes: AttributeTable | None = None,
 ) -> dict:
     """Write the layout into `directory` (an empty temp directory of `training.artifacts`' atomic
     publish): the bundle copy, embeddings, ids, index, then the manifest — `manifest` plus
-    `format`, `created_at` (unless given), `count`, `dim` and the sha256 of every file. Each file
+    `format`, `created_at` (unless given), `count`, `dim`, `attributes` (when a table is given:
+    `attributes/`, see `indexer.attributes`) and the sha256 of every file. Each file
     is fsynced as written. Nothing is verified here (`store.write_version` does that).
     `checkpoint(stage)` is a test hook called between steps. Returns the manifest written.
     """
@@ -404,12 +429,18 @@ def write_files(
     write_bytes_durable(directory / "item_ids.txt", "".join(str(i) + "\n" for i in item_ids).encode("utf-8"))
     cb("write:embeddings")
     fi.write_index(index, directory / "index.faiss")
+    extra: dict[str, Any] = {}
+    if attributes is not None:
+        if attributes.count != len(item_ids):
+            raise ValueError(f"attribute table of {attributes.count} rows for {len(item_ids)} items")
+        extra["attributes"] = attributes.write(directory)
     full = {
         "format": FORMAT,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "count": len(item_ids),
         "dim": int(emb.shape[1]),
         **manifest,
+        **extra,
         "files": file_hashes(directory, exclude=(MANIFEST,)),
     }
     write_bytes_durable(directory / MANIFEST, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())

@@ -24,7 +24,7 @@ from service.cache import make_cache
 from service.deps import Service
 from service.metrics import ServiceMetrics
 from service.observability import BodyLimitMiddleware, ObservabilityMiddleware, configure_logging
-from service.retrieval import NonFiniteVectorError, RequestFieldError
+from service.retrieval import NonFiniteVectorError, RequestFieldError, UnknownItemError
 from service.routes import register_routes
 from service.schemas import request_models
 from service.settings import Settings, get_settings
@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None, *, start_reloader: bool = True)
     register_routes(app, request_models(settings))
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
     app.add_exception_handler(RequestFieldError, errors.field_error_handler)
+    app.add_exception_handler(UnknownItemError, errors.unknown_item_handler)
     app.add_exception_handler(errors.NotReadyError, errors.not_ready_handler)
     app.add_exception_handler(NonFiniteVectorError, errors.vector_error_handler)
     app.add_exception_handler(Exception, errors.unhandled_error_handler)

@@ -68,6 +68,7 @@ class Served:
     version: ServedVersion
     cache: VectorCache
     settings: Settings
+    metrics: ServiceMetrics | None = None
 
 
 def served_for(svc: Service, key: str | None) -> Served:
@@ -79,7 +80,7 @@ def served_for(svc: Service, key: str | None) -> Served:
         raise NotReadyError(f"no verified index version is loaded: {reason}")
     if svc.cache is None:  # pragma: no cover - only outside the lifespan
         raise NotReadyError("the cache is not initialized (lifespan not started)")
-    return Served(version, svc.cache, svc.settings)
+    return Served(version, svc.cache, svc.settings, svc.metrics)
 
 
 async def get_served(request: Request, key: Annotated[str | None, Security(_api_key_header)]) -> Served:

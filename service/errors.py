@@ -60,6 +60,10 @@ async def field_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": [error_item(exc.loc, exc.msg, exc.type)]}, status_code=422)
 
 
+async def unknown_item_handler(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
 async def not_ready_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc) or "not ready"}, status_code=503, headers={"Retry-After": "1"})
 

@@ -60,6 +60,15 @@ class ServiceMetrics:
             ["model_version", "index_version"],
             registry=r,
         )
+        self.filtered_queries = Counter(
+            "service_filtered_queries",
+            "Filtered retrievals by the strategy that answered them: exact (scan of the allowed rows), "
+            "ann (index search with an id selector), fallback (an ANN answer came back short; exact scan).",
+            ["strategy"],
+            registry=r,
+        )
+        for strategy in ("exact", "ann", "fallback"):
+            self.filtered_queries.labels(strategy)
         self.index_items = Gauge("service_index_items", "Items in the served index.", registry=r)
         self.ready = Gauge("service_ready", "1 while a verified version is loaded.", registry=r)
         self.reloads = Counter(

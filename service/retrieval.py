@@ -1,5 +1,10 @@
 """The request path: validate features → user vector (cache or tower) → top-k → response.
 
+A request's `filter` is checked against the answering version's attribute table and turned into
+its allowed rows (`allowed_rows`) before the search; a version without attributes refuses any
+filter (422 at `body.filter`). `/similar` takes its query vector from the version's own
+`embeddings.npy` row of the item, which is then excluded.
+
 Routes stay thin; this module does the work, always against one `ServedVersion` that the caller
 read once (see service.state), never against "whatever is current now". The top-k itself —
 exclusions, exact cosine scores, the never-short guarantee — is `indexer.topk`'s, the one
@@ -14,17 +19,21 @@ from collections.abc import Sequence
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from indexer.topk import Query
+from indexer.attributes import Condition, FilterError
+from indexer.topk import Allowed, Query
 from indexer.version import ServedVersion
 from service.cache import VectorCache, cache_key, features_digest
+from service.metrics import ServiceMetrics
 from service.observability import request_context
-from service.schemas import BatchRetrieveRequest, EmbedRequest, RetrieveRequest
+from service.schemas import BatchRetrieveRequest, EmbedRequest, RetrieveRequest, SimilarRequest
 from service.settings import Settings
 from training.features import FeatureError
 from training.numpy_tower import UserRecord
 
 # Searches fetching more rows than this run in the threadpool, not on the event loop.
 INLINE_FETCH_MAX = 2048
+# Filtered exact scans of more allowed rows than this run in the threadpool.
+INLINE_FILTER_ROWS_MAX = 50_000
 
 
 class RequestFieldError(ValueError):
@@ -35,6 +44,15 @@ class RequestFieldError(ValueError):
         self.loc = tuple(loc)
         self.msg = msg
         self.type = type_
+
+
+class UnknownItemError(LookupError):
+    """POST /similar named an item the served version does not hold (a 404 naming it)."""
+
+    def __init__(self, item_id: str, index_version: str) -> None:
+        shown = item_id if len(item_id) <= 100 else item_id[:100] + "…"
+        super().__init__(f"item {shown!r} is not in index version {index_version}")
+        self.item_id = item_id
 
 
 class NonFiniteVectorError(RuntimeError):
@@ -87,6 +105,29 @@ async def user_vectors(
     return out, flags
 
 
+def allowed_rows(
+    version: ServedVersion, filt: dict[str, Condition] | None, loc_prefix: tuple = ("body",)
+) -> Allowed | None:
+    """The rows `filt` allows in this version (None: no filter, or an empty one), or a
+    RequestFieldError at `<loc_prefix>.filter[.<attribute>]`. The version's own table is used, so
+    a filter is never evaluated against another version's rows."""
+    if not filt:
+        return None
+    table = version.attributes
+    if table is None:
+        raise RequestFieldError(
+            (*loc_prefix, "filter"),
+            f"index version {version.index_version} has no filterable attributes (its schema.json declared no "
+            "item.attributes); send no filter",
+            "filter_error",
+        )
+    try:
+        return table.allowed(filt)
+    except FilterError as e:
+        loc = (*loc_prefix, "filter") if e.attribute is None else (*loc_prefix, "filter", e.attribute)
+        raise RequestFieldError(loc, e.message, "filter_error") from None
+
+
 # ---- top-k ----------------------------------------------------------------------------------
 
 
@@ -99,14 +140,30 @@ def is_expensive(version: ServedVersion, queries: Sequence[Query]) -> bool:
         fetch = topk.fetch_size(q)
         if fetch > INLINE_FETCH_MAX or topk.needs_exact(fetch):
             return True
+        if q.allowed is not None:
+            # bench.filters at 1M items: a scan of <= 30k allowed rows takes ~2 ms, an HNSW search
+            # with a selector down to 3 % ~1.3 ms — less than a thread hop costs under load
+            # (docs/bench/filters.md); only bigger scans and very selective ANN searches leave
+            exact = topk.filter_strategy(q.allowed) == "exact"
+            if (exact and q.allowed.count > INLINE_FILTER_ROWS_MAX) or (not exact and q.allowed.selectivity < 0.01):
+                return True
     return False
 
 
-async def search(version: ServedVersion, vecs: np.ndarray, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
-    """`TopK.top_k`, inline for the common small search, in the threadpool for big ones."""
+async def search(
+    version: ServedVersion, vecs: np.ndarray, queries: Sequence[Query], metrics: ServiceMetrics | None = None
+) -> list[list[tuple[str, float]]]:
+    """`TopK.top_k`, inline for the common small search, in the threadpool for big ones; each
+    filtered query counted by the strategy that answered it."""
     if is_expensive(version, queries):
-        return await run_in_threadpool(version.topk.top_k, vecs, queries)
-    return version.topk.top_k(vecs, queries)
+        results, strategies = await run_in_threadpool(version.topk.top_k_strategies, vecs, queries)
+    else:
+        results, strategies = version.topk.top_k_strategies(vecs, queries)
+    if metrics is not None:
+        for strategy in strategies:
+            if strategy is not None:
+                metrics.filtered_queries.labels(strategy).inc()
+    return results
 
 
 def result_body(version: ServedVersion, items: list[tuple[str, float]], cached: bool) -> dict:
@@ -129,31 +186,54 @@ def _note(version: ServedVersion, cached: list[bool]) -> None:
     ctx["cached"] = cached[0] if len(cached) == 1 else sum(cached)
 
 
-async def retrieve(version: ServedVersion, cache: VectorCache, settings: Settings, body: RetrieveRequest) -> dict:
+async def retrieve(
+    version: ServedVersion, cache: VectorCache, settings: Settings, body: RetrieveRequest,
+    metrics: ServiceMetrics | None = None,
+) -> dict:
     record = validate_user(version, body.user_id, body.features)
+    allowed = allowed_rows(version, body.filter)
     vecs, cached = await user_vectors(version, cache, settings, [record])
-    query = Query(body.k, frozenset(body.exclude_item_ids))
-    (items,) = await search(version, vecs, [query])
+    query = Query(body.k, frozenset(body.exclude_item_ids), allowed)
+    (items,) = await search(version, vecs, [query], metrics)
     _note(version, cached)
     return result_body(version, items, cached[0])
 
 
 async def retrieve_batch(
-    version: ServedVersion, cache: VectorCache, settings: Settings, body: BatchRetrieveRequest
+    version: ServedVersion, cache: VectorCache, settings: Settings, body: BatchRetrieveRequest,
+    metrics: ServiceMetrics | None = None,
 ) -> dict:
-    """All requests against one version, one cache read, one index search."""
+    """All requests against one version, one cache read, one index search (each request's own
+    filter, evaluated against that version)."""
     records = [
         validate_user(version, r.user_id, r.features, ("body", "requests", i)) for i, r in enumerate(body.requests)
     ]
+    allowed = [allowed_rows(version, r.filter, ("body", "requests", i)) for i, r in enumerate(body.requests)]
     vecs, cached = await user_vectors(version, cache, settings, records)
-    queries = [Query(r.k, frozenset(r.exclude_item_ids)) for r in body.requests]
-    results = await search(version, vecs, queries)
+    queries = [Query(r.k, frozenset(r.exclude_item_ids), a) for r, a in zip(body.requests, allowed, strict=True)]
+    results = await search(version, vecs, queries, metrics)
     _note(version, cached)
     return {
         "results": [result_body(version, items, c) for items, c in zip(results, cached, strict=True)],
         "model_version": version.model_version,
         "index_version": version.index_version,
     }
+
+
+async def similar(
+    version: ServedVersion, settings: Settings, body: SimilarRequest, metrics: ServiceMetrics | None = None
+) -> dict:
+    """The items closest by cosine to `body.item_id`'s own vector (`embeddings.npy`), the item
+    itself excluded; no user vector, so nothing is cached (`cached` is false)."""
+    row = version.topk.rows.get(body.item_id)
+    if row is None:
+        raise UnknownItemError(body.item_id, version.index_version)
+    allowed = allowed_rows(version, body.filter)
+    vec = np.array(version.embeddings[row], dtype=np.float32)[None, :]
+    query = Query(body.k, frozenset((*body.exclude_item_ids, body.item_id)), allowed)
+    (items,) = await search(version, vec, [query], metrics)
+    _note(version, [False])
+    return result_body(version, items, False)
 
 
 async def embed(version: ServedVersion, cache: VectorCache, settings: Settings, body: EmbedRequest) -> dict:

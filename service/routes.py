@@ -1,7 +1,7 @@
-"""HTTP routes (INTERFACES.md §3 plus /retrieve/batch and /metrics): thin by design.
+"""HTTP routes (INTERFACES.md §3, §4's /similar, plus /retrieve/batch and /metrics): thin by design.
 
 Each handler declares what it needs (`ServedDep`: the API-key check and the one read of the
-served version; the request body model) and delegates to `service.retrieval`. The three JSON POST
+served version; the request body model) and delegates to `service.retrieval`. The JSON POST
 endpoints are registered with `post_json`: FastAPI documents them from these signatures as usual,
 and `service.jsonroute.JSONBodyRoute` runs them on a lean request path (see there). Responses of
 the hot endpoints are serialized by pydantic-core straight from plain dicts; `response_model`
@@ -74,6 +74,7 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
     EmbedBody = models.embed
     RetrieveBody = models.retrieve
     BatchBody = models.batch
+    SimilarBody = models.similar
 
     @post_json(
         router,
@@ -84,7 +85,9 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
     )
     async def retrieve(body: RetrieveBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
         """The k items with the highest cosine to the user's vector, excluded items removed."""
-        return FastJSONResponse(await retrieval.retrieve(served.version, served.cache, served.settings, body))
+        return FastJSONResponse(
+            await retrieval.retrieve(served.version, served.cache, served.settings, body, served.metrics)
+        )
 
     @post_json(
         router,
@@ -95,7 +98,21 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
     )
     async def retrieve_batch(body: BatchBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
         """Up to SERVICE_MAX_BATCH retrievals answered by one version with one cache round trip."""
-        return FastJSONResponse(await retrieval.retrieve_batch(served.version, served.cache, served.settings, body))
+        return FastJSONResponse(
+            await retrieval.retrieve_batch(served.version, served.cache, served.settings, body, served.metrics)
+        )
+
+    @post_json(
+        router,
+        "/similar",
+        response_model=RetrieveResponse,
+        responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "The item is not in the served index version."}},
+        summary="Items similar to an item",
+    )
+    async def similar(body: SimilarBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
+        """The k items closest by cosine to the item's vector (the item itself excluded), with the
+        same filter, exclusions and exact-k guarantee as /retrieve; `cached` is always false."""
+        return FastJSONResponse(await retrieval.similar(served.version, served.settings, body, served.metrics))
 
     @post_json(
         router,

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
 
+from indexer.attributes import DEFAULT_MAX_VALUES, FilterError, parse_condition
 from service.settings import Settings
 
 _FEATURE_VALUE_SCHEMA: dict[str, Any] = {
@@ -66,6 +67,45 @@ def _check_feature_value(value: Any) -> Any:
 
 FeatureValue = Annotated[Any, BeforeValidator(_check_feature_value), WithJsonSchema(_FEATURE_VALUE_SCHEMA)]
 
+_SCALAR_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+_VALUES_SCHEMA: dict[str, Any] = {"type": "array", "items": _SCALAR_SCHEMA, "minItems": 1}
+_CONDITION_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _SCALAR_SCHEMA,
+        {"type": "object", "properties": {"in": _VALUES_SCHEMA}, "required": ["in"], "additionalProperties": False},
+        {"type": "object", "properties": {"not_in": _VALUES_SCHEMA}, "required": ["not_in"], "additionalProperties": False},
+        {"type": "object", "properties": {"gte": {"type": "number"}, "lte": {"type": "number"}},
+         "minProperties": 1, "additionalProperties": False},
+        {"type": "object", "properties": {"exists": {"type": "boolean"}}, "required": ["exists"], "additionalProperties": False},
+        {"type": "object", "properties": {"any": _VALUES_SCHEMA}, "required": ["any"], "additionalProperties": False},
+        {"type": "object", "properties": {"all": _VALUES_SCHEMA}, "required": ["all"], "additionalProperties": False},
+    ],
+    "description": "A scalar (equals); {in: [...]}, {not_in: [...]}; {gte: x, lte: y} (either bound); "
+    "{exists: true|false}; for multi_categorical attributes also {any: [...]} / {all: [...]}. "
+    "An item missing the attribute matches nothing but {exists: false}.",
+}
+FILTER_DESCRIPTION = (
+    "Attribute conditions, all ANDed (attributes: the index version's `item.attributes` of schema.json). "
+    "The response holds exactly min(k, |allowed - excluded|) items, all satisfying the filter."
+)
+
+
+def condition_validator(max_values: int) -> BeforeValidator:
+    """Parse one filter condition (`indexer.attributes.parse_condition`) into a `Condition`; a
+    malformed one is a 422 at `filter.<attribute>`. Whether the attribute exists and has that
+    type is the served version's business (checked per request, like feature types)."""
+
+    def check(value: Any) -> Any:
+        try:
+            return parse_condition(value, max_values=max_values)
+        except FilterError as e:
+            raise PydanticCustomError("filter_error", e.message.replace("{", "(").replace("}", ")")) from None
+
+    return BeforeValidator(check)
+
+
+FilterCondition = Annotated[Any, condition_validator(DEFAULT_MAX_VALUES), WithJsonSchema(_CONDITION_SCHEMA)]
+
 
 class _Strict(BaseModel):
     """Base of the request models: unknown fields rejected, and no type coercion.
@@ -106,6 +146,20 @@ class RetrieveRequest(EmbedRequest):
         description="Items that must not appear (e.g. already seen); the response still has "
         "min(k, catalog size - excluded) items.",
     )
+    filter: dict[str, FilterCondition] | None = Field(None, max_length=32, description=FILTER_DESCRIPTION)
+
+
+class SimilarRequest(_Strict):
+    """An item of the served version, and how many of its nearest items to return."""
+
+    item_id: str = Field(max_length=512, description="An item of the served index version.", examples=["50"])
+    k: int = Field(20, ge=1, le=1000, description="Number of items to return.")
+    exclude_item_ids: list[Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Items that must not appear; the item itself never does.",
+    )
+    filter: dict[str, FilterCondition] | None = Field(None, max_length=32, description=FILTER_DESCRIPTION)
 
 
 class BatchRetrieveRequest(_Strict):
@@ -171,6 +225,7 @@ class RequestModels:
     embed: type[EmbedRequest]
     retrieve: type[RetrieveRequest]
     batch: type[BatchRetrieveRequest]
+    similar: type[SimilarRequest]
 
 
 def request_models(settings: Settings) -> RequestModels:
@@ -189,6 +244,12 @@ def request_models(settings: Settings) -> RequestModels:
             examples=EmbedRequest.model_fields["features"].examples,
         ),
     )
+    condition = Annotated[Any, condition_validator(settings.max_filter_values), WithJsonSchema(_CONDITION_SCHEMA)]
+    filter_ = (
+        dict[str, condition] | None,  # type: ignore[valid-type]
+        Field(None, max_length=settings.max_filter_attributes, description=FILTER_DESCRIPTION),
+    )
+    k = (int, Field(20, ge=1, le=settings.max_k, description="Number of items to return."))
     embed = create_model(
         "EmbedRequest", __base__=EmbedRequest, __doc__=EmbedRequest.__doc__, user_id=user_id, features=features
     )
@@ -198,7 +259,7 @@ def request_models(settings: Settings) -> RequestModels:
         __doc__=RetrieveRequest.__doc__,
         user_id=user_id,
         features=features,
-        k=(int, Field(20, ge=1, le=settings.max_k, description="Number of items to return.")),
+        k=k,
         exclude_item_ids=(
             list[id_str],
             Field(
@@ -207,6 +268,23 @@ def request_models(settings: Settings) -> RequestModels:
                 description=RetrieveRequest.model_fields["exclude_item_ids"].description,
             ),
         ),
+        filter=filter_,
+    )
+    similar = create_model(
+        "SimilarRequest",
+        __base__=SimilarRequest,
+        __doc__=SimilarRequest.__doc__,
+        item_id=(id_str, Field(description=SimilarRequest.model_fields["item_id"].description, examples=["50"])),
+        k=k,
+        exclude_item_ids=(
+            list[id_str],
+            Field(
+                default_factory=list,
+                max_length=settings.max_exclude,
+                description=SimilarRequest.model_fields["exclude_item_ids"].description,
+            ),
+        ),
+        filter=filter_,
     )
     batch = create_model(
         "BatchRetrieveRequest",
@@ -214,4 +292,4 @@ def request_models(settings: Settings) -> RequestModels:
         __doc__=BatchRetrieveRequest.__doc__,
         requests=(list[retrieve], Field(min_length=1, max_length=settings.max_batch)),  # type: ignore[valid-type]
     )
-    return RequestModels(embed=embed, retrieve=retrieve, batch=batch)
+    return RequestModels(embed=embed, retrieve=retrieve, batch=batch, similar=similar)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.schema import DatasetError, FeatureSpec, Schema
+from training.schema import BOOL_FALSE, BOOL_TRUE, AttributeSpec, DatasetError, FeatureSpec, Schema
 
 INT64_BOUND = 2.0**63  # timestamps must lie in (-2^63, 2^63): the int64 seconds they are cast to
 
@@ -171,7 +171,7 @@ def _datetimes_as_seconds(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _multi_separators(feats: dict[str, FeatureSpec]) -> dict[str, str]:
+def _multi_separators(feats: Mapping[str, FeatureSpec | AttributeSpec]) -> dict[str, str]:
     return {n: s.separator for n, s in feats.items() if s.type == "multi_categorical"}
 
 
@@ -209,6 +209,32 @@ def _check_features(p: Path, df: pd.DataFrame, feats: dict[str, FeatureSpec]) ->
             raise DatasetError(f"{p.name}: {_line(p, i)}, column '{name}': {col.iloc[i]!r} is not finite")
 
 
+def _check_attributes(p: Path, df: pd.DataFrame, attrs: Mapping[str, AttributeSpec]) -> None:
+    """The filterable columns (INTERFACES.md §4): present, numbers finite, bools literal."""
+    _require_columns(p, df, list(attrs))
+    continuous = {n: FeatureSpec(n, "continuous") for n, a in attrs.items() if a.type == "continuous"}
+    _check_features(p, df, continuous)
+    for name, spec in attrs.items():
+        if spec.type != "bool":
+            continue
+        col = df[name].str.strip().str.lower()
+        ok = col.isin([*BOOL_TRUE, *BOOL_FALSE, ""]).to_numpy()
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise DatasetError(
+                f"{p.name}: {_line(p, i)}, column '{name}': {df[name].iloc[i]!r} is not a bool (true/false/1/0, any case)"
+            )
+
+
+def parse_bool(values: pd.Series) -> np.ndarray:
+    """Checked bool cells → int8: 1 true, 0 false, -1 missing ('')."""
+    col = values.str.strip().str.lower()
+    out = np.full(len(col), -1, dtype=np.int8)
+    out[col.isin(BOOL_TRUE).to_numpy()] = 1
+    out[col.isin(BOOL_FALSE).to_numpy()] = 0
+    return out
+
+
 def read_schema(path: str | Path) -> Schema:
     p = Path(path) / "schema.json"
     if not p.is_file():
@@ -222,9 +248,13 @@ def read_schema(path: str | Path) -> Schema:
     return Schema.from_json(obj)
 
 
-def _read_entities(p: Path, id_col: str, feats: dict[str, FeatureSpec]) -> pd.DataFrame:
-    """items.csv / users.csv: one row per unique, non-empty id, with the declared feature columns."""
-    df = _read_table(p, _multi_separators(feats), [id_col, *feats])
+def _read_entities(
+    p: Path, id_col: str, feats: dict[str, FeatureSpec], attrs: Mapping[str, AttributeSpec] | None = None
+) -> pd.DataFrame:
+    """items.csv / users.csv: one row per unique, non-empty id, with the declared feature columns
+    (and, for items, the declared attribute columns)."""
+    attrs = attrs or {}
+    df = _read_table(p, {**_multi_separators(attrs), **_multi_separators(feats)}, [id_col, *feats, *attrs])
     _require_columns(p, df, [id_col])
     _check_ids(p, df, id_col)
     dup = df[id_col].duplicated(keep="first").to_numpy()
@@ -232,15 +262,16 @@ def _read_entities(p: Path, id_col: str, feats: dict[str, FeatureSpec]) -> pd.Da
         i = int(np.flatnonzero(dup)[0])
         raise DatasetError(f"{p.name}: {_line(p, i)}, column '{id_col}': duplicate id {df[id_col].iloc[i]!r}")
     _check_features(p, df, feats)
+    _check_attributes(p, df, attrs)
     return df.reset_index(drop=True)
 
 
 def read_items(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
-    """The validated catalog: item_id (str) + the declared item feature columns, file order."""
+    """The validated catalog: item_id (str) + the declared item feature and attribute columns, file order."""
     path = Path(path)
     schema = schema or read_schema(path)
     p = _find(path, "items", required=True)
-    df = _read_entities(p, "item_id", schema.item)
+    df = _read_entities(p, "item_id", schema.item, schema.item_attributes)
     if len(df) == 0:
         raise DatasetError(f"{p.name}: the catalog is empty")
     return df

@@ -25,3 +25,18 @@ def test_worker_split_by_hand(before: dict, after: dict, expected: list) -> None
 def test_child_cpu_s_sees_this_process_under_its_parent() -> None:
     children = serve.child_cpu_s(os.getppid())
     assert os.getpid() in children and children[os.getpid()] >= 0.0
+
+
+@pytest.mark.parametrize("allowed", [0, 1, 19_999, 20_000, 20_001, 29_999, 30_000, 30_001, 500_000])
+def test_the_reported_filter_strategy_is_the_services(allowed: int) -> None:
+    """bench.serve labels each filter scenario with indexer.topk's rule; keep them one rule."""
+    import numpy as np
+
+    from indexer.topk import Allowed, FaissTopK
+
+    n = 1_000_000
+    topk = FaissTopK.__new__(FaissTopK)  # the rule reads only the catalog size and thresholds
+    topk.count = n
+    mask = np.zeros(n, dtype=bool)
+    mask[:allowed] = True
+    assert serve.service_strategy(allowed, n) == topk.filter_strategy(Allowed(mask))

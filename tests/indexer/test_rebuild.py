@@ -297,3 +297,70 @@ def test_bundles_the_service_would_refuse_fail_before_any_work(edit, message, tm
         rebuild(cfg(bad, tiny_dataset, built_root))
     assert str(bad) in str(e.value) and ".tmp-" not in str(e.value)
     assert root_snapshot(built_root) == before and not list(built_root.glob(".tmp-*"))
+
+
+# ---- item attributes ------------------------------------------------------------------------------
+
+
+def _with_attributes(data: Path, cells: pd.DataFrame) -> None:
+    """Declare the oracle's four attributes and put its cells into items.csv (row order kept)."""
+    import json
+
+    from tests.indexer.attribute_oracle import SCHEMA_ATTRIBUTES
+
+    items = read_items_raw(data)
+    for col in SCHEMA_ATTRIBUTES:
+        items[col] = cells[col].to_numpy()
+    items.to_csv(data / "items.csv", index=False)
+    schema = json.loads((data / "schema.json").read_text())
+    schema["item"]["attributes"] = SCHEMA_ATTRIBUTES
+    (data / "schema.json").write_text(json.dumps(schema))
+
+
+def test_rebuild_stores_the_attributes_and_the_service_loads_them(tmp_path, tiny_bundle_path, dataset_copy):
+    from indexer.attributes import parse_filter
+    from tests.indexer.attribute_oracle import CONDITIONS, oracle_mask, random_items
+
+    cells = random_items(len(read_items_raw(dataset_copy)), seed=5)
+    _with_attributes(dataset_copy, cells)
+    root = tmp_path / "index"
+    result = rebuild(cfg(tiny_bundle_path, dataset_copy, root))
+    manifest = verify_version(result.path)
+    assert set(manifest["attributes"]) == {"color", "labels", "cost", "in_stock"}
+    assert {f for f in manifest["files"] if f.startswith("attributes/")} == {
+        p.relative_to(result.path).as_posix() for p in (result.path / "attributes").iterdir()
+    }
+    version = load_version(root / "current")
+    assert version.attributes is not None
+    for name, conds in CONDITIONS.items():
+        for cond in conds:
+            got = version.attributes.allowed(parse_filter({name: cond})).mask
+            np.testing.assert_array_equal(got, oracle_mask(cells, {name: cond}))
+
+
+def test_a_corrupt_or_missing_attribute_file_is_refused(tmp_path, tiny_bundle_path, dataset_copy):
+    from indexer.version import IndexVersionError
+    from tests.indexer.attribute_oracle import random_items
+
+    _with_attributes(dataset_copy, random_items(len(read_items_raw(dataset_copy)), seed=5))
+    path = rebuild(cfg(tiny_bundle_path, dataset_copy, tmp_path / "index")).path
+    codes = path / "attributes" / "0.codes.npy"
+    data = codes.read_bytes()
+    codes.write_bytes(data[:-4] + b"\x7f\x7f\x7f\x7f")
+    with pytest.raises(IndexVersionError, match="attributes/0.codes.npy sha256 mismatch"):
+        verify_version(path)
+    codes.unlink()
+    with pytest.raises(IndexVersionError, match="attributes/0.codes.npy is missing"):
+        verify_version(path)
+
+
+def test_a_bad_attribute_value_fails_the_rebuild_naming_line_and_column(built_root, tiny_bundle_path, dataset_copy):
+    from tests.indexer.attribute_oracle import random_items
+
+    cells = random_items(len(read_items_raw(dataset_copy)), seed=5)
+    cells.loc[9, "in_stock"] = "maybe"
+    _with_attributes(dataset_copy, cells)
+    before = root_snapshot(built_root)
+    with pytest.raises(RebuildInputError, match="items.csv: line 11, column 'in_stock': 'maybe' is not a bool"):
+        rebuild(cfg(tiny_bundle_path, dataset_copy, built_root))
+    assert root_snapshot(built_root) == before

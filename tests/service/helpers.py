@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from indexer import store
+from indexer.attributes import AttributeTable
 from indexer.version import write_files
 from training.artifacts import atomic_directory, sha256_file
 
@@ -61,11 +62,12 @@ def write_version(
     index: faiss.Index | None = None,
     model_version: str | None = None,
     switch: bool = True,
+    attributes: AttributeTable | None = None,
 ) -> Path:
     """Write `root/<name>/` in the design.md layout (`indexer.version.write_files`, published by
     `training.artifacts.atomic_directory`) without the acceptance check; optionally point
     `root/current` at it. `model_version` overrides what the manifest claims (default: the
-    bundle's own version).
+    bundle's own version). `attributes`: the version's filterable attribute table.
     """
     root = Path(root)
     bundle_manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
@@ -78,7 +80,7 @@ def write_version(
         index_entry = {"factory": factory, "search_params": {}}
     with atomic_directory(root / name) as tmp:
         write_files(
-            tmp, index=index, embeddings=emb, item_ids=item_ids, bundle_path=bundle_path,
+            tmp, index=index, embeddings=emb, item_ids=item_ids, bundle_path=bundle_path, attributes=attributes,
             manifest={"index_version": name, "model_version": model_version or bundle_manifest["version"],
                       "created_at": now.isoformat(timespec="seconds"), "index": index_entry, "recall": None},
         )

@@ -191,3 +191,81 @@ def test_all_zero_weights_rejected(ds: Path) -> None:
     df.loc[3, "weight"] = "0.5"  # one positive weight is enough for the reader
     df.to_csv(ds / "interactions.csv", index=False)
     assert read_dataset(ds).interactions["weight"].sum() == 0.5
+
+
+# ---- item attributes (INTERFACES.md §4) -------------------------------------------------------
+
+
+def _declare_attributes(ds: Path, attributes: dict) -> None:
+    schema = json.loads((ds / "schema.json").read_text())
+    schema["item"]["attributes"] = attributes
+    (ds / "schema.json").write_text(json.dumps(schema))
+
+
+ATTRS = {"category": {"type": "categorical"}, "tags": {"type": "multi_categorical", "separator": "|"},
+         "price": {"type": "continuous"}, "in_stock": {"type": "bool"}}
+
+
+def _with_stock(ds: Path, values: list[str]) -> None:
+    df = pd.read_csv(ds / "items.csv", dtype=str, keep_default_na=False)
+    df["in_stock"] = [values[i % len(values)] for i in range(len(df))]
+    df.to_csv(ds / "items.csv", index=False)
+
+
+def test_attributes_are_read_with_the_catalog(ds: Path) -> None:
+    _declare_attributes(ds, ATTRS)
+    _with_stock(ds, ["true", "FALSE", " 1 ", "0", ""])
+    d = read_dataset(ds)
+    assert set(d.schema.item_attributes) == set(ATTRS)
+    assert d.schema.item_attributes["tags"].separator == "|"
+    assert "in_stock" in d.items.columns and "in_stock" not in d.schema.item  # an attribute, not a feature
+    # the schema round-trips, and a schema without attributes writes none (bundles unchanged)
+    assert Schema.from_json(d.schema.to_json()) == d.schema
+    assert "attributes" not in Schema.from_json({"item": {"features": {}}}).to_json()["item"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("in_stock", "yes", "items.csv: line 5, column 'in_stock': 'yes' is not a bool"),
+        ("price", "cheap", "items.csv: line 5, column 'price': 'cheap' is not a number"),
+        ("price", "inf", "items.csv: line 5, column 'price': 'inf' is not finite"),
+    ],
+)
+def test_bad_attribute_values_are_named(ds: Path, column: str, value: str, message: str) -> None:
+    _declare_attributes(ds, ATTRS)
+    _with_stock(ds, ["true"])
+    _edit_csv(ds / "items.csv", 3, column, value)
+    with pytest.raises(DatasetError) as e:
+        read_dataset(ds)
+    assert message in str(e.value)
+
+
+def test_an_attribute_column_must_exist(ds: Path) -> None:
+    _declare_attributes(ds, {"region": {"type": "categorical"}})
+    with pytest.raises(DatasetError, match=r"items.csv: missing column\(s\) \['region'\]"):
+        read_dataset(ds)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"a": {"type": "text"}}, "item.attributes.a: unknown type 'text'"),
+        ({"a": {}}, "item.attributes.a: must be an object with a 'type'"),
+        ({"a": {"type": "bool", "separator": ","}}, "'separator' only applies to a multi_categorical"),
+        ({"a": {"type": "multi_categorical", "separator": ""}}, "'separator' must be a non-empty string"),
+        ({"a": {"type": "categorical", "sep": "|"}}, "unknown key 'sep'"),
+        ({"item_id": {"type": "categorical"}}, "item_id cannot be an attribute"),
+        ({"tags": {"type": "multi_categorical", "separator": ";"}}, "separator ';' differs from the feature's '|'"),
+        (["a"], "item.attributes must be an object"),
+    ],
+)
+def test_attribute_schema_errors(attributes: object, message: str) -> None:
+    schema = {"item": {"features": {"tags": {"type": "multi_categorical", "separator": "|"}}, "attributes": attributes}}
+    with pytest.raises(DatasetError, match=message):
+        Schema.from_json(schema)
+
+
+def test_attributes_only_in_the_item_section() -> None:
+    with pytest.raises(DatasetError, match="user: unknown key 'attributes'"):
+        Schema.from_json({"user": {"features": {}, "attributes": {}}, "item": {"features": {}}})
