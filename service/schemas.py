@@ -253,6 +253,16 @@ def request_models(settings: Settings) -> RequestModels:
     embed = create_model(
         "EmbedRequest", __base__=EmbedRequest, __doc__=EmbedRequest.__doc__, user_id=user_id, features=features
     )
+    def exclude_ids(model: type[BaseModel]) -> tuple:
+        return (
+            list[id_str],
+            Field(
+                default_factory=list,
+                max_length=settings.max_exclude,
+                description=model.model_fields["exclude_item_ids"].description,
+            ),
+        )
+
     retrieve = create_model(
         "RetrieveRequest",
         __base__=RetrieveRequest,
@@ -260,14 +270,7 @@ def request_models(settings: Settings) -> RequestModels:
         user_id=user_id,
         features=features,
         k=k,
-        exclude_item_ids=(
-            list[id_str],
-            Field(
-                default_factory=list,
-                max_length=settings.max_exclude,
-                description=RetrieveRequest.model_fields["exclude_item_ids"].description,
-            ),
-        ),
+        exclude_item_ids=exclude_ids(RetrieveRequest),
         filter=filter_,
     )
     similar = create_model(
@@ -276,14 +279,7 @@ def request_models(settings: Settings) -> RequestModels:
         __doc__=SimilarRequest.__doc__,
         item_id=(id_str, Field(description=SimilarRequest.model_fields["item_id"].description, examples=["50"])),
         k=k,
-        exclude_item_ids=(
-            list[id_str],
-            Field(
-                default_factory=list,
-                max_length=settings.max_exclude,
-                description=SimilarRequest.model_fields["exclude_item_ids"].description,
-            ),
-        ),
+        exclude_item_ids=exclude_ids(SimilarRequest),
         filter=filter_,
     )
     batch = create_model(

@@ -30,8 +30,8 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
-class FeatureSpec:
-    """One declared feature column: its name, type and (multi-categorical) separator."""
+class ColumnSpec:
+    """One declared column: its name, type and (multi-categorical) separator."""
 
     name: str
     type: str
@@ -45,23 +45,18 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
-class AttributeSpec:
+class FeatureSpec(ColumnSpec):
+    """One declared feature column."""
+
+
+@dataclass(frozen=True)
+class AttributeSpec(ColumnSpec):
     """One filterable item column (INTERFACES.md §4): its name, type and (multi) separator.
 
     `categorical`: one string value; `multi_categorical`: separator-joined values, a condition
     matches if any value matches; `continuous`: a finite number (range filters); `bool`:
     true/false/1/0 in any case. An empty cell is a missing value.
     """
-
-    name: str
-    type: str
-    separator: str = "|"
-
-    def to_json(self) -> dict:
-        out = {"type": self.type}
-        if self.type == "multi_categorical":
-            out["separator"] = self.separator
-        return out
 
     @classmethod
     def from_json(cls, name: str, decl: object, where: str) -> AttributeSpec:
