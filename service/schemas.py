@@ -15,10 +15,19 @@ validation and the OpenAPI document state the same numbers.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+)
 from pydantic_core import PydanticCustomError
 
 from indexer.attributes import DEFAULT_MAX_VALUES, FilterError, parse_condition
@@ -66,6 +75,33 @@ def _check_feature_value(value: Any) -> Any:
 
 
 FeatureValue = Annotated[Any, BeforeValidator(_check_feature_value), WithJsonSchema(_FEATURE_VALUE_SCHEMA)]
+
+
+def _check_id(value: str) -> str:
+    """Refuse an id holding a control character (Unicode category Cc: NUL, newline, escape, DEL,
+    the C1 range).
+
+    Ids end up in Redis cache keys, in the JSON log lines and in the client's own logs; a NUL or a
+    newline there is never a real id but a client bug or log injection, so it is a 422 naming the
+    field and the character's position (not the value itself) instead of a silent 200.
+    """
+    for i, ch in enumerate(value):
+        if unicodedata.category(ch) == "Cc":
+            raise PydanticCustomError(
+                "control_character",
+                "ids must not contain control characters (found U+{code} at position {pos})",
+                {"code": f"{ord(ch):04X}", "pos": i},
+            )
+    return value
+
+
+def id_string(max_length: int) -> Any:
+    """The type of every id in a request (user, item, excluded item): a bounded string without
+    control characters."""
+    return Annotated[str, Field(max_length=max_length), AfterValidator(_check_id)]
+
+
+_Id = id_string(512)
 
 _SCALAR_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
 _VALUES_SCHEMA: dict[str, Any] = {"type": "array", "items": _SCALAR_SCHEMA, "minItems": 1}
@@ -122,9 +158,8 @@ class _Strict(BaseModel):
 class EmbedRequest(_Strict):
     """The user: an optional id and optional features (missing ones are out-of-vocabulary)."""
 
-    user_id: str | None = Field(
+    user_id: _Id | None = Field(
         None,
-        max_length=512,
         description="Unknown or absent ids use the out-of-vocabulary id embedding.",
         examples=["196"],
     )
@@ -140,7 +175,7 @@ class RetrieveRequest(EmbedRequest):
     """A user plus how many items to return and which ones never to return."""
 
     k: int = Field(20, ge=1, le=1000, description="Number of items to return.")
-    exclude_item_ids: list[Annotated[str, Field(max_length=512)]] = Field(
+    exclude_item_ids: list[_Id] = Field(
         default_factory=list,
         max_length=10_000,
         description="Items that must not appear (e.g. already seen); the response still has "
@@ -152,9 +187,9 @@ class RetrieveRequest(EmbedRequest):
 class SimilarRequest(_Strict):
     """An item of the served version, and how many of its nearest items to return."""
 
-    item_id: str = Field(max_length=512, description="An item of the served index version.", examples=["50"])
+    item_id: _Id = Field(description="An item of the served index version.", examples=["50"])
     k: int = Field(20, ge=1, le=1000, description="Number of items to return.")
-    exclude_item_ids: list[Annotated[str, Field(max_length=512)]] = Field(
+    exclude_item_ids: list[_Id] = Field(
         default_factory=list,
         max_length=10_000,
         description="Items that must not appear; the item itself never does.",
@@ -230,7 +265,7 @@ class RequestModels:
 
 def request_models(settings: Settings) -> RequestModels:
     """Subclass the request models with the limits of `settings`, keeping names and docs."""
-    id_str = Annotated[str, Field(max_length=settings.max_id_length)]
+    id_str = id_string(settings.max_id_length)
     user_id = (
         id_str | None,
         Field(None, description=EmbedRequest.model_fields["user_id"].description, examples=["196"]),

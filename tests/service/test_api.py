@@ -266,6 +266,34 @@ def test_bad_input_is_a_422_naming_the_field(client: TestClient, text: str, fiel
         assert embed_err["field"] == field
 
 
+@pytest.mark.parametrize("char", ["\x00", "\n", "\r", "\t", "\x1b", "\x7f", "\x85"])
+@pytest.mark.parametrize(
+    ("path", "make_body", "field"),
+    [
+        ("/retrieve", lambda bad: {"user_id": bad}, "user_id"),
+        ("/embed", lambda bad: {"user_id": bad}, "user_id"),
+        ("/retrieve", lambda bad: {"exclude_item_ids": ["i1", bad]}, "exclude_item_ids.1"),
+        ("/retrieve/batch", lambda bad: {"requests": [{"k": 3}, {"user_id": bad}]}, "requests.1.user_id"),
+        ("/similar", lambda bad: {"item_id": bad}, "item_id"),
+        ("/similar", lambda bad: {"item_id": "i1", "exclude_item_ids": [bad]}, "exclude_item_ids.0"),
+    ],
+)
+def test_ids_with_control_characters_are_a_422_naming_the_field(
+    client: TestClient, path: str, make_body, field: str, char: str  # noqa: ANN001
+) -> None:
+    """Ids go into cache keys and log lines: a NUL (once a 200) or a newline is refused."""
+    r = client.post(path, json=make_body(f"u{char}1"))
+    err = only_error(r)
+    assert (err["field"], err["type"]) == (field, "control_character"), err
+    assert f"U+{ord(char):04X} at position 1" in err["msg"]
+
+
+@pytest.mark.parametrize("user_id", ["café", "用户-7", "a b", "u\u200b1", "😀"])
+def test_ids_with_printable_unicode_are_accepted(client: TestClient, user_id: str) -> None:
+    r = client.post("/retrieve", json={"user_id": user_id, "k": 2})
+    assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "error_type"),
     [
