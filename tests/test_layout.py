@@ -26,7 +26,7 @@ MAY_IMPORT = {
 }
 TRAINING_ONLY = (
     "training.train", "training.task", "training.samplers", "training.ssl", "training.cold", "training.ema",
-    "training.frequency", "training.evaluate", "training.prepare", "training.split", "training.cli",
+    "training.frequency", "training.evaluate", "training.prepare", "training.split", "training.cli", "training.export",
 )
 
 
