@@ -8,13 +8,13 @@ ART    ?= artifacts
 PORT   ?= 8000
 SYNTH  ?= --users 2000 --items 1000 --interactions 60000
 
-.PHONY: demo test venv data train index serve lint clean
+.PHONY: demo test venv data train index serve lint clean image-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[train,dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -43,6 +43,13 @@ test: $(VENV)/.installed
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 	$(PY) -m pytest -q
+
+# --- make image-check: build both Dockerfile targets and run the compose stack inside them ------
+# Minutes, root, podman (installed by the tool); not in CI. See .ci/image_stack.py.
+IMAGE_CHECK ?= ../shared/tools/image-check.sh
+
+image-check: $(VENV)/.installed
+	IMAGE_CHECK=$(IMAGE_CHECK) $(PY) .ci/image_stack.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

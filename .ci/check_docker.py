@@ -14,19 +14,25 @@ every generic rule; any finding is a violation. These rules of the project are h
   * plus what the project never wrote itself: shellcheck on ``RUN``, ``--no-install-recommends``,
     JSON-form ``CMD``, ``COPY --from`` naming an earlier stage, ...
 
-The rest stays here, in Python, because hadolint cannot express it (checked with hadolint 2.15.1):
+The rest stays here, in Python, because hadolint cannot express it (checked with hadolint 2.15.1).
+The Dockerfile builds several images (targets): every *image stage* — the last stage (the
+default target) and every stage that no other stage builds on or copies from (``train``,
+``serve``) — is checked with what it inherits from the stages it is ``FROM`` (``FROM runtime AS
+serve`` has runtime's ``USER``, ``HEALTHCHECK``, ``VOLUME`` and ``CMD``):
 
-  * multi-stage, the final stage copies its artifacts ``--from`` an earlier stage: no such rule;
+  * multi-stage, each image stage copies its artifacts ``--from`` an earlier stage: no such rule;
+  * the default (last) stage is the slim serving image: neither it nor a stage it copies from or
+    builds on installs PyTorch (uses ``TORCH_INDEX_URL``): project knowledge;
   * every ``FROM`` is pinned to a full ``X.Y.Z`` tag or a digest, ``ARG`` defaults resolved
     first (``FROM ${PYTHON_IMAGE}``): hadolint does not resolve ``ARG`` and accepts any tag,
     ``3.11-slim`` included; the same rule pins the compose images;
-  * no compiler or ``-dev`` package installed in the final stage: no such rule;
-  * the final stage has a ``USER`` at all: DL3002 only looks at the ones there are;
-  * the final stage has a ``HEALTHCHECK`` probing ``/readyz`` (directly or in the script it
+  * no compiler or ``-dev`` package installed in an image stage: no such rule;
+  * each image stage has a ``USER`` at all: DL3002 only looks at the ones there are;
+  * each image stage has a ``HEALTHCHECK`` probing ``/readyz`` (directly or in the script it
     runs) without curl/wget, which slim images lack: project knowledge, and hadolint's DL3057
     (off by default) flags every stage without one, the builder included;
   * the PyTorch wheel index is a build ``ARG TORCH_INDEX_URL`` defaulting to a CPU index;
-    ``/data``, ``/models`` and ``/index`` are volumes; a ``CMD`` exists: project knowledge;
+    ``/data``, ``/models`` and ``/index`` are volumes of each image; a ``CMD`` exists: project knowledge;
   * secret-looking ``ENV``/``ARG`` names by the project's pattern (``SECRET_NAME``, also applied
     to the compose environment): DL3064 misses ``PASSWD``, ``APIKEY``, ``CREDENTIALS``, ``AUTH_*``;
   * no ``ADD`` of a remote URL (an unverified download): hadolint's DL3020 covers local files only;
@@ -285,43 +291,93 @@ def check_dockerfile(text: str, root: Path | None = None, name: str = "Dockerfil
 
     if len(stages) < 2:
         report(final.line, "not multi-stage: build dependencies would ship in the image")
-    elif not any("--from=" in c.args for c in final.all("COPY")):
-        report(final.line, "the final stage copies nothing --from an earlier stage")
-    for inst in final.all("RUN"):
-        for segment in re.split(r"&&|;|\|\|", inst.args):
-            if re.search(r"\b(apt-get|apt|apk|yum|dnf)\b.*\b(install|add)\b", segment) and (tools := BUILD_TOOLS.findall(segment)):
-                report(inst.line, f"final stage installs build tools {sorted(set(tools))}")
-    if not final.all("USER"):
-        report(final.line, "the final stage has no USER: it would run as root")  # a root USER: DL3002
-
-    command = healthcheck_command(final)
-    checks = final.all("HEALTHCHECK")
-    if not checks:
-        report(final.line, "no HEALTHCHECK in the final stage")
-    elif command is None or checks[-1].args.strip().upper() == "NONE":
-        report(checks[-1].line, "HEALTHCHECK has no CMD")
-    else:
-        joined = " ".join(command)
-        if re.search(r"\b(curl|wget)\b", joined):
-            report(checks[-1].line, "HEALTHCHECK uses curl/wget, which slim images do not have")
-        if "/readyz" not in joined and not _script_mentions(final, command, root, "/readyz"):
-            report(checks[-1].line, "HEALTHCHECK does not probe /readyz")
+    for image in image_stages(stages):
+        _check_image(effective_stage(image, stages), stages, root, report)
+    _check_serve_has_no_torch(final, stages, report)
 
     torch_args = [i for s in stages for i in s.all("ARG") if i.args.partition("=")[0].strip() == "TORCH_INDEX_URL"]
     if not torch_args and "TORCH_INDEX_URL" not in global_args:
         report(1, "no build ARG TORCH_INDEX_URL (GPU users could not switch the PyTorch index)")
     elif "/cpu" not in (global_args.get("TORCH_INDEX_URL") or (torch_args[0].args.partition("=")[2] if torch_args else "")):
         report(torch_args[0].line if torch_args else 1, "TORCH_INDEX_URL does not default to a CPU index")
+    return problems
+
+
+def _stage_by_name(stages: list[Stage], name: str) -> Stage | None:
+    return next((s for s in stages if s.name and s.name.lower() == name.lower()), None)
+
+
+def _copy_from(stage: Stage) -> list[str]:
+    return [m.group(1) for c in stage.all("COPY") if (m := re.search(r"--from=(\S+)", c.args))]
+
+
+def image_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages that are images of their own: the last one (the default target) and every
+    stage no other stage builds on (``FROM <stage>``) or copies from (``COPY --from=<stage>``)."""
+    used = {s.base.lower() for s in stages} | {f.lower() for s in stages for f in _copy_from(s)}
+    return [s for s in stages if s is stages[-1] or not (s.name and s.name.lower() in used)]
+
+
+def effective_stage(stage: Stage, stages: list[Stage]) -> Stage:
+    """The stage with the instructions it inherits from the stage(s) it is ``FROM``, first."""
+    chain = [stage]
+    while (parent := _stage_by_name(stages, chain[-1].base)) is not None and parent not in chain:
+        chain.append(parent)
+    instructions = [i for s in reversed(chain) for i in s.instructions]
+    return Stage(base=chain[-1].base, name=stage.name, line=stage.line, instructions=instructions)
+
+
+def _check_image(image: Stage, stages: list[Stage], root: Path | None, report: Any) -> None:
+    """The rules every image stage (with what it inherits) must follow."""
+    label = f"stage {image.name}" if image.name else "the final stage"
+    if len(stages) >= 2 and not any("--from=" in c.args for c in image.all("COPY")):
+        report(image.line, f"{label} copies nothing --from an earlier stage")
+    for inst in image.all("RUN"):
+        for segment in re.split(r"&&|;|\|\|", inst.args):
+            if re.search(r"\b(apt-get|apt|apk|yum|dnf)\b.*\b(install|add)\b", segment) and (tools := BUILD_TOOLS.findall(segment)):
+                report(inst.line, f"{label} installs build tools {sorted(set(tools))}")
+    if not image.all("USER"):
+        report(image.line, f"{label} has no USER: it would run as root")  # a root USER: DL3002
+
+    command = healthcheck_command(image)
+    checks = image.all("HEALTHCHECK")
+    if not checks:
+        report(image.line, f"no HEALTHCHECK in {label}")
+    elif command is None or checks[-1].args.strip().upper() == "NONE":
+        report(checks[-1].line, "HEALTHCHECK has no CMD")
+    else:
+        joined = " ".join(command)
+        if re.search(r"\b(curl|wget)\b", joined):
+            report(checks[-1].line, "HEALTHCHECK uses curl/wget, which slim images do not have")
+        if "/readyz" not in joined and not _script_mentions(image, command, root, "/readyz"):
+            report(checks[-1].line, "HEALTHCHECK does not probe /readyz")
 
     declared: set[str] = set()
-    for inst in final.all("VOLUME"):
+    for inst in image.all("VOLUME"):
         form = exec_form(inst.args)
         declared.update(form if form is not None else inst.args.split())
     if missing := [v for v in REQUIRED_VOLUMES if v not in declared]:
-        report(final.line, f"final stage does not declare VOLUME {missing}")
-    if not final.all("CMD") and not final.all("ENTRYPOINT"):
-        report(final.line, "final stage has no CMD")
-    return problems
+        report(image.line, f"{label} does not declare VOLUME {missing}")
+    if not image.all("CMD") and not image.all("ENTRYPOINT"):
+        report(image.line, f"{label} has no CMD")
+
+
+def _check_serve_has_no_torch(final: Stage, stages: list[Stage], report: Any) -> None:
+    """The default target is the serving image: no stage it builds on or copies from installs
+    PyTorch (the request path runs numpy; torch is ~750 MB of the image)."""
+    seen: list[Stage] = []
+    todo = [final]
+    while todo:
+        stage = todo.pop()
+        if stage in seen:
+            continue
+        seen.append(stage)
+        todo += [p for n in [stage.base, *_copy_from(stage)] if (p := _stage_by_name(stages, n)) is not None]
+    for stage in seen:
+        for inst in stage.all("RUN"):
+            if "TORCH_INDEX_URL" in inst.args:
+                report(inst.line, f"the default (last) stage would contain PyTorch: it builds on or copies from "
+                       f"stage {stage.name or '?'}, which installs it (the serving image must stay torch-free)")
 
 
 def _script_mentions(stage: Stage, command: list[str], root: Path | None, needle: str) -> bool:

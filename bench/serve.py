@@ -187,7 +187,7 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
     from indexer import faiss_index as fi
     from indexer.rebuild import RebuildConfig, rebuild
     from indexer.version import load_version
-    from training.numpy_tower import UserRecord, UserTower
+    from training.numpy_tower import UserRecord
     from training.prepare import prepare_synthetic
     from training.train import TrainConfig, fit
 
@@ -207,7 +207,7 @@ def build_catalog(root: Path, n_items: int, seed: int, log) -> dict:  # noqa: AN
 
     # the bench's requests ask for k=20: which efSearch reaches the same recall target at k=20
     loaded = load_version(result.path)
-    tower = UserTower(loaded.bundle.model)
+    tower = loaded.tower
     rng = np.random.default_rng(seed + 1)
     users = [random_user(rng, f"u{i}") for i in range(1000)]
     queries = tower.embed([UserRecord(u["user_id"], tower.validate(u["features"])) for u in users])

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from indexer import faiss_index as fi
 from indexer import store
 from indexer.attributes import AttributeTable
-from indexer.version import IndexVersionError, check_user_tower, load_version, read_manifest
+from indexer.version import IndexVersionError, check_model_servable, load_version, read_manifest
 from training.artifacts import check_output_dir, remove_stale_temps
 from training.bundle import Bundle, BundleError, find_bundle, load_bundle
 from training.dataset import read_items, read_schema, read_users
@@ -355,7 +355,8 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
 def _check_bundle_servable(bundle: Bundle, bundle_path: Path) -> None:
     """Refuse, before any work, a bundle the service would refuse (exit 2, naming the bundle).
 
-    The user tower goes through the service's own check (`indexer.version.check_user_tower`);
+    The user tower goes through the service's own check plus the parity of the numpy tower the
+    service will run with the torch tower (`indexer.version.check_model_servable`);
     the manifest's `embedding_dim` is compared here because otherwise it is only caught when
     the copied bundle is verified inside the temporary version directory, whose name the
     message then gave — a directory deleted by the time anyone reads it.
@@ -368,7 +369,7 @@ def _check_bundle_servable(bundle: Bundle, bundle_path: Path) -> None:
             f"embedding_dim {bundle.model.embedding_dim}"
         )
     try:
-        check_user_tower(bundle.model, f"model bundle {bundle_path}")
+        check_model_servable(bundle.model, f"model bundle {bundle_path}")
     except IndexVersionError as e:
         raise RebuildInputError(f"{e}; the service would refuse it") from None
 

@@ -16,8 +16,9 @@ service's reloader loads every new `current` with the same `load_version`. The c
    unique ids; the index reads back as a supported inner-product index of `count` vectors of
    `dim` with valid search parameters; the copied bundle passes its own checksums and is the
    manifest's `model_version` with the manifest's dimension;
-2. the model: the bundle loads, its user tower gives finite unit vectors of the index's
-   dimension on probe users (`check_user_tower`);
+2. the model: the bundle's arrays load (numpy only: `training.bundle.read_bundle_arrays`, no
+   torch on the service's import graph), the numpy user tower can run its architecture and gives
+   finite unit vectors of the index's dimension on probe users (`check_user_tower`);
 3. one real query through the whole path (`_smoke_test`): the index agrees with
    `embeddings.npy` within its own quantization error, and a lossy index holds embeddings.npy's
    rows in their order.
@@ -36,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -52,10 +53,12 @@ from training.artifacts import (
     write_bytes_durable,
     write_npy_durable,
 )
-from training.bundle import Bundle, BundleError, load_bundle, verify_bundle
+from training.bundle import BundleArrays, BundleError, read_bundle_arrays, verify_bundle
 from training.features import FeatureError
-from training.model import TwoTowerModel
 from training.numpy_tower import TowerError, UserRecord, UserTower
+
+if TYPE_CHECKING:
+    from training.model import TwoTowerModel
 
 FORMAT = "twotower-index/1"
 MANIFEST = "manifest.json"
@@ -82,7 +85,7 @@ class ServedVersion:
 
     path: Path
     manifest: dict
-    bundle: Bundle
+    bundle: BundleArrays
     tower: UserTower
     topk: FaissTopK
     loaded_at: float = field(default_factory=time.time)
@@ -280,17 +283,26 @@ def open_search_files(path: str | os.PathLike[str], manifest: dict) -> tuple[fai
 # ---- 2. the model, 3. the whole path ----------------------------------------------------------
 
 
-def check_user_tower(model: TwoTowerModel, name: str) -> UserTower:
-    """The version's `UserTower`, or IndexVersionError saying why the service cannot use it.
-
-    `indexer rebuild` calls it right after loading the bundle too: a tower the service would
-    refuse (e.g. NaN feature statistics in features.json, which make every probe user a
-    validation error) must fail the rebuild before any work, not the service after the switch.
-    """
+def check_user_tower(bundle: BundleArrays, name: str) -> UserTower:
+    """The version's numpy `UserTower`, or IndexVersionError saying why the service cannot use it
+    (an architecture the numpy tower cannot run, non-finite or non-unit output, feature
+    statistics that make the probe users invalid, e.g. NaN in features.json)."""
     try:
-        return UserTower(model)
+        return UserTower(bundle.user_encoder, bundle.model_config, bundle.weights)
     except (TowerError, FeatureError) as e:
         raise IndexVersionError(f"{name}: user tower unusable: {e}") from None
+
+
+def check_model_servable(model: TwoTowerModel, name: str) -> UserTower:
+    """`indexer rebuild`'s check of a torch model before any work: the numpy tower the service
+    will build from its weights must run and must match the torch tower on probe users (a bundle
+    the service would embed differently from the trainer is refused, not indexed)."""
+    try:
+        tower = UserTower.from_model(model)
+        tower.check_against(model)
+    except (TowerError, FeatureError) as e:
+        raise IndexVersionError(f"{name}: user tower unusable: {e}") from None
+    return tower
 
 
 def load_version(
@@ -306,13 +318,13 @@ def load_version(
     name = version_name(path)
     index, embeddings, item_ids = open_search_files(path, manifest)
     try:
-        bundle = load_bundle(path / MODEL_DIR, verify=False)  # its files were just verified
+        bundle = read_bundle_arrays(path / MODEL_DIR, verify=False)  # its files were just verified
     except BundleError as e:
         raise IndexVersionError(f"{name}: copied model bundle: {e}") from None
-    dim = int(bundle.model.embedding_dim)
+    dim = bundle.embedding_dim
     if dim != manifest["dim"]:
         raise IndexVersionError(f"{name}: dimension mismatch: user tower {dim}, index {manifest['dim']}")
-    tower = check_user_tower(bundle.model, name)
+    tower = check_user_tower(bundle, name)
     if ef_search_override is not None:
         inner = faiss.downcast_index(index)
         if isinstance(inner, faiss.IndexHNSW):

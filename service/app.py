@@ -11,11 +11,11 @@ endpoints until a verified version is in place), then keeps polling for new vers
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import faiss
-import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
@@ -35,8 +35,14 @@ log = logging.getLogger("service.app")
 
 def configure_threads(settings: Settings) -> None:
     """One process = one core is the fast layout for millisecond requests: no OpenMP/intra-op
-    fan-out (which costs more than it saves on a single query), parallelism via workers."""
-    torch.set_num_threads(settings.torch_threads)
+    fan-out (which costs more than it saves on a single query), parallelism via workers.
+
+    The request path runs the user tower in numpy (no torch on the service's import graph);
+    `torch_threads` applies only where torch is loaded anyway (a process that also trains).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.faiss_threads)
 
 

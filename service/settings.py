@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     )
 
     # ---- performance -----------------------------------------------------------------------
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per process.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per process (only where torch is loaded; the request path runs numpy).")
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per process.")
     hnsw_ef_search: int | None = Field(
         None, ge=1, description="Override the index's HNSW efSearch (default: the manifest's)."

@@ -127,7 +127,6 @@ class Reloader:
                         "previous_index_version": previous_name,
                         "load_ms": round((time.perf_counter() - t0) * 1000, 1),
                         "gc_freeze_ms": gc_ms,
-                        "numpy_tower": version.tower.fast is not None,
                     }
                 },
             )

@@ -159,6 +159,22 @@ def test_compose_file_validates_with_docker_compose() -> None:
             "VOLUME",
             id="missing-volumes",
         ),
+        pytest.param(
+            lambda: dockerfile_variant("COPY --from=builder /opt/venv /opt/venv", "COPY --from=train-builder /opt/venv /opt/venv"),
+            "would contain PyTorch",
+            id="torch-in-serve",
+        ),
+        pytest.param(
+            lambda: dockerfile_variant("FROM runtime AS serve", "FROM train AS serve"),
+            "would contain PyTorch",
+            id="serve-built-on-train",
+        ),
+        pytest.param(
+            # the train image alone loses runtime's USER/HEALTHCHECK/VOLUME/CMD: checked per image
+            lambda: dockerfile_variant("FROM runtime AS train", "FROM ${PYTHON_IMAGE} AS train"),
+            "no HEALTHCHECK in stage train",
+            id="rules-per-image-stage",
+        ),
     ],
 )
 def test_dockerfile_rule_fires(mutate: Callable[[], str], expected: str) -> None:
@@ -220,7 +236,7 @@ def test_interpolation_matches_docker_compose(tmp_path: Path) -> None:
 def test_dockerfile_cmd_is_the_compose_api_command() -> None:
     """`docker run IMAGE` and the compose api start the same server (the image's default role)."""
     _, stages = checker.parse_stages(DOCKERFILE_TEXT)
-    cmd = checker.exec_form(stages[-1].all("CMD")[-1].args)
+    cmd = checker.exec_form(checker.effective_stage(stages[-1], stages).all("CMD")[-1].args)
     api = checker.load_compose(COMPOSE_FILE)["services"]["api"]
     assert cmd == argv_of(api["command"])
     assert "8000" in "".join(api["ports"][0].split(":")[-1:])
@@ -242,7 +258,8 @@ def test_every_variable_is_documented() -> None:
 
 
 def test_image_installs_exactly_the_pyproject_dependencies() -> None:
-    """The builder's pip steps: the pinned torch from TORCH_INDEX_URL, then all of pyproject's deps."""
+    """The builders' pip steps: serve gets pyproject's base dependencies (no torch, pandas or
+    pyarrow); train adds the pinned torch from TORCH_INDEX_URL and then the `train` extra."""
     tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 (the image's) reads pyproject")
 
     script = REPO_ROOT / "docker" / "pyproject_deps.py"
@@ -255,16 +272,30 @@ def test_image_installs_exactly_the_pyproject_dependencies() -> None:
         ).stdout
         return out.splitlines()
 
-    declared = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
-    torch = deps("--only", "torch")
-    rest = deps("--exclude", "torch")
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    base, train = project["dependencies"], project["optional-dependencies"]["train"]
+    assert deps() == base
+    names = {checker_name(r) for r in base}
+    assert not names & {"torch", "pandas", "pyarrow"}, "the serve image installs the base dependencies"
+    torch = deps("--extra", "train", "--only", "torch")
+    rest = deps("--extra", "train", "--exclude", "torch")
     assert len(torch) == 1 and torch[0].startswith("torch==")
-    assert sorted(torch + rest) == sorted(declared) == sorted(deps())
-    missing = subprocess.run(
-        [sys.executable, str(script), str(pyproject), "--only", "not-a-dependency"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-    assert missing.returncode == 1 and "not-a-dependency" in missing.stderr
+    assert sorted(torch + rest) == sorted(base + train) == sorted(deps("--extra", "train"))
+    assert "--extra train" in DOCKERFILE_TEXT and 'pyproject_deps.py pyproject.toml > /tmp/requirements.txt' in DOCKERFILE_TEXT
+
+
+def checker_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_the_default_target_is_serve_and_compose_uses_the_right_targets() -> None:
+    _, stages = checker.parse_stages(DOCKERFILE_TEXT)
+    assert stages[-1].name == "serve"
+    assert {s.name for s in checker.image_stages(stages)} == {"train", "serve"}
+    services = checker.load_compose(COMPOSE_FILE)["services"]
+    targets = {name: (svc.get("build") or {}).get("target") for name, svc in services.items() if name != "redis"}
+    assert targets == {"api": "serve", "bootstrap": "train", "nightly": "train"}
+    assert services["api"]["image"] != services["bootstrap"]["image"] == services["nightly"]["image"]
 
 
 @pytest.fixture()

@@ -26,7 +26,7 @@ MAY_IMPORT = {
 }
 TRAINING_ONLY = (
     "training.train", "training.task", "training.samplers", "training.ssl", "training.cold", "training.ema",
-    "training.frequency", "training.evaluate", "training.prepare", "training.split", "training.cli",
+    "training.frequency", "training.evaluate", "training.prepare", "training.split", "training.cli", "training.export",
 )
 
 
@@ -76,3 +76,14 @@ def test_the_request_path_loads_no_training_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"service.app imports training code: {out.stdout.strip()}"
+
+
+def test_the_request_path_imports_no_torch_pandas_or_pyarrow() -> None:
+    """The serving image has none of them (Dockerfile target `serve`); tests/service/test_torch_free.py
+    serves a real version with them unimportable, this names the module that pulls one in."""
+    code = (
+        "import sys, service.app\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'pyarrow'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "", f"service.app imports: {out.stdout.strip()[:300]}"

@@ -106,7 +106,7 @@ def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
     """The Dockerfile's own HEALTHCHECK command, pointed at the test's port."""
     checker = load_checker()
     _, stages = checker.parse_stages(DOCKERFILE.read_text(encoding="utf-8"))
-    argv = checker.healthcheck_command(stages[-1])
+    argv = checker.healthcheck_command(checker.effective_stage(stages[-1], stages))
     assert argv is not None, "Dockerfile has no HEALTHCHECK CMD"
     argv = [str(REPO_ROOT) + a[len("/app") :] if a.startswith("/app/") else a for a in argv]
     # the image's `python` is its venv's interpreter; here that is the one running the tests

@@ -7,6 +7,11 @@ config, training config, dataset schema), `features.json` (vocabularies and stat
 
 A bundle is written into a temp directory, fsynced and renamed, so `MODELS_DIR/<version>/`
 either exists complete or not at all.
+
+Two readers: `load_bundle` builds the torch `TwoTowerModel` (training, evaluation, the indexer's
+item embedding, export), `read_bundle_arrays` reads the same files into numpy arrays and parsed
+configs with `safetensors.numpy` (the service's version loading: no torch on the request path).
+torch is imported only inside the functions that need it, so importing this module does not.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
 
 from training.artifacts import (
     TMP_PREFIX,
@@ -31,7 +36,11 @@ from training.artifacts import (
 )
 from training.config import ModelConfig
 from training.features import TowerEncoder
-from training.model import TwoTowerModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.model import TwoTowerModel
 
 FORMAT = "twotower-bundle/1"
 REQUIRED_FILES = ("model.safetensors", "config.json", "features.json", "item_counts.json")
@@ -53,6 +62,31 @@ class Bundle:
         return self.manifest["version"]
 
 
+@dataclass
+class BundleArrays:
+    """A bundle read without torch: parsed configs, both encoders and the weights as numpy.
+
+    `weights` maps state-dict names (`user_tower.id_emb.weight`, ...) to float32 arrays, exactly
+    the tensors `load_bundle` would put into the model; `config` is config.json as written.
+    """
+
+    path: Path
+    manifest: dict
+    config: dict
+    model_config: ModelConfig
+    user_encoder: TowerEncoder
+    item_encoder: TowerEncoder
+    weights: dict[str, np.ndarray]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model_config.embedding_dim)
+
+
 def new_version(now: dt.datetime | None = None) -> str:
     """UTC timestamp + random suffix: unique, and lexicographic order is chronological."""
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -72,6 +106,9 @@ def save_bundle(
     extra: dict | None = None,
 ) -> Path:
     """Write a new bundle under `models_dir` atomically; return its path."""
+    import torch
+    from safetensors.torch import save_file
+
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(models_dir, min_age_s=STALE_TEMP_AGE_S)  # another fit may be saving here now
@@ -148,10 +185,8 @@ def _read_part(path: Path, name: str) -> dict:
     return obj
 
 
-def load_bundle(path: str | os.PathLike[str], verify: bool = True, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle (or the newest in a models dir) for inference, in eval mode."""
-    path = find_bundle(path)
-    manifest = verify_bundle(path) if verify else read_json(path / "manifest.json")
+def _read_configs(path: Path) -> tuple[dict, ModelConfig, TowerEncoder, TowerEncoder]:
+    """config.json and features.json parsed; every failure names the bundle and the file."""
     # A bundle can pass its checksums and still be wrong (written by a buggy or foreign tool, or
     # re-hashed after an edit): every failure below names the bundle and the file at fault.
     config, feats = _read_part(path, "config.json"), _read_part(path, "features.json")
@@ -160,9 +195,46 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True, device: str |
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{path}: config.json: bad or missing 'model' section ({type(e).__name__}: {e})") from None
     try:
-        encoders = TowerEncoder.from_json(feats["user"]), TowerEncoder.from_json(feats["item"])
+        user_enc, item_enc = TowerEncoder.from_json(feats["user"]), TowerEncoder.from_json(feats["item"])
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{path}: features.json: bad or missing tower encoder ({type(e).__name__}: {e})") from None
+    return config, model_cfg, user_enc, item_enc
+
+
+def read_bundle_arrays(path: str | os.PathLike[str], verify: bool = True) -> BundleArrays:
+    """Read a bundle (or the newest in a models dir) into numpy, without torch.
+
+    The weights come from `model.safetensors` through `safetensors.numpy` (no pickle, no torch);
+    whether they fit an architecture is for the reader of the arrays to check (the numpy tower
+    refuses a layout it cannot run, naming what is missing).
+    """
+    from safetensors.numpy import load_file
+
+    path = find_bundle(path)
+    manifest = verify_bundle(path) if verify else read_json(path / "manifest.json")
+    config, model_cfg, user_enc, item_enc = _read_configs(path)
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged headers
+        raise BundleError(f"{path}: model.safetensors is unreadable ({type(e).__name__}: {e})") from None
+    bad = sorted(k for k, v in weights.items() if v.dtype != np.float32)
+    if bad:
+        raise BundleError(f"{path}: model.safetensors: tensors {bad[:5]} are not float32")
+    return BundleArrays(
+        path=path, manifest=manifest, config=config, model_config=model_cfg,
+        user_encoder=user_enc, item_encoder=item_enc, weights=weights,
+    )
+
+
+def load_bundle(path: str | os.PathLike[str], verify: bool = True, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle (or the newest in a models dir) for inference, in eval mode."""
+    from safetensors.torch import load_file
+
+    from training.model import TwoTowerModel
+
+    path = find_bundle(path)
+    manifest = verify_bundle(path) if verify else read_json(path / "manifest.json")
+    _, model_cfg, *encoders = _read_configs(path)
     try:
         model = TwoTowerModel(model_cfg, *encoders)
     except (TypeError, ValueError, RuntimeError) as e:

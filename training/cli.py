@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="print EVAL.md metrics of a bundle as one JSON object")
     e.add_argument("--data", required=True)
     e.add_argument("--model", required=True, help="bundle directory (or models dir: newest bundle)")
+
+    x = sub.add_parser(
+        "export",
+        help="write a bundle's towers as ONNX (encoded inputs) + preprocessing.json + manifest; prints the directory",
+    )
+    x.add_argument("--model", required=True, help="bundle directory (or models dir: newest bundle)")
+    x.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="onnx (torchscript: not supported)")
+    x.add_argument("--out", required=True, help="export directory to create (must not exist)")
     return p
 
 
@@ -80,6 +88,10 @@ def _run(args: argparse.Namespace) -> None:
             _warn(args)(warning)
         metrics = evaluate_model(bundle.model, dataset, split_interactions(dataset.interactions))
         print(json.dumps(metrics, sort_keys=True))
+    elif args.cmd == "export":
+        from training.export import export_bundle
+
+        print(export_bundle(args.model, args.format, args.out))
 
 
 def _warn(args: argparse.Namespace) -> Callable[[str], None]:
@@ -135,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,  # stderr carries only the one-line error (INTERFACES.md §2)
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the ONNX exporter's optimizer passes
     from training.bundle import BundleError
     from training.schema import DatasetError
 

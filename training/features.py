@@ -13,6 +13,10 @@ Each tower has an id plus its declared features (INTERFACES.md §1):
 Statistics come from training data only: user vocabularies/statistics from users that appear
 in the training interactions, item ones from the catalog at training time (item features are
 catalog metadata, not labels), id vocabularies from the training interactions.
+
+pandas is imported only by the table-side functions (fitting, `encode_table`): the request path
+(`validate_value`, `Vocabulary.encode_one`, `encode_records`) runs on numpy alone, so the serving
+image needs no pandas.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from training.dataset import parse_continuous
 from training.schema import FeatureSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OOV = 0
 PAD = 0
@@ -50,11 +56,13 @@ class Vocabulary:
     offset: int = 1
 
     def __post_init__(self) -> None:
-        self._index = pd.Index(self.tokens)
+        self._index: pd.Index | None = None  # built on first `encode` (table side, needs pandas)
         self._map: dict[str, int] | None = None
 
     @classmethod
     def fit(cls, values: Iterable[str], min_count: int = 1, offset: int = 1) -> Vocabulary:
+        import pandas as pd
+
         counts = pd.Series(list(values), dtype=object).value_counts(sort=False)
         counts = counts[(counts.index != "") & (counts >= min_count)]
         tokens = sorted(counts.index.astype(str), key=lambda t: (-int(counts[t]), t))
@@ -66,6 +74,10 @@ class Vocabulary:
         return len(self.tokens) + self.offset
 
     def encode(self, values: Sequence[str] | np.ndarray | pd.Series) -> np.ndarray:
+        import pandas as pd
+
+        if self._index is None:
+            self._index = pd.Index(self.tokens)
         pos = self._index.get_indexer(pd.Index(np.asarray(values, dtype=object)))
         return np.where(pos >= 0, pos + self.offset, OOV if self.offset == 1 else MULTI_OOV).astype(np.int64)
 
@@ -146,6 +158,10 @@ class TowerEncoder:
         `train_ids` has one entry per training interaction; with `popularity` the tower also
         gets log1p(training clicks of its id) as an input (used for items).
         """
+        import pandas as pd
+
+        from training.dataset import parse_continuous
+
         train_ids = pd.Series(np.asarray(list(train_ids), dtype=object))
         enc = cls(side=side, specs=specs, ids=Vocabulary.fit(train_ids))
         if popularity:
@@ -170,6 +186,10 @@ class TowerEncoder:
     # ---- encoding -----------------------------------------------------------------------
     def encode_table(self, ids: Sequence[str] | np.ndarray, table: pd.DataFrame | None) -> dict[str, np.ndarray]:
         """Encode aligned rows: `ids[i]` with the feature values of `table.iloc[i]` (None: all missing)."""
+        import pandas as pd
+
+        from training.dataset import parse_continuous
+
         n = len(ids)
         out: dict[str, np.ndarray] = {"id": self.ids.encode(np.asarray([i if i is not None else "" for i in ids], dtype=object))}
         self._encode_popularity(out)
@@ -190,6 +210,8 @@ class TowerEncoder:
             out[f"cont.{POPULARITY}"], out[f"bucket.{POPULARITY}"] = self.stats[POPULARITY].encode(self._popularity(out["id"]))
 
     def _encode_multi(self, name: str, lists: pd.Series) -> np.ndarray:
+        import pandas as pd
+
         L = self.max_len[name]
         mat = np.zeros((len(lists), L), dtype=np.int64)
         exploded = lists.explode()

@@ -1,16 +1,21 @@
-"""The user tower in plain numpy, for the request path; next to `training.model.Tower` on purpose.
+"""The user tower in plain numpy: the request path's only tower; next to `training.model.Tower`.
 
-`TwoTowerModel.embed_users` is the reference: it validates a record, encodes it and runs the
-torch tower. Per request that costs ~0.2-0.5 ms, almost all of it torch's per-operator overhead
-on tensors of one row. `NumpyTower` runs the same arithmetic (embedding rows → concatenation →
+`TwoTowerModel.embed_users` (torch) is the reference: it validates a record, encodes it and runs
+the torch tower. `NumpyTower` runs the same arithmetic (embedding rows → concatenation →
 Linear/ReLU stack → L2 normalization) with a handful of numpy calls over the tower's weights,
 read by their state-dict names (`user_tower.id_emb.weight`, `user_tower.mlp.0.weight`, ...) and
-laid out as `Tower.__init__` lays them out. A change to `Tower`'s architecture is a change here
-too: tests/training/test_numpy_tower.py holds the two against each other.
+laid out as `Tower.__init__` lays them out. The torch tower costs ~0.2-0.5 ms per request, almost
+all of it torch's per-operator overhead on tensors of one row; the numpy path avoids that, and it
+lets the service run without torch installed.
 
-`UserTower` is what a served version holds: request-feature validation plus embedding, through
-the numpy path when it matches the torch reference on probe records (OOV user, known ids and
-tokens, extreme continuous values) and the torch reference otherwise (logged, with the reason).
+`UserTower` is what a served version holds: request-feature validation plus embedding, built
+from (encoder, model config, numpy weights) — what `training.bundle.read_bundle_arrays` reads
+without torch. An architecture the numpy path cannot run is refused when the tower is built
+(TowerError naming the missing or unplaced weights); it is never served through another path.
+`UserTower.check_against(model)` holds the numpy tower to the torch reference on probe records
+(OOV user, known ids and tokens, extreme continuous values): `indexer rebuild` runs it, so a
+bundle the service would embed differently from the trainer is refused before it is indexed.
+A change to `Tower`'s architecture is a change here too (tests/training/test_numpy_tower.py).
 
 Each record is embedded on its own (a batch is a loop over rows, not one matrix product) so that
 a user's vector is bit-identical whether it was computed by /retrieve, /embed or
@@ -22,7 +27,6 @@ This module imports neither torch nor pandas.
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +39,6 @@ from training.features import POPULARITY, FeatureError, TowerEncoder
 
 if TYPE_CHECKING:
     from training.model import TwoTowerModel
-
-log = logging.getLogger("training.numpy_tower")
 
 FAST_PATH_TOLERANCE = 1e-5
 
@@ -84,23 +86,29 @@ class NumpyTower:
         self._enc = enc = encoder
         used: set[str] = set()
 
-        def table(name: str) -> np.ndarray:
+        def table(name: str, rows: int | None = None) -> np.ndarray:
             key = prefix + name
             if key not in weights:
                 raise NotImplementedError(f"the weights have no {key!r}")
             used.add(key)
-            return np.ascontiguousarray(weights[key], dtype=np.float32)
+            arr = np.ascontiguousarray(weights[key], dtype=np.float32)
+            if rows is not None and (arr.ndim != 2 or arr.shape[0] != rows):
+                raise NotImplementedError(f"{key!r} has shape {arr.shape}, the feature encoder needs ({rows}, *)")
+            return arr
 
-        self._id = table("id_emb.weight")
-        self._cat = [(n, enc.vocabs[n], table(f"cat.{n}.weight")) for n, s in enc.specs.items() if s.type == "categorical"]
+        self._id = table("id_emb.weight", enc.ids.size)
+        self._cat = [
+            (n, enc.vocabs[n], table(f"cat.{n}.weight", enc.vocabs[n].size))
+            for n, s in enc.specs.items() if s.type == "categorical"
+        ]
         self._multi = [
-            (n, enc.vocabs[n], table(f"multi.{n}.weight"), enc.max_len[n])
+            (n, enc.vocabs[n], table(f"multi.{n}.weight", enc.vocabs[n].size), enc.max_len[n])
             for n, s in enc.specs.items() if s.type == "multi_categorical"
         ]
         # boundaries as a list of Python floats: bisect on it is np.searchsorted(side="right")
         # without the ~1 µs call overhead
         self._cont = [
-            (n, enc.stats[n], [float(b) for b in enc.stats[n].boundaries], table(f"bucket.{n}.weight"))
+            (n, enc.stats[n], [float(b) for b in enc.stats[n].boundaries], table(f"bucket.{n}.weight", enc.stats[n].n_buckets))
             for n in enc.continuous_names
         ]
         # the tower's own training clicks as an input (`TowerEncoder.id_counts`): log1p(clicks of
@@ -121,10 +129,15 @@ class NumpyTower:
         unused = sorted(k for k in weights if k.startswith(prefix) and k not in used)
         if unused:
             raise NotImplementedError(f"weights {unused} have no place in the numpy tower's layout")
-        if self._layers[0].weight_t.shape[0] != self.width:
-            raise NotImplementedError(
-                f"MLP input width {self._layers[0].weight_t.shape[0]} does not match the feature layout ({self.width})"
-            )
+        width = self.width
+        for (i, _), layer in zip(mlp_layout(cfg), self._layers, strict=True):
+            w = layer.weight_t
+            if w.ndim != 2 or w.shape[0] != width or layer.bias.shape != (w.shape[1],):
+                raise NotImplementedError(
+                    f"{prefix}mlp.{i}: weight {w.T.shape} / bias {layer.bias.shape} do not take an input of width {width}"
+                    + (" (the feature layout)" if i == 0 else "")
+                )
+            width = w.shape[1]
         self.dim = self._layers[-1].weight_t.shape[1]
 
     def embed_one(self, record: UserRecord) -> np.ndarray:
@@ -181,20 +194,28 @@ def model_weights(model: TwoTowerModel) -> dict[str, np.ndarray]:
 
 
 class UserTower:
-    """Validation and embedding of request users for one loaded model (fast path + reference)."""
+    """Validation and embedding of request users for one loaded version (numpy only).
 
-    def __init__(self, model: TwoTowerModel) -> None:
-        self.model = model
-        self.encoder = model.user_encoder
-        self.dim = int(model.embedding_dim)
-        self.fast: NumpyTower | None = None
-        self.fast_path_reason = "not tried"
+    Built from the user encoder, the model config and the weights (state-dict names → arrays);
+    raises TowerError if the numpy tower cannot run that architecture or its output on probe
+    records is not finite unit vectors of the configured dimension.
+    """
+
+    def __init__(self, encoder: TowerEncoder, cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
+        self.encoder = encoder
+        self.dim = int(cfg.embedding_dim)
         try:
-            self.fast = NumpyTower(self.encoder, model.cfg, model_weights(model), "user_tower.")
-            self.fast_path_reason = "ok"
-        except (NotImplementedError, AttributeError, KeyError, TypeError) as e:
-            self.fast_path_reason = f"unsupported architecture: {e}"
+            self.fast = NumpyTower(encoder, cfg, weights, "user_tower.")
+        except (NotImplementedError, AttributeError, KeyError, TypeError, IndexError) as e:
+            raise TowerError(f"the numpy user tower cannot run this architecture: {e}") from None
+        if self.fast.dim != self.dim:
+            raise TowerError(f"user tower output dimension {self.fast.dim} != model config embedding_dim {self.dim}")
         self._check()
+
+    @classmethod
+    def from_model(cls, model: TwoTowerModel) -> UserTower:
+        """The numpy tower of a torch model (its current weights, copied)."""
+        return cls(model.user_encoder, model.cfg, model_weights(model))
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self, features: dict[str, object]) -> dict[str, object]:
@@ -214,7 +235,7 @@ class UserTower:
     # ---- embedding ----------------------------------------------------------------------------
     def embed(self, records: Sequence[UserRecord]) -> np.ndarray:
         """(n, dim) float32 unit rows, one row computed per record (see module docstring)."""
-        rows = [self._embed_one(rec) for rec in records]
+        rows = [self.fast.embed_one(rec) for rec in records]
         if len(rows) == 1 and rows[0].dtype == np.float32 and rows[0].shape == (self.dim,):
             return rows[0].reshape(1, self.dim)  # the request path's case: the row as a (1, dim) view, no copy
         out = np.empty((len(records), self.dim), dtype=np.float32)
@@ -222,35 +243,27 @@ class UserTower:
             out[i] = row
         return out
 
-    def _embed_one(self, record: UserRecord) -> np.ndarray:
-        if self.fast is not None:
-            return self.fast.embed_one(record)
-        return self._reference([record])[0]
-
-    def _reference(self, records: Sequence[UserRecord]) -> np.ndarray:
-        return self.model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in records])
-
-    # ---- load-time check ----------------------------------------------------------------------
+    # ---- checks -------------------------------------------------------------------------------
     def _check(self) -> None:
-        """Refuse a tower with non-finite output; keep the fast path only if it matches torch."""
-        probes = probe_records(self.encoder)
-        ref = self._reference(probes)
-        if ref.shape != (len(probes), self.dim):
-            raise TowerError(f"user tower returns shape {ref.shape}, expected (n, {self.dim})")
-        if not np.isfinite(ref).all():
+        """Refuse a tower with non-finite or non-unit output on the probe records."""
+        got = self.embed(probe_records(self.encoder))
+        if not np.isfinite(got).all():
             raise TowerError("user tower produces non-finite vectors")
-        norms = np.linalg.norm(ref, axis=1)
+        norms = np.linalg.norm(got, axis=1)
         if np.abs(norms - 1.0).max() > 1e-3:
             raise TowerError(f"user tower output is not L2-normalized (norms {norms.tolist()})")
-        if self.fast is None:
-            log.warning("numpy user tower disabled, using torch", extra={"fields": {"reason": self.fast_path_reason}})
-            return
-        fast = np.stack([self.fast.embed_one(r) for r in probes])
-        diff = float(np.abs(fast - ref).max())
-        if not diff <= FAST_PATH_TOLERANCE:
-            self.fast = None
-            self.fast_path_reason = f"differs from torch by {diff:.2e}"
-            log.warning("numpy user tower disabled, using torch", extra={"fields": {"reason": self.fast_path_reason}})
+
+    def check_against(self, model: TwoTowerModel, tolerance: float = FAST_PATH_TOLERANCE) -> float:
+        """Max abs difference to the torch reference on the probe records; TowerError above
+        `tolerance` (the service would serve other vectors than the model the index was built with)."""
+        probes = probe_records(self.encoder)
+        ref = model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in probes])
+        if ref.shape != (len(probes), self.dim):
+            raise TowerError(f"torch user tower returns shape {ref.shape}, expected ({len(probes)}, {self.dim})")
+        diff = float(np.abs(self.embed(probes) - ref).max())
+        if not diff <= tolerance:
+            raise TowerError(f"the numpy user tower differs from the torch tower by {diff:.2e} (> {tolerance:.0e}) on probe users")
+        return diff
 
 
 def probe_records(enc: TowerEncoder) -> list[UserRecord]:

@@ -230,7 +230,7 @@ def test_swap_under_concurrent_load_never_mixes_versions(
         "b": write_version(root, bundle_b, emb["b"], [f"b{i}" for i in range(n)], switch=False),
     }
     pairs = {key: (read_manifest(p)["model_version"], p.name) for key, p in dirs.items()}
-    towers = {"a": UserTower(load_bundle(bundle_a).model), "b": UserTower(load_bundle(bundle_b).model)}
+    towers = {"a": UserTower.from_model(load_bundle(bundle_a).model), "b": UserTower.from_model(load_bundle(bundle_b).model)}
     users = [(f"u{i}", {"age": 20 + i, "country": f"k{i % 5}"}) for i in range(12)]
     vecs = {
         key: {uid: t.embed([UserRecord(uid, t.validate(f))])[0] for uid, f in users} for key, t in towers.items()

@@ -16,13 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
-from training.bundle import load_bundle
+from training.bundle import load_bundle, read_bundle_arrays
 from training.config import ModelConfig
 from training.features import TowerEncoder
 from training.model import TwoTowerModel
 from training.numpy_tower import (
     FAST_PATH_TOLERANCE,
     NumpyTower,
+    TowerError,
     UserRecord,
     UserTower,
     model_weights,
@@ -36,8 +37,8 @@ FEATURES = {"age": 31, "country": "k1", "device": "ios", "interests": "t0|t3"}
 
 
 def test_tower_gives_the_same_bits_alone_and_in_a_batch(tiny_bundle_path: Path) -> None:
-    tower = UserTower(load_bundle(tiny_bundle_path).model)
-    assert tower.fast is not None, tower.fast_path_reason
+    model = load_bundle(tiny_bundle_path).model
+    tower = UserTower.from_model(model)
     records = [
         UserRecord("u1", tower.validate(FEATURES)),
         UserRecord(None, {}),
@@ -48,8 +49,22 @@ def test_tower_gives_the_same_bits_alone_and_in_a_batch(tiny_bundle_path: Path) 
     for i, row in enumerate(alone):
         assert row.shape == (1, tower.dim) and row.dtype == np.float32
         assert row.tobytes() == batch[i : i + 1].tobytes()
-    reference = tower._reference(records)
+    reference = model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in records])
     np.testing.assert_allclose(batch, reference, atol=1e-5)
+    assert tower.check_against(model) <= FAST_PATH_TOLERANCE
+
+
+def test_the_tower_read_without_torch_is_the_torch_models(tiny_bundle_path: Path) -> None:
+    """`read_bundle_arrays` (safetensors.numpy, the service's loader) gives the same tower, bit for bit."""
+    arrays = read_bundle_arrays(tiny_bundle_path)
+    model = load_bundle(tiny_bundle_path).model
+    assert arrays.version == load_bundle(tiny_bundle_path).version
+    assert set(arrays.weights) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert arrays.weights[k].dtype == np.float32 and np.array_equal(arrays.weights[k], v.numpy()), k
+    numpy_only = UserTower(arrays.user_encoder, arrays.model_config, arrays.weights)
+    records = probe_records(arrays.user_encoder) + [UserRecord("u1", numpy_only.validate(FEATURES))]
+    assert numpy_only.embed(records).tobytes() == UserTower.from_model(model).embed(records).tobytes()
 
 
 def _model(cfg: ModelConfig, popularity: bool = False, seed: int = 0) -> TwoTowerModel:
@@ -92,8 +107,8 @@ ARCHITECTURES = {
 def test_numpy_tower_equals_the_torch_tower(arch: str, popularity: bool) -> None:
     model = _model(ARCHITECTURES[arch], popularity=popularity)
     fast = NumpyTower(model.user_encoder, model.cfg, model_weights(model), "user_tower.")
-    tower = UserTower(model)
-    assert tower.fast is not None, tower.fast_path_reason
+    tower = UserTower.from_model(model)
+    assert tower.check_against(model) <= FAST_PATH_TOLERANCE
     rng = np.random.default_rng(1)
     records = probe_records(model.user_encoder) + [
         UserRecord(
@@ -123,3 +138,28 @@ def test_weights_outside_the_layout_are_refused() -> None:
     extra = dict(weights) | {"user_tower.mlp.9.weight": np.zeros((2, 2), np.float32)}
     with pytest.raises(NotImplementedError, match=r"mlp\.9\.weight"):
         NumpyTower(model.user_encoder, model.cfg, extra, "user_tower.")
+
+
+def test_an_architecture_the_numpy_tower_cannot_run_is_refused_at_load() -> None:
+    """UserTower (what a served version holds) raises TowerError naming the problem; there is no
+    silent fallback to another path."""
+    model = _model(ARCHITECTURES["default"])
+    weights = model_weights(model)
+    missing = {k: v for k, v in weights.items() if k != "user_tower.cat.country.weight"}
+    with pytest.raises(TowerError, match=r"cannot run this architecture: the weights have no 'user_tower.cat.country.weight'"):
+        UserTower(model.user_encoder, model.cfg, missing)
+    extra = dict(weights) | {"user_tower.attention.weight": np.zeros((2, 2), np.float32)}
+    with pytest.raises(TowerError, match=r"'user_tower.attention.weight'\] have no place"):
+        UserTower(model.user_encoder, model.cfg, extra)
+    short = dict(weights) | {"user_tower.id_emb.weight": weights["user_tower.id_emb.weight"][:5]}
+    with pytest.raises(TowerError, match=r"'user_tower.id_emb.weight' has shape \(5, 8\), the feature encoder needs \(201, \*\)"):
+        UserTower(model.user_encoder, model.cfg, short)
+
+
+def test_check_against_refuses_a_tower_that_differs_from_torch() -> None:
+    model = _model(ARCHITECTURES["default"])
+    weights = model_weights(model)
+    weights["user_tower.mlp.0.bias"] = weights["user_tower.mlp.0.bias"] + 0.05
+    tower = UserTower(model.user_encoder, model.cfg, weights)
+    with pytest.raises(TowerError, match="differs from the torch tower by"):
+        tower.check_against(model)
