@@ -277,6 +277,12 @@ def read_items(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
     return df
 
 
+def read_item_rows(path: str | Path, schema: Schema) -> pd.DataFrame:
+    """Rows in the items.csv format from any .csv / .parquet file (`indexer update --upsert`):
+    validated like items.csv (ids unique, declared features and attributes); may be empty."""
+    return _read_entities(Path(path), "item_id", schema.item, schema.item_attributes)
+
+
 def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
     path = Path(path)
     p = _find(path, "users", required=False)
