@@ -37,7 +37,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -419,9 +419,15 @@ class AttributeTable:
     Immutable once built or loaded; `allowed` is thread-safe (its cache takes a lock).
     """
 
-    def __init__(self, count: int, columns: Mapping[str, Column], *, cache_bytes: int = FILTER_CACHE_BYTES) -> None:
+    def __init__(
+        self, count: int, columns: Mapping[str, Column], *, cache_bytes: int = FILTER_CACHE_BYTES,
+        restrict: Callable[[Allowed], Allowed] | None = None,
+    ) -> None:
         self.count = int(count)
         self.columns = dict(columns)
+        # a delta version's table: every evaluated filter is intersected with the version's live
+        # rows (`indexer.topk.DeltaTopK.restrict`) before it is cached, so a request pays it once
+        self._restrict = restrict
         self._cache: OrderedDict[tuple, Allowed] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = int(cache_bytes)
@@ -498,8 +504,31 @@ class AttributeTable:
                 out.append(f"{ATTRIBUTES_DIR}/{i}.values.json")
         return out
 
+    def to_frame(self) -> Any:
+        """The table as items.csv-shaped str cells ('' missing), one row per table row: what
+        `from_frame` reads back into the same table (an update carries unchanged rows over)."""
+        import pandas as pd
+
+        out = {}
+        for name, col in self.columns.items():
+            t = col.spec.type
+            if t == "categorical":
+                values = np.array([*(col.values or ()), ""], dtype=object)
+                out[name] = values[np.asarray(col.arrays["codes"])]  # code -1 -> the last entry, ''
+            elif t == "multi_categorical":
+                values = np.array(col.values or (), dtype=object)
+                offsets, codes = np.asarray(col.arrays["offsets"]), np.asarray(col.arrays["codes"])
+                sep = col.spec.separator
+                out[name] = [sep.join(values[codes[a:b]]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
+            elif t == "continuous":
+                x = np.asarray(col.arrays["values"])
+                out[name] = ["" if math.isnan(v) else repr(v) for v in x.tolist()]
+            else:
+                out[name] = np.array(["false", "true", ""], dtype=object)[np.asarray(col.arrays["values"]).astype(np.int64)]
+        return pd.DataFrame(out, index=pd.RangeIndex(self.count))
+
     @classmethod
-    def load(cls, directory: Path, entry: object, count: int) -> AttributeTable:
+    def load(cls, directory: Path, entry: object, count: int, restrict: Callable[[Allowed], Allowed] | None = None) -> AttributeTable:
         """Memory-map the attribute files of a version and check them against the manifest entry
         and the catalog size; AttributeFileError naming the attribute and file otherwise."""
         if not isinstance(entry, dict):
@@ -537,7 +566,7 @@ class AttributeTable:
                     raise AttributeFileError(f"attribute {name!r}: {rel} holds {len(values)} values, manifest says {decl.get('values')}")
             _check_arrays(name, spec.type, arrays, values, count)
             columns[name] = kind(spec, arrays, values)
-        return cls(count, columns)
+        return cls(count, columns, restrict=restrict)
 
     # ---- filters ----
     def check(self, filt: Filter) -> None:
@@ -585,6 +614,8 @@ class AttributeTable:
                 self._cache.move_to_end(key)
                 return hit
         result = self.evaluate(filt)
+        if self._restrict is not None:
+            result = self._restrict(result)
         size = result.nbytes_estimate
         if size > self._cache_limit:
             return result

@@ -1,4 +1,4 @@
-"""`indexer` command line: rebuild, list, verify and roll back index versions.
+"""`indexer` command line: rebuild, update, list, verify and roll back index versions.
 
 Cron-friendly: logs (with per-stage timings) go to stdout, a progress bar to stderr only when
 stderr is a terminal, and a failure prints exactly one line to stderr and exits with a code
@@ -19,6 +19,7 @@ EXIT_BAD_INPUT = 2  # bad usage, model, dataset, options or version name
 EXIT_LOCKED = 3  # another rebuild / rollback holds INDEX_ROOT/.lock
 EXIT_GATE = 4  # the new index's recall is below --recall-gate; current kept
 EXIT_CORRUPT = 5  # a version failed verification (checksums, counts, model version)
+EXIT_DELTA_TOO_LARGE = 6  # `update` would exceed --max-delta: run `rebuild`
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -28,6 +29,7 @@ exit codes:
   3  another indexer run holds INDEX_ROOT/.lock (nothing done)
   4  recall gate failed (the new index is discarded, current unchanged)
   5  verification failed (corrupt or inconsistent version; current unchanged)
+  6  update: the delta would exceed --max-delta of the catalog; run rebuild (current unchanged)
 On failure exactly one line is printed to stderr; `current` is never left half-switched.
 """
 
@@ -80,6 +82,31 @@ def _parser() -> argparse.ArgumentParser:
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    u = sub.add_parser(
+        "update",
+        parents=[common],
+        help="publish the catalog's changes (new, changed, removed items; attributes) as a delta version",
+        description="Diff the catalog against the current version and publish a delta version that shares the "
+        "base version's index: new and feature-changed items embedded with the current version's item tower, "
+        "removed ones tombstoned, attribute changes applied without re-embedding; gated on the merged recall, "
+        "loaded as the service will, then switched atomically. Give --data (a whole items.csv) or --upsert "
+        "and/or --remove (item events: upsert rows in the items.csv format; remove: a CSV with an item_id "
+        "column). Prints the new version directory as the last stdout line.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    u.add_argument("--root", required=True, type=Path, help="INDEX_ROOT (its current version is updated)")
+    u.add_argument("--data", type=Path, help="dataset directory: its items.csv / items.parquet is the new catalog")
+    u.add_argument("--upsert", type=Path, help="rows to add or replace, in the items.csv format (.csv / .parquet)")
+    u.add_argument("--remove", type=Path, help="a CSV with an item_id column: the items to remove")
+    u.add_argument("--max-delta", type=float, default=0.05,
+                   help="refuse (exit 6) when delta rows or tombstones exceed this fraction of the catalog (default 0.05)")
+    u.add_argument("--recall-gate", type=float, default=0.95, help="minimum merged recall@k vs exact (default 0.95)")
+    u.add_argument("--gate-k", type=int, default=100, help="k of the recall gate (default 100)")
+    u.add_argument("--gate-queries", type=int, default=200, help="queries in the gate sample (default 200)")
+    u.add_argument("--keep", type=int, default=5, help="versions to keep, current and referenced bases always kept (default 5)")
+    u.add_argument("--seed", type=int, default=0, help="seed for the gate's query sample (default 0)")
+
     ls = sub.add_parser("list", parents=[common], help="list index versions (newest last; * marks current)")
     ls.add_argument("--root", required=True, type=Path, help="INDEX_ROOT")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -122,6 +149,18 @@ def _cmd_rebuild(args: argparse.Namespace) -> None:
     print(result.path.resolve())
 
 
+def _cmd_update(args: argparse.Namespace) -> None:
+    from indexer.update import UpdateConfig, update
+
+    cfg = UpdateConfig(
+        root=args.root, data=args.data, upsert=args.upsert, remove=args.remove, max_delta=args.max_delta,
+        recall_gate=args.recall_gate, gate_k=args.gate_k, gate_queries=args.gate_queries, keep=args.keep,
+        seed=args.seed,
+    )
+    result = update(cfg)
+    print(result.path.resolve())
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from indexer import store
     from indexer.version import read_manifest
@@ -136,6 +175,9 @@ def _cmd_list(args: argparse.Namespace) -> None:
                 "dim": m["dim"], "factory": (m["index"] or {}).get("factory"),
                 "search_params": (m["index"] or {}).get("search_params"),
                 "recall": (m["recall"] or {}).get("value"),
+                "base": (m.get("delta") or {}).get("base"),
+                "delta_rows": (m.get("delta") or {}).get("delta_rows"),
+                "tombstones": (m.get("delta") or {}).get("tombstones"),
             }
         except store.IndexVersionError as e:
             row = {"version": p.name, "current": cur is not None and p.resolve() == cur, "error": str(e)}
@@ -146,7 +188,9 @@ def _cmd_list(args: argparse.Namespace) -> None:
         else:
             print(f"{'*' if row['current'] else ' '} {row['version']}  model={row['model_version']}  "
                   f"items={row['count']}  dim={row['dim']}  index={row['factory']} {row['search_params']}  "
-                  f"recall={row['recall']}  created={row['created_at']}")
+                  f"recall={row['recall']}  created={row['created_at']}"
+                  + (f"  delta: base={row['base']} rows={row['delta_rows']} tombstones={row['tombstones']}"
+                     if row["base"] else ""))
 
 
 def _cmd_verify(args: argparse.Namespace) -> None:
@@ -165,7 +209,21 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     m = verify_version(path)
     out = {"version": path.name, "ok": True, "count": m["count"], "dim": m["dim"], "model_version": m["model_version"],
            "gate_recall": (m["recall"] or {}).get("value")}
-    if args.recall_queries > 0:
+    if m.get("delta") is not None:
+        out["base"] = m["delta"]["base"]
+    if args.recall_queries > 0 and m.get("delta") is not None:
+        # the merged search (base index, tombstones excluded, exact delta) against an exact scan
+        from indexer.topk import recall_against_exact
+        from indexer.version import load_version
+
+        topk = load_version(path, check_hashes=False).topk  # just verified
+        live = np.flatnonzero(topk.live.mask)  # type: ignore[attr-defined]
+        rng = np.random.default_rng(0)
+        q = np.asarray(topk.embeddings[np.sort(rng.choice(live, size=min(args.recall_queries, len(live)), replace=False))])
+        k = min(int((m["recall"] or {}).get("k") or 100), len(live))
+        out["item_query_recall"] = round(recall_against_exact(topk, q, k), 6)
+        out["recall_k"] = k
+    elif args.recall_queries > 0:
         index, emb, _ = open_search_files(path, m)
         emb = np.asarray(emb)
         k = min(int((m["recall"] or {}).get("k") or 100), len(emb))
@@ -187,13 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args)
     from indexer import store
     from indexer.rebuild import RebuildInputError, RecallGateError
+    from indexer.update import DeltaTooLargeError
 
+    commands = {"rebuild": _cmd_rebuild, "update": _cmd_update, "list": _cmd_list, "verify": _cmd_verify,
+                "rollback": _cmd_rollback}
     try:
-        {"rebuild": _cmd_rebuild, "list": _cmd_list, "verify": _cmd_verify, "rollback": _cmd_rollback}[args.cmd](args)
+        commands[args.cmd](args)
     except store.LockHeldError as e:
         code, msg = EXIT_LOCKED, str(e)
     except RecallGateError as e:
         code, msg = EXIT_GATE, str(e)
+    except DeltaTooLargeError as e:
+        code, msg = EXIT_DELTA_TOO_LARGE, str(e)
     except store.VersionNotFoundError as e:
         code, msg = EXIT_BAD_INPUT, str(e)
     except store.IndexVersionError as e:

@@ -46,12 +46,18 @@ from tqdm import tqdm
 from indexer import faiss_index as fi
 from indexer import store
 from indexer.attributes import AttributeTable
-from indexer.version import IndexVersionError, check_model_servable, load_version, read_manifest
+from indexer.version import (
+    IndexVersionError,
+    check_model_servable,
+    feature_fingerprints,
+    load_version,
+    read_manifest,
+)
 from training.artifacts import check_output_dir, remove_stale_temps
 from training.bundle import Bundle, BundleError, find_bundle, load_bundle
 from training.dataset import read_items, read_schema, read_users
 from training.model import TwoTowerModel
-from training.schema import DatasetError
+from training.schema import DatasetError, Schema
 
 log = logging.getLogger("indexer.rebuild")
 
@@ -188,11 +194,24 @@ def _check_out(root: Path) -> None:
 
 def _load_catalog(data: Path, model: TwoTowerModel) -> tuple[pd.DataFrame, AttributeTable | None]:
     """The checked catalog, and its attribute table when schema.json declares attributes."""
+    items, schema = read_catalog(data, model)
+    attributes = AttributeTable.from_frame(items, schema.item_attributes) if schema.item_attributes else None
+    return items, attributes
+
+
+def read_catalog(data: Path, model: TwoTowerModel) -> tuple[pd.DataFrame, Schema]:
+    """The catalog of a dataset directory, checked against the model (RebuildInputError)."""
     try:
         schema = read_schema(data)
         items = read_items(data, schema)
     except (DatasetError, OSError) as e:
         raise RebuildInputError(str(e)) from None
+    check_catalog(items, schema, model, str(data))
+    return items, schema
+
+
+def check_catalog(items: pd.DataFrame, schema: Schema, model: TwoTowerModel, data: str) -> None:
+    """The model's item features are columns of `items` with the trained types; ids one-line."""
     # the item tower silently treats an absent column as all-missing; refuse instead
     missing = [n for n in model.item_schema if n not in items.columns]
     if missing:
@@ -206,8 +225,6 @@ def _load_catalog(data: Path, model: TwoTowerModel) -> tuple[pd.DataFrame, Attri
     bad = items["item_id"].astype(str).str.contains("[\r\n]", regex=True)
     if bad.any():
         raise RebuildInputError(f"{data}: item id {items['item_id'][bad].iloc[0]!r} contains a line break")
-    attributes = AttributeTable.from_frame(items, schema.item_attributes) if schema.item_attributes else None
-    return items, attributes
 
 
 def _embed(model: TwoTowerModel, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray:
@@ -221,12 +238,13 @@ def _embed(model: TwoTowerModel, items: pd.DataFrame, batch: int, progress: bool
     return out
 
 
-def _gate_queries(
-    model: TwoTowerModel, data: Path, item_vectors: np.ndarray, n: int, rng: np.random.Generator
+def gate_queries(
+    model: TwoTowerModel, data: Path | None, item_vectors: np.ndarray, n: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, str]:
-    """Up to `n` query vectors: users through the user tower if possible, else catalog items."""
+    """Up to `n` query vectors: users through the user tower if possible (users.csv of `data`,
+    else the trained user ids), else catalog items."""
     try:
-        users = read_users(data, read_schema(data))
+        users = read_users(data, read_schema(data)) if data is not None else None
         if users is not None and len(users):
             take = np.sort(rng.choice(len(users), size=min(n, len(users)), replace=False))
             rows = users.iloc[take].reset_index(drop=True)
@@ -283,6 +301,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
             _check_bundle_servable(bundle, bundle_path)
             items, attributes = _load_catalog(Path(cfg.data), model)
             ids = items["item_id"].astype(str).tolist()
+            fingerprints = feature_fingerprints(items, list(model.item_schema))
             vocab = set(model.item_encoder.ids.tokens)
             fresh = sum(1 for i in ids if i not in vocab)
             log.info("model %s (dim %d); catalog %d items, %d not in the training vocabulary (embedded from features)",
@@ -325,7 +344,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
             path = store.write_version(
                 root, version, index=index, embeddings=vectors, item_ids=ids, bundle_path=bundle_path,
                 model_version=bundle.version, index_info=index_info, recall=recall, extra=extra,
-                checkpoint=_checkpoint, accept=_service_accepts, attributes=attributes,
+                checkpoint=_checkpoint, accept=_service_accepts, attributes=attributes, fingerprints=fingerprints,
             )
         _checkpoint("renamed")
 
@@ -438,7 +457,7 @@ def _tune_and_gate(cfg: RebuildConfig, spec: fi.IndexSpec, index, vectors: np.nd
     if fam == "flat":
         return {"k": k, "value": 1.0, "threshold": cfg.recall_gate, "n_queries": 0, "queries": "none (exact index)"}, {}
 
-    queries, kind = _gate_queries(model, Path(cfg.data), vectors, cfg.tune_queries + cfg.gate_queries, rng)
+    queries, kind = gate_queries(model, Path(cfg.data), vectors, cfg.tune_queries + cfg.gate_queries, rng)
     n_tune = min(cfg.tune_queries, len(queries) // 2) if len(queries) >= 2 else 0
     tune_q, gate_q = queries[:n_tune], queries[n_tune:]
     if not given and n_tune:

@@ -45,7 +45,14 @@ import numpy as np
 
 from indexer import faiss_index as fi
 from indexer.attributes import AttributeTable
-from indexer.version import MANIFEST, IndexVersionError, verify_version, write_files
+from indexer.version import (
+    MANIFEST,
+    IndexVersionError,
+    read_manifest,
+    verify_version,
+    write_delta_files,
+    write_files,
+)
 from training.artifacts import TMP_PREFIX, atomic_directory, fsync_dir, remove_stale_temps
 from training.bundle import new_version
 
@@ -58,7 +65,7 @@ _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 __all__ = [
     "CURRENT", "IndexVersionError", "LockHeldError", "VersionNotFoundError", "check_version_name", "delete_version",
     "list_versions", "locked", "new_version_name", "prune", "read_current", "remove_stale_temps", "rollback",
-    "switch_current", "version_path", "write_version",
+    "switch_current", "version_path", "write_delta_version", "write_version",
 ]
 
 
@@ -183,8 +190,17 @@ def delete_version(root: Path, path: Path) -> None:
     shutil.rmtree(trash)
 
 
+def base_of(path: Path) -> str | None:
+    """The base version a delta version references (None: a full version, or unreadable)."""
+    try:
+        return (read_manifest(path).get("delta") or {}).get("base")
+    except IndexVersionError:
+        return None
+
+
 def prune(root: str | os.PathLike[str], keep: int) -> list[Path]:
-    """Delete all but the newest `keep` versions, never the one `current` points to.
+    """Delete all but the newest `keep` versions, never the one `current` points to, nor a base
+    that a kept delta version (or `current`) shares its index with.
 
     Deleting a directory is safe for a reader that still has its files open or mapped (the
     inodes live on until closed). Call only while holding the lock.
@@ -194,7 +210,11 @@ def prune(root: str | os.PathLike[str], keep: int) -> list[Path]:
     root = Path(root)
     cur = read_current(root)
     versions = list_versions(root)
-    doomed = [p for p in versions[:-keep] if cur is None or p.resolve() != cur]
+    kept = [p for p in versions[-keep:]] + ([cur] if cur is not None else [])
+    referenced = {b for b in (base_of(p) for p in kept) if b}
+    doomed = [
+        p for p in versions[:-keep] if (cur is None or p.resolve() != cur) and p.name not in referenced
+    ]
     for p in doomed:
         delete_version(root, p)
     if doomed:
@@ -221,6 +241,7 @@ def write_version(
     checkpoint: Callable[[str], None] | None = None,
     accept: Callable[[Path], object] | None = None,
     attributes: AttributeTable | None = None,
+    fingerprints: np.ndarray | None = None,
 ) -> Path:
     """Write a complete version directory and return its final path (not yet `current`).
 
@@ -248,7 +269,7 @@ def write_version(
     with atomic_directory(final) as tmp:
         write_files(
             tmp, index=index, embeddings=emb, item_ids=ids, bundle_path=bundle_path, checkpoint=checkpoint,
-            attributes=attributes,
+            attributes=attributes, fingerprints=fingerprints,
             manifest={"index_version": version, "model_version": model_version, "index": index_info, "recall": recall,
                       **(extra or {})},
         )
@@ -261,6 +282,52 @@ def write_version(
                 verify_version(tmp, check_hashes=False)
         except IndexVersionError as e:
             # the temp directory is deleted on the way out: name the version, not a path that is gone
+            raise type(e)(str(e).replace(str(tmp), f"new version {version}")) from None
+    return final
+
+
+def write_delta_version(
+    root: str | os.PathLike[str],
+    version: str,
+    *,
+    base: Path,
+    delta_embeddings: np.ndarray,
+    delta_ids: Sequence[str],
+    delta_fingerprints: np.ndarray,
+    tombstones: np.ndarray,
+    bundle_path: str | os.PathLike[str],
+    model_version: str,
+    index_info: dict,
+    recall: dict | None = None,
+    extra: dict | None = None,
+    checkpoint: Callable[[str], None] | None = None,
+    accept: Callable[[Path], object] | None = None,
+    attributes: AttributeTable | None = None,
+) -> Path:
+    """`write_version` for a delta version (`indexer.version.write_delta_files`) over `base`, a
+    full version in `root`: the same temp directory, fsync, acceptance check before the rename."""
+    root = Path(root)
+    check_version_name(version)
+    final = root / version
+    if final.exists():
+        raise IndexVersionError(f"{final} already exists; version directories are never overwritten")
+    bad = next((i for i in delta_ids if "\n" in i or "\r" in i), None)
+    if bad is not None:
+        raise ValueError(f"item id {bad!r} contains a line break; item_ids.txt holds one id per line")
+    with atomic_directory(final) as tmp:
+        write_delta_files(
+            tmp, base=base, delta_embeddings=delta_embeddings, delta_ids=delta_ids,
+            delta_fingerprints=delta_fingerprints, tombstones=tombstones, bundle_path=bundle_path,
+            checkpoint=checkpoint, attributes=attributes,
+            manifest={"index_version": version, "model_version": model_version, "index": index_info, "recall": recall,
+                      **(extra or {})},
+        )
+        try:
+            if accept is not None:
+                accept(tmp)
+            else:
+                verify_version(tmp, check_hashes=False)
+        except IndexVersionError as e:
             raise type(e)(str(e).replace(str(tmp), f"new version {version}")) from None
     return final
 

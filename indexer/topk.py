@@ -28,6 +28,15 @@ proposes candidate rows:
 `BruteForceTopK` is the exact backend (numpy over the rows; ties at the cut-off broken by row)
 and doubles as the test oracle; `FaissTopK` proposes candidates from a FAISS index.
 
+* **a live catalog** (`DeltaTopK`, `indexer update`): a base version's FAISS top-k, minus its
+  tombstoned rows (removed or changed items), plus a small delta segment of new and changed
+  items scanned exactly. Its row space is the base rows followed by the delta rows; the rows a
+  query may return at all are `live` (an `Allowed`), and every query — filtered or not — is
+  restricted to them through the same selector mechanism as a filter (`restrict`), so the
+  filter guarantee carries over unchanged: exactly `min(k, |allowed ∩ live − excluded|)` items.
+  The ANN strategy asks the base index for candidates among its live allowed rows (a bitmap
+  selector) and scans the allowed delta rows exactly; `finish` merges both by exact cosine.
+
 Two entry points: `top_k(vecs, queries)` (a k and an exclusion set per query: the request path)
 and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queries: tools, tests).
 """
@@ -45,7 +54,8 @@ import numpy as np
 from indexer.faiss_index import as_matrix
 
 __all__ = [
-    "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "FaissTopK", "Query", "TopK", "exact_scores",
+    "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "DeltaTopK", "FaissTopK", "Query", "TopK",
+    "exact_scores", "recall_against_exact",
 ]
 
 # Fetching more than this fraction of the catalog: an exact scan is as cheap and exact.
@@ -189,6 +199,11 @@ class TopK:
         self.exact_ok = self.count <= exact_fallback_max_items
 
     def __len__(self) -> int:
+        return self.count
+
+    @property
+    def live_count(self) -> int:
+        """Items a query can return (the catalog size; a `DeltaTopK` leaves tombstones out)."""
         return self.count
 
     # ---- what a backend provides ---------------------------------------------------------------
@@ -433,3 +448,153 @@ class FaissTopK(TopK):
         _, rows = self.index.search(np.ascontiguousarray(vec[None, :], dtype=np.float32), fetch, params=params)
         del sel
         return rows[0]
+
+
+class DeltaTopK(TopK):
+    """A live catalog: `base` (a version's FAISS top-k) minus tombstoned base rows plus a delta
+    segment of new and changed items, answered exactly (see the module docstring).
+
+    Rows `0 .. nb-1` are the base's, `nb .. nb+nd-1` the delta's; `embeddings` is both, in that
+    order, in one array (the base's memory-mapped rows are copied once per load: an exact
+    re-score, an exact scan and `POST /similar` then read one matrix, and the base files stay
+    untouched). A tombstoned row keeps its id in `item_ids` but is never returned: it is not in
+    `live`, and `rows` (id -> row) maps each live id to its one live row.
+    """
+
+    selector_search = True
+
+    def __init__(self, base: FaissTopK, delta_embeddings: np.ndarray, delta_ids: Sequence[str], tombstones: np.ndarray) -> None:
+        nb = base.count
+        tomb = np.asarray(tombstones)
+        if tomb.dtype != np.bool_ or tomb.shape != (nb,):
+            raise ValueError(f"tombstones must be a bool array over the {nb} base rows, got {tomb.dtype} {tomb.shape}")
+        delta = np.asarray(delta_embeddings)
+        if delta.dtype != np.float32 or delta.ndim != 2 or delta.shape[1] != base.dim:
+            raise ValueError(f"delta vectors must be float32 (nd, {base.dim}), got {delta.dtype} {delta.shape}")
+        if len(delta_ids) != len(delta):
+            raise ValueError(f"{len(delta_ids)} delta item ids for {len(delta)} delta vectors")
+        rows = dict(base.rows)
+        base_ids = base.item_ids
+        for r in np.flatnonzero(tomb).tolist():
+            del rows[base_ids[r]]
+        for j, item in enumerate(delta_ids):
+            if item in rows:
+                raise ValueError(f"delta item {item!r} is also a live base item; a changed item's base row must be tombstoned")
+            rows[item] = nb + j
+        self.rows = rows
+        self.embeddings = np.concatenate([base.embeddings, delta]) if len(delta) else np.array(base.embeddings)
+        self.item_ids = [*base_ids, *map(str, delta_ids)]
+        self.count = nb + len(delta)
+        self.dim = base.dim
+        self.exact_ok = base.exact_ok
+        self.approximate = base.approximate
+        self.base = base
+        self.index = base.index
+        self.base_count = nb
+        self.delta_count = len(delta)
+        self.tombstone_count = int(np.count_nonzero(tomb))
+        live = Allowed(np.concatenate([~tomb, np.ones(len(delta), dtype=bool)]))
+        if live.count != len(rows):
+            raise ValueError(f"{len(rows)} live ids for {live.count} live rows: delta item ids must be unique")
+        live.within = live  # type: ignore[attr-defined]
+        self.live = live
+
+    @property
+    def live_count(self) -> int:
+        return self.live.count
+
+    def fetch_size(self, q: Query) -> int:
+        return min(q.k + len(q.exclude), self.live.count)
+
+    def restrict(self, allowed: Allowed | None) -> Allowed:
+        """`allowed` ∩ live (None: every live row). An `Allowed` this returned (or the attribute
+        table built it with this function) is marked and passes through unchanged."""
+        if allowed is None:
+            return self.live
+        if getattr(allowed, "within", None) is self.live:
+            return allowed
+        if allowed.size != self.count:
+            raise ValueError(f"an allowed-rows mask of {allowed.size} rows for a catalog of {self.count}")
+        if "rows" in allowed.__dict__ and "mask" not in allowed.__dict__:
+            rows = allowed.rows
+            out = Allowed.from_rows(rows[self.live.mask[rows]], self.count)
+        else:
+            out = Allowed(allowed.mask & self.live.mask)
+        out.within = self.live  # type: ignore[attr-defined]
+        return out
+
+    def top_k_strategies(
+        self, vecs: np.ndarray, queries: Sequence[Query]
+    ) -> tuple[list[list[tuple[str, float]]], list[str | None]]:
+        """Every query restricted to the live rows, then the base's filtered path; the strategy
+        is reported only for queries that came with a filter."""
+        restricted = [Query(q.k, q.exclude, self.restrict(q.allowed)) for q in queries]
+        results, strategies = super().top_k_strategies(vecs, restricted)
+        return results, [s if q.allowed is not None else None for s, q in zip(strategies, queries, strict=True)]
+
+    def _split(self, allowed: Allowed) -> tuple[Allowed, np.ndarray]:
+        """(the allowed base rows as an `Allowed` over the base index, the allowed delta rows),
+        cached on `allowed` (a cached filter or `live` is split once)."""
+        cached = allowed.__dict__.get("_delta_split")
+        if cached is not None:
+            return cached
+        nb = self.base_count
+        if "rows" in allowed.__dict__ and "mask" not in allowed.__dict__:
+            rows = allowed.rows
+            cut = int(np.searchsorted(rows, nb))
+            base_part = Allowed.from_rows(rows[:cut], nb)
+            delta_rows = rows[cut:]
+        else:
+            base_part = Allowed(allowed.mask[:nb])
+            delta_rows = np.flatnonzero(allowed.mask[nb:]) + nb
+        delta_rows.setflags(write=False)
+        allowed.__dict__["_delta_split"] = (base_part, delta_rows)
+        return base_part, delta_rows
+
+    def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
+        """The base index's candidates among its allowed live rows (a bitmap selector, as for a
+        filter) and the best allowed delta rows by an exact scan; `finish` merges them."""
+        base_part, delta_rows = self._split(allowed)
+        parts = []
+        if base_part.count:
+            rows = self.base.allowed_candidates(vec, min(fetch, base_part.count), base_part)
+            parts.append(rows[rows >= 0])
+        if len(delta_rows):
+            parts.append(self._scan_delta(vec, fetch, delta_rows))
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _scan_delta(self, vec: np.ndarray, fetch: int, rows: np.ndarray) -> np.ndarray:
+        """The `fetch` best of the delta `rows` (plus ties) by exact score; the whole delta
+        segment is one contiguous block (no gather) when every delta row is allowed."""
+        if len(rows) == self.delta_count:
+            scores = self.embeddings[self.base_count :] @ vec
+        else:
+            scores = self.embeddings.take(rows, axis=0) @ vec
+        if fetch >= len(rows):
+            return rows
+        kth = np.partition(scores, len(rows) - fetch)[len(rows) - fetch]
+        return rows[scores >= kth]
+
+
+def recall_against_exact(topk: TopK, queries: np.ndarray, k: int) -> float:
+    """recall@k of `topk.top_k` against an exact scan of every row it may return (a
+    `DeltaTopK`'s live rows): the recall gate of a merged base + delta search."""
+    q = as_matrix(queries, name="queries", dim=topk.dim)
+    k = min(int(k), topk.live_count)
+    if len(q) == 0 or k == 0:
+        return 1.0
+    live = topk.live.mask if isinstance(topk, DeltaTopK) else None
+    got = topk.top_k(q, [Query(k)] * len(q))
+    hits = 0
+    block = max(1, EXACT_BLOCK_CELLS // max(1, topk.count))
+    for s in range(0, len(q), block):
+        scores = q[s : s + block] @ topk.embeddings.T
+        if live is not None:
+            scores[:, ~live] = -np.inf
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        for i, row in enumerate(top):
+            want = {topk.item_ids[r] for r in row.tolist()}
+            hits += len(want & {item for item, _ in got[s + i]})
+    return hits / (len(q) * k)

@@ -26,6 +26,26 @@ service's reloader loads every new `current` with the same `load_version`. The c
 `ServedVersion` is the immutable result: what a request reads (the user tower, the top-k over the
 catalog, the two version strings). A version that fails any check raises `IndexVersionError`
 naming the version and the problem.
+
+**Delta versions** (written by `indexer update`, manifest key `delta`) share the bulk with a full
+version of the same root, their *base*, which they name together with the sha256 of its
+manifest (which holds the sha256 of every base file, so the whole base is pinned)::
+
+    manifest.json   model/   delta/embeddings.npy   delta/item_ids.txt   delta/item_hashes.npy
+    delta/tombstones.npy   [attributes/ (over the merged rows: base rows, then delta rows)]
+
+`delta/embeddings.npy` holds the new and feature-changed items (embedded with the same bundle as
+the base), `tombstones.npy` a little-endian bitmap over the base rows (removed or changed items),
+and the attribute columns cover the merged row space in full (cheap next to the vectors, and a
+price change then needs no per-row patching). Base files are never modified. A chain of
+updates stays one level deep: each update diffs against the current version but writes the
+whole delta against the base, so loading never walks a chain. `verify_version` checks the delta
+files and the base (its manifest's sha256, its files, same model version, dimension and row
+count); `load_version` serves it as an `indexer.topk.DeltaTopK`.
+
+`item_hashes.npy` (every version written since updates exist; delta: `delta/item_hashes.npy`)
+holds one uint64 per row: a hash of the item's feature cells (`feature_fingerprints`), which is
+how an update tells a feature change (re-embed) from an attribute-only change (keep the vector).
 """
 
 from __future__ import annotations
@@ -44,7 +64,7 @@ import numpy as np
 
 from indexer import faiss_index as fi
 from indexer.attributes import AttributeFileError, AttributeTable
-from indexer.topk import FaissTopK
+from indexer.topk import DeltaTopK, FaissTopK, Query, TopK
 from training.artifacts import (
     TMP_PREFIX,
     copy_file_durable,
@@ -63,6 +83,9 @@ if TYPE_CHECKING:
 FORMAT = "twotower-index/1"
 MANIFEST = "manifest.json"
 DATA_FILES = ("index.faiss", "embeddings.npy", "item_ids.txt")
+FINGERPRINTS = "item_hashes.npy"
+DELTA_DIR = "delta"
+DELTA_FILES = tuple(f"{DELTA_DIR}/{f}" for f in ("embeddings.npy", "item_ids.txt", "item_hashes.npy", "tombstones.npy"))
 MODEL_DIR = "model"
 MANIFEST_KEYS = ("format", "index_version", "model_version", "created_at", "count", "dim", "index", "recall", "files")
 
@@ -87,7 +110,7 @@ class ServedVersion:
     manifest: dict
     bundle: BundleArrays
     tower: UserTower
-    topk: FaissTopK
+    topk: TopK  # FaissTopK; a delta version's DeltaTopK
     loaded_at: float = field(default_factory=time.time)
     # the item attributes requests may filter on; None: a version built without any
     attributes: AttributeTable | None = None
@@ -106,7 +129,8 @@ class ServedVersion:
 
     @property
     def count(self) -> int:
-        return self.topk.count
+        """Items this version can return (a delta version's tombstoned base rows left out)."""
+        return self.topk.live_count
 
     @property
     def item_ids(self) -> list[str]:
@@ -118,7 +142,12 @@ class ServedVersion:
 
     @property
     def index(self) -> faiss.Index:
-        return self.topk.index
+        return self.topk.index  # type: ignore[attr-defined]
+
+    @property
+    def base(self) -> str | None:
+        """The base version a delta version shares its index with (None: a full version)."""
+        return (self.manifest.get("delta") or {}).get("base")
 
     @property
     def search_params(self) -> dict:
@@ -189,23 +218,9 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
     files = m["files"]
     if not isinstance(files, dict):
         raise IndexVersionError(f"{path}: manifest 'files' must be an object")
-    required = {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}
-    if m.get("attributes") is not None:
-        try:
-            required |= set(AttributeTable.files(m["attributes"]))
-        except (TypeError, KeyError, AttributeError) as e:
-            raise IndexVersionError(f"{path}: manifest 'attributes' is malformed ({e!r})") from None
-    if not required <= set(files):
-        raise IndexVersionError(f"{path}: manifest files lack {sorted(required - set(files))}")
-    present = _listed_files(path)
-    if present - set(files):
-        raise IndexVersionError(f"{path}: unlisted file(s) {sorted(present - set(files))}")
-    for rel in sorted(files):
-        p = path / rel
-        if not p.is_file() or p.is_symlink():
-            raise IndexVersionError(f"{path}: {rel} is missing")
-        if check_hashes and sha256_file(p) != files[rel]:
-            raise IndexVersionError(f"{path}: {rel} sha256 mismatch (corrupt or modified)")
+    if m.get("delta") is not None:
+        return _verify_delta(path, m, check_hashes=check_hashes)
+    _verify_files(path, m, {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
     count, dim = m["count"], m["dim"]
     if not isinstance(count, int) or not isinstance(dim, int) or count < 1 or dim < 1:
         raise IndexVersionError(f"{path}: manifest count={count!r}, dim={dim!r} must be positive integers")
@@ -231,7 +246,119 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
         raise IndexVersionError(f"{path}: index.faiss holds {index.ntotal} vectors of dim {index.d}, manifest says {count} of {dim}")
     del index
     open_attributes(path, m)
+    if FINGERPRINTS in files:
+        open_fingerprints(path / FINGERPRINTS, count)
+    _verify_model(path, m, dim)
+    return m
 
+
+def _verify_files(path: Path, m: dict, required: set[str], check_hashes: bool) -> None:
+    """Every required file listed, nothing unlisted present, each listed file's sha256."""
+    files = m["files"]
+    if m.get("attributes") is not None:
+        try:
+            required = required | set(AttributeTable.files(m["attributes"]))
+        except (TypeError, KeyError, AttributeError) as e:
+            raise IndexVersionError(f"{path}: manifest 'attributes' is malformed ({e!r})") from None
+    if not required <= set(files):
+        raise IndexVersionError(f"{path}: manifest files lack {sorted(required - set(files))}")
+    present = _listed_files(path)
+    if present - set(files):
+        raise IndexVersionError(f"{path}: unlisted file(s) {sorted(present - set(files))}")
+    for rel in sorted(files):
+        p = path / rel
+        if not p.is_file() or p.is_symlink():
+            raise IndexVersionError(f"{path}: {rel} is missing")
+        if check_hashes and sha256_file(p) != files[rel]:
+            raise IndexVersionError(f"{path}: {rel} sha256 mismatch (corrupt or modified)")
+
+
+def base_path(path: Path, manifest: dict) -> Path:
+    """The directory of a delta version's base: a sibling in the same index root."""
+    base = (manifest.get("delta") or {}).get("base")
+    if not isinstance(base, str) or not base or "/" in base or base.startswith("."):
+        raise IndexVersionError(f"{path}: manifest delta.base {base!r} is not a version name")
+    return path.parent / base
+
+
+def _verify_delta(path: Path, m: dict, *, check_hashes: bool) -> dict:
+    """A delta version (module docstring): its own files, then its base."""
+    delta = m["delta"]
+    if not isinstance(delta, dict) or not all(k in delta for k in ("base", "base_manifest_sha256", "base_rows")):
+        raise IndexVersionError(f"{path}: manifest 'delta' must name base, base_manifest_sha256 and base_rows")
+    _verify_files(path, m, {*DELTA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
+    base = base_path(path, m)
+    if not (base / MANIFEST).is_file():
+        raise IndexVersionError(f"{path}: its base version {base.name} is missing (deleted? run indexer rebuild)")
+    if sha256_file(base / MANIFEST) != delta["base_manifest_sha256"]:
+        raise IndexVersionError(f"{path}: base {base.name}'s manifest.json is not the one this delta was built on")
+    try:
+        bm = verify_version(base, check_hashes=check_hashes)
+    except IndexVersionError as e:
+        raise IndexVersionError(f"{path}: base version: {e}") from None
+    if bm.get("delta") is not None:
+        raise IndexVersionError(f"{path}: base {base.name} is itself a delta version")
+    if bm["model_version"] != m["model_version"] or bm["dim"] != m["dim"] or bm["count"] != delta["base_rows"]:
+        raise IndexVersionError(
+            f"{path}: base {base.name} is model {bm['model_version']} dim {bm['dim']} with {bm['count']} rows; "
+            f"this delta needs model {m['model_version']} dim {m['dim']} with {delta['base_rows']} rows"
+        )
+    emb, ids, tomb, _ = open_delta(path, m)
+    nb = int(delta["base_rows"])
+    base_ids = read_item_ids(base / "item_ids.txt")
+    live_base = {base_ids[r] for r in np.flatnonzero(~tomb).tolist()}
+    clash = next((i for i in ids if i in live_base), None)
+    if clash is not None:
+        raise IndexVersionError(f"{path}: delta item {clash!r} is also a live (untombstoned) base item")
+    live = nb - int(np.count_nonzero(tomb)) + len(ids)
+    if delta.get("rows") != nb + len(ids):
+        raise IndexVersionError(f"{path}: manifest delta.rows {delta.get('rows')!r}, base + delta hold {nb + len(ids)} rows")
+    if m["count"] != live:
+        raise IndexVersionError(f"{path}: manifest count {m['count']}, but base + delta hold {live} live items")
+    open_attributes(path, m)
+    _verify_model(path, m, m["dim"])
+    return m
+
+
+def open_fingerprints(p: Path, count: int) -> np.ndarray:
+    """The uint64 feature fingerprints of a version's rows (`feature_fingerprints`)."""
+    try:
+        h = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexVersionError(f"{p}: unreadable ({e})") from None
+    if h.dtype != np.uint64 or h.shape != (count,):
+        raise IndexVersionError(f"{p}: {h.dtype} {h.shape}, expected uint64 ({count},)")
+    return h
+
+
+def open_delta(path: Path, m: dict) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """(delta vectors, delta ids, tombstones as a bool array over the base rows, delta
+    fingerprints) of a delta version, with their shapes checked."""
+    nb, dim = int(m["delta"]["base_rows"]), int(m["dim"])
+    d = path / DELTA_DIR
+    try:
+        emb = np.load(d / "embeddings.npy", allow_pickle=False)
+        bits = np.load(d / "tombstones.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexVersionError(f"{path}: delta files unreadable ({e})") from None
+    ids = read_item_ids(d / "item_ids.txt")
+    if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape != (len(ids), dim):
+        raise IndexVersionError(f"{path}: delta/embeddings.npy is {emb.dtype} {emb.shape}, expected float32 ({len(ids)}, {dim})")
+    if len(emb):
+        try:
+            fi.check_unit_rows(emb, name="delta/embeddings.npy rows")
+        except ValueError as e:
+            raise IndexVersionError(f"{path}: {e}") from None
+    if len(set(ids)) != len(ids):
+        raise IndexVersionError(f"{path}: delta/item_ids.txt has duplicate ids")
+    if bits.dtype != np.uint8 or bits.shape != ((nb + 7) // 8,):
+        raise IndexVersionError(f"{path}: delta/tombstones.npy is {bits.dtype} {bits.shape}, expected uint8 ({(nb + 7) // 8},)")
+    tomb = np.unpackbits(bits, count=nb, bitorder="little").astype(bool)
+    hashes = open_fingerprints(d / "item_hashes.npy", len(ids))
+    return emb, ids, tomb, hashes
+
+
+def _verify_model(path: Path, m: dict, dim: int) -> None:
     try:
         bm = verify_bundle(path / MODEL_DIR)  # small next to the index: always hashed
     except BundleError as e:
@@ -242,7 +369,6 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
         raise IndexVersionError(f"{path}: model/ is version {bm.get('version')!r}, manifest model_version is {m['model_version']!r}")
     if bm.get("embedding_dim") not in (None, dim):
         raise IndexVersionError(f"{path}: dimension mismatch: model embedding_dim {bm.get('embedding_dim')} != index dim {dim}")
-    return m
 
 
 def _open_embeddings(path: Path) -> np.ndarray:
@@ -262,13 +388,19 @@ def _open_index(path: Path, manifest: dict) -> faiss.Index:
     return index
 
 
-def open_attributes(path: Path, manifest: dict) -> AttributeTable | None:
+def row_count(manifest: dict) -> int:
+    """Rows of the version's row space: `count`, or a delta's base rows + delta rows."""
+    delta = manifest.get("delta")
+    return int(manifest["count"]) if delta is None else int(delta["rows"])
+
+
+def open_attributes(path: Path, manifest: dict, restrict=None) -> AttributeTable | None:  # noqa: ANN001
     """The version's memory-mapped attribute table (checked against the manifest and the
-    catalog size), or None for a version without attributes."""
+    catalog size), or None for a version without attributes. `restrict`: see AttributeTable."""
     if manifest.get("attributes") is None:
         return None
     try:
-        return AttributeTable.load(path, manifest["attributes"], manifest["count"])
+        return AttributeTable.load(path, manifest["attributes"], row_count(manifest), restrict=restrict)
     except AttributeFileError as e:
         raise IndexVersionError(f"{path}: {e}") from None
 
@@ -316,7 +448,8 @@ def load_version(
     path = Path(path).resolve()
     manifest = verify_version(path, check_hashes=check_hashes)
     name = version_name(path)
-    index, embeddings, item_ids = open_search_files(path, manifest)
+    search_dir = base_path(path, manifest) if manifest.get("delta") is not None else path
+    index, embeddings, item_ids = open_search_files(search_dir, read_manifest(search_dir))
     try:
         bundle = read_bundle_arrays(path / MODEL_DIR, verify=False)  # its files were just verified
     except BundleError as e:
@@ -330,11 +463,17 @@ def load_version(
         if isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = int(ef_search_override)
     try:
-        topk = FaissTopK(index, embeddings, item_ids, exact_fallback_max_items=exact_fallback_max_items)
+        topk: TopK = FaissTopK(index, embeddings, item_ids, exact_fallback_max_items=exact_fallback_max_items)
+        restrict = None
+        if manifest.get("delta") is not None:
+            d_emb, d_ids, tomb, _ = open_delta(path, manifest)
+            topk = DeltaTopK(topk, d_emb, d_ids, tomb)  # type: ignore[arg-type]
+            restrict = topk.restrict
     except ValueError as e:
         raise IndexVersionError(f"{name}: {e}") from None
     version = ServedVersion(
-        path=path, manifest=manifest, bundle=bundle, tower=tower, topk=topk, attributes=open_attributes(path, manifest)
+        path=path, manifest=manifest, bundle=bundle, tower=tower, topk=topk,
+        attributes=open_attributes(path, manifest, restrict),
     )
     _smoke_test(version)
     return version
@@ -357,7 +496,14 @@ def _smoke_test(version: ServedVersion) -> None:
         return
     name = version_name(version.path)
     q = version.tower.embed([UserRecord(None, {})])
-    k = min(10, version.count)
+    if isinstance(version.topk, DeltaTopK):
+        # the merged path: as many results as promised, each a live row, none a tombstone
+        got = version.topk.top_k(q, [Query(min(10, version.count))])[0]
+        rows = [version.topk.rows.get(i) for i, _ in got]
+        if len(got) != min(10, version.count) or None in rows or not version.topk.live.mask[rows].all():
+            raise IndexVersionError(f"{name}: the merged base + delta search returns {got[:3]}... (not live items)")
+    n_index = version.index.ntotal
+    k = min(10, n_index)
     try:
         scores, rows, stored = version.index.search_and_reconstruct(q, k)
     except RuntimeError:  # an index type that cannot reconstruct: treat it as exact storage
@@ -368,7 +514,7 @@ def _smoke_test(version: ServedVersion) -> None:
     if not valid.any():
         raise IndexVersionError(f"{name}: the index returns no results")
     found = rows0[valid]
-    if (found >= version.count).any() or len(np.unique(found)) != len(found):
+    if (found >= n_index).any() or len(np.unique(found)) != len(found):
         raise IndexVersionError(f"{name}: the index returns rows that are not catalog rows: {found.tolist()}")
     exact_rows = np.asarray(version.embeddings[found], dtype=np.float32)
     exact = exact_rows @ q[0]
@@ -392,7 +538,7 @@ def _check_rows_align(version: ServedVersion) -> None:
     the same vectors in another order, returns rows whose embeddings.npy vectors are others.
     A sample spread over the catalog must mostly succeed (ANN misses are allowed).
     """
-    n = version.count
+    n = version.index.ntotal
     sample = np.unique(np.linspace(0, n - 1, min(ALIGNMENT_SAMPLE, n)).astype(np.int64))
     queries = np.ascontiguousarray(version.embeddings[sample], dtype=np.float32)
     _, rows = version.index.search(queries, min(10, n))
@@ -421,6 +567,7 @@ def write_files(
     manifest: dict[str, Any],
     checkpoint: Any = None,
     attributes: AttributeTable | None = None,
+    fingerprints: np.ndarray | None = None,
 ) -> dict:
     """Write the layout into `directory` (an empty temp directory of `training.artifacts`' atomic
     publish): the bundle copy, embeddings, ids, index, then the manifest — `manifest` plus
@@ -441,6 +588,8 @@ def write_files(
     write_bytes_durable(directory / "item_ids.txt", "".join(str(i) + "\n" for i in item_ids).encode("utf-8"))
     cb("write:embeddings")
     fi.write_index(index, directory / "index.faiss")
+    if fingerprints is not None:
+        write_npy_durable(directory / FINGERPRINTS, _checked_fingerprints(fingerprints, len(item_ids)))
     extra: dict[str, Any] = {}
     if attributes is not None:
         if attributes.count != len(item_ids):
@@ -453,6 +602,85 @@ def write_files(
         "dim": int(emb.shape[1]),
         **manifest,
         **extra,
+        "files": file_hashes(directory, exclude=(MANIFEST,)),
+    }
+    write_bytes_durable(directory / MANIFEST, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())
+    cb("write:manifest")
+    return full
+
+
+def _checked_fingerprints(h: np.ndarray, n: int) -> np.ndarray:
+    h = np.ascontiguousarray(h)
+    if h.dtype != np.uint64 or h.shape != (n,):
+        raise ValueError(f"fingerprints must be uint64 ({n},), got {h.dtype} {h.shape}")
+    return h
+
+
+def feature_fingerprints(items: Any, feature_names: Sequence[str]) -> np.ndarray:
+    """One uint64 per catalog row: a hash of the row's item-feature cells (sorted by feature
+    name; the id is the key, not part of it). Equal cells give equal hashes in every process
+    (pandas' fixed hash key), so an update re-embeds exactly the items whose features changed."""
+    import pandas as pd
+
+    names = sorted(feature_names)
+    if not names:
+        return np.zeros(len(items), dtype=np.uint64)
+    cells = items[names].astype(str)
+    return pd.util.hash_pandas_object(cells, index=False).to_numpy(dtype=np.uint64)
+
+
+def write_delta_files(
+    directory: Path,
+    *,
+    base: Path,
+    delta_embeddings: np.ndarray,
+    delta_ids: Sequence[str],
+    delta_fingerprints: np.ndarray,
+    tombstones: np.ndarray,
+    bundle_path: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    checkpoint: Any = None,
+    attributes: AttributeTable | None = None,
+) -> dict:
+    """Write a delta version's layout (module docstring) into `directory` (an empty temp
+    directory of the atomic publish): bundle copy, delta files, attributes over the merged rows,
+    then the manifest — `manifest` plus `format`, `created_at`, `count` (live items), `dim`,
+    `delta` (base name, base manifest sha256, row counts) and the sha256 of every file."""
+    cb = checkpoint or (lambda stage: None)
+    base_m = read_manifest(base)
+    nb, dim = int(base_m["count"]), int(base_m["dim"])
+    emb = np.ascontiguousarray(delta_embeddings, dtype=np.float32).reshape(-1, dim)
+    tomb = np.asarray(tombstones, dtype=bool)
+    if tomb.shape != (nb,) or len(emb) != len(delta_ids):
+        raise ValueError(f"tombstones {tomb.shape} for {nb} base rows; {len(emb)} delta vectors for {len(delta_ids)} ids")
+    (directory / MODEL_DIR).mkdir()
+    for p in sorted(Path(bundle_path).iterdir()):
+        if p.is_dir() or p.is_symlink() or p.name.startswith("."):
+            continue
+        copy_file_durable(p, directory / MODEL_DIR / p.name)
+    cb("write:model")
+    (directory / DELTA_DIR).mkdir()
+    write_npy_durable(directory / DELTA_DIR / "embeddings.npy", emb)
+    write_bytes_durable(directory / DELTA_DIR / "item_ids.txt", "".join(str(i) + "\n" for i in delta_ids).encode("utf-8"))
+    write_npy_durable(directory / DELTA_DIR / "item_hashes.npy", _checked_fingerprints(delta_fingerprints, len(delta_ids)))
+    write_npy_durable(directory / DELTA_DIR / "tombstones.npy", np.packbits(tomb, bitorder="little"))
+    cb("write:embeddings")
+    rows = nb + len(emb)
+    extra: dict[str, Any] = {}
+    if attributes is not None:
+        if attributes.count != rows:
+            raise ValueError(f"attribute table of {attributes.count} rows for {rows} merged rows")
+        extra["attributes"] = attributes.write(directory)
+    n_tomb = int(np.count_nonzero(tomb))
+    full = {
+        "format": FORMAT,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "count": nb - n_tomb + len(emb),
+        "dim": dim,
+        **manifest,
+        **extra,
+        "delta": {"base": base.name, "base_manifest_sha256": sha256_file(base / MANIFEST), "base_rows": nb,
+                  "delta_rows": len(emb), "tombstones": n_tomb, "rows": rows},
         "files": file_hashes(directory, exclude=(MANIFEST,)),
     }
     write_bytes_durable(directory / MANIFEST, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())

@@ -116,9 +116,9 @@ def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_start_order() -> None:
-    """Compose starts redis and bootstrap before the api, and nightly only after bootstrap."""
+    """Compose starts redis and bootstrap before the api, and nightly and update only after bootstrap."""
     services = load_checker().load_compose(COMPOSE_FILE, {})["services"]
-    assert startup_order(services) == ["redis", "bootstrap", "api", "nightly"]
+    assert startup_order(services) == ["redis", "bootstrap", "api", "nightly", "update"]
 
 
 def test_documented_query_is_a_retrieve_call() -> None:
@@ -134,7 +134,7 @@ def test_documented_query_is_a_retrieve_call() -> None:
 def test_compose_stack_end_to_end(sandbox: Sandbox) -> None:
     """bootstrap -> api -> documented query -> nightly -> hot reload, all from the compose file."""
     order = startup_order(sandbox.services)
-    assert order == ["redis", "bootstrap", "api", "nightly"]
+    assert order == ["redis", "bootstrap", "api", "nightly", "update"]
     index_dir = sandbox.mounts("bootstrap")["/index"]
     models_dir = sandbox.mounts("bootstrap")["/models"]
     data_dir = sandbox.mounts("bootstrap")["/data"]

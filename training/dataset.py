@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from training.schema import BOOL_FALSE, BOOL_TRUE, AttributeSpec, DatasetError, FeatureSpec, Schema
+
+log = logging.getLogger("trainer")
 
 INT64_BOUND = 2.0**63  # timestamps must lie in (-2^63, 2^63): the int64 seconds they are cast to
 
@@ -33,7 +36,8 @@ class Dataset:
     `interactions` has columns user_id (str), item_id (str), timestamp (int64), weight (float32)
     and clicked (bool; rows with clicked == False are exposures without a click, kept for
     completeness but never used by retrieval training). `items` is the catalog in file order,
-    `users` may be None.
+    then the `retired_items` (clicked items no longer in items.csv, every feature missing), `users`
+    may be None.
     """
 
     path: Path
@@ -41,6 +45,7 @@ class Dataset:
     interactions: pd.DataFrame
     items: pd.DataFrame
     users: pd.DataFrame | None
+    retired_items: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         """sha256 over the dataset files, so a bundle records exactly what it was trained on."""
@@ -277,6 +282,12 @@ def read_items(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
     return df
 
 
+def read_item_rows(path: str | Path, schema: Schema) -> pd.DataFrame:
+    """Rows in the items.csv format from any .csv / .parquet file (`indexer update --upsert`):
+    validated like items.csv (ids unique, declared features and attributes); may be empty."""
+    return _read_entities(Path(path), "item_id", schema.item, schema.item_attributes)
+
+
 def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
     path = Path(path)
     p = _find(path, "users", required=False)
@@ -342,16 +353,35 @@ def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> 
     return out
 
 
-def read_dataset(path: str | Path) -> Dataset:
-    """Read and validate a whole dataset directory; raises DatasetError naming the problem."""
+def read_dataset(path: str | Path, *, allow_retired: bool = True) -> Dataset:
+    """Read and validate a whole dataset directory; raises DatasetError naming the problem.
+
+    Clicks on items that are no longer in items.csv (a retired product) are real signal and real
+    negatives, so they train: such items join `items` after the catalog with every feature
+    missing (their id embedding still learns) and are listed in `retired_items`. The index is
+    built from items.csv alone, so they are never served. `allow_retired=False` rejects such
+    rows instead, naming the first (a converter checking its own output).
+    """
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(f"{path}: not a dataset directory")
     schema = read_schema(path)
     items = read_items(path, schema)
     users = read_users(path, schema)
-    interactions = read_interactions(path, pd.Index(items["item_id"]))
-    return Dataset(path=path, schema=schema, interactions=interactions, items=items, users=users)
+    catalog = pd.Index(items["item_id"])
+    interactions = read_interactions(path, None if allow_retired else catalog)
+    retired: tuple[str, ...] = ()
+    gone = ~interactions["item_id"].isin(catalog).to_numpy()
+    if gone.any():
+        retired = tuple(pd.unique(interactions["item_id"].to_numpy()[gone]).tolist())
+        log.info(
+            "interactions: %d row(s) on %d retired item(s) (not in items.csv): they train with missing features "
+            "and are never indexed", int(gone.sum()), len(retired),
+        )
+        filler = pd.DataFrame({c: [""] * len(retired) for c in items.columns})
+        filler["item_id"] = list(retired)
+        items = pd.concat([items, filler], ignore_index=True)
+    return Dataset(path=path, schema=schema, interactions=interactions, items=items, users=users, retired_items=retired)
 
 
 def parse_continuous(values: pd.Series) -> np.ndarray:

@@ -77,7 +77,7 @@ def _write(out: Path, frames: dict[str, pd.DataFrame], schema: dict, sources: di
         write_json(tmp / "schema.json", schema)
         if sources is not None:
             try:
-                read_dataset(tmp)
+                read_dataset(tmp, allow_retired=False)  # its clicks must name its own items
             except DatasetError as e:
                 raise DatasetError(_blame_source(str(e), sources)) from None
     return out

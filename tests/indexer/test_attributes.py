@@ -217,3 +217,15 @@ def test_masks_are_cached_per_filter_and_bounded(items):
     # 1 (a number) and True (a bool) are different filters even though 1 == True in Python
     assert table.allowed(parse_filter({"cost": 1})).count == 0
     assert not a.mask.flags.writeable
+
+
+def test_to_frame_reads_back_into_the_same_table() -> None:
+    """`indexer update --upsert` carries unchanged rows over through `to_frame`: every type's
+    cells (missing ones too) must read back into a table that answers every filter the same."""
+    cells = random_items(300, seed=11)
+    table = AttributeTable.from_frame(cells, SPECS)
+    again = AttributeTable.from_frame(table.to_frame(), SPECS)
+    for name, conds in CONDITIONS.items():
+        for cond in conds:
+            filt = parse_filter({name: cond})
+            np.testing.assert_array_equal(again.mask(filt), table.mask(filt))

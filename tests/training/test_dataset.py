@@ -39,7 +39,6 @@ def _edit_csv(path: Path, row: int, col: str, value: str) -> None:
     ("file", "row", "col", "value", "message"),
     [
         ("interactions.csv", 4, "timestamp", "yesterday", "interactions.csv: line 6, column 'timestamp'"),
-        ("interactions.csv", 2, "item_id", "nope", "interactions.csv: line 4, column 'item_id': 'nope' is not in items"),
         ("interactions.csv", 0, "user_id", "", "interactions.csv: line 2, column 'user_id': empty id"),
         ("items.csv", 7, "price", "cheap", "items.csv: line 9, column 'price': 'cheap' is not a number"),
         ("items.csv", 3, "item_id", "i0", "items.csv: line 5, column 'item_id': duplicate id 'i0'"),
@@ -56,6 +55,26 @@ def test_malformed_rows_are_named(ds: Path, file: str, row: int, col: str, value
     with pytest.raises(DatasetError) as e:
         read_dataset(ds)
     assert message in str(e.value)
+
+
+def test_clicks_on_retired_items_train_and_are_counted(ds: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A clicked item removed from items.csv joins the training items with missing features (its
+    id still learns, its clicks are positives and negatives); the strict mode still names it."""
+    items = pd.read_csv(ds / "items.csv", dtype=str, keep_default_na=False)
+    clicks = pd.read_csv(ds / "interactions.csv", dtype=str, keep_default_na=False)
+    gone = clicks["item_id"].value_counts().index[:3].tolist()
+    items[~items["item_id"].isin(gone)].to_csv(ds / "items.csv", index=False)
+    with caplog.at_level("INFO", logger="trainer"):
+        d = read_dataset(ds)
+    n_rows = int(clicks["item_id"].isin(gone).sum())
+    assert set(d.retired_items) == set(gone)
+    assert len(d.interactions) == len(clicks) and d.interactions["item_id"].isin(gone).sum() == n_rows
+    assert len(d.items) == len(items) and set(d.items["item_id"]) == set(items["item_id"])
+    retired_rows = d.items[d.items["item_id"].isin(gone)]
+    assert (retired_rows.drop(columns=["item_id"]) == "").all().all()  # every feature missing
+    assert f"{n_rows} row(s) on 3 retired item(s)" in caplog.text
+    with pytest.raises(DatasetError, match=r"column 'item_id': .* is not in items"):
+        read_dataset(ds, allow_retired=False)
 
 
 def test_missing_files_and_columns(ds: Path) -> None:
