@@ -294,7 +294,7 @@ def test_the_default_target_is_serve_and_compose_uses_the_right_targets() -> Non
     assert {s.name for s in checker.image_stages(stages)} == {"train", "serve"}
     services = checker.load_compose(COMPOSE_FILE)["services"]
     targets = {name: (svc.get("build") or {}).get("target") for name, svc in services.items() if name != "redis"}
-    assert targets == {"api": "serve", "bootstrap": "train", "nightly": "train"}
+    assert targets == {"api": "serve", "bootstrap": "train", "nightly": "train", "update": "train"}
     assert services["api"]["image"] != services["bootstrap"]["image"] == services["nightly"]["image"]
 
 

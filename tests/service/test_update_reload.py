@@ -28,7 +28,7 @@ def test_ten_consecutive_updates_under_load(tmp_path: Path, bundle_a: Path, tiny
     root = tmp_path / "index"
     rebuild(RebuildConfig(model=bundle_a, data=data, out=root, index="HNSW8", gate_k=10, progress=False))
     items = pd.read_csv(data / "items.csv", dtype=str, keep_default_na=False)
-    tower = UserTower(load_bundle(bundle_a).model)
+    tower = UserTower.from_model(load_bundle(bundle_a).model)
     users = [(f"u{i}", {"age": 20 + 3 * i}) for i in range(10)]
     uvec = {uid: tower.embed([UserRecord(uid, tower.validate(f))])[0] for uid, f in users}
     versions: dict[str, dict[str, np.ndarray]] = {}
