@@ -662,10 +662,14 @@ def write_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
 def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
     """Read an index written by `write_index`; check it is a supported inner-product index.
 
-    `mmap=True` maps the codes of flat and IVF indexes instead of reading them (the file must
-    then never be rewritten in place: index versions are immutable for that reason).
+    `mmap=True` maps the stored codes instead of reading them into private memory: IVF inverted
+    lists and flat / SQ code arrays (a Flat index, an RFlat or Refine(SQ8) refine index), with
+    FAISS's `IO_FLAG_MMAP_IFC` (plain `IO_FLAG_MMAP` maps only the inverted lists). The pages
+    are then page cache, shared by every worker process mapping the same file, and loading is
+    near-instant (docs/bench/bigindex.md). The file must never be rewritten in place: index
+    versions are immutable for that reason. HNSW graphs and PQ codebooks are still read.
     """
-    flags = faiss.IO_FLAG_MMAP if mmap else 0
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
     try:
         index = faiss.read_index(os.fspath(path), flags)
     except RuntimeError as e:

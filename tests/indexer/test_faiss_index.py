@@ -183,6 +183,9 @@ def test_refined_factories_build_inner_product_and_roundtrip(factory, catalog, q
     back = fi.read_index(tmp_path / "r.faiss")
     assert fi.get_search_params(back) == params
     np.testing.assert_array_equal(fi.search(back, queries, 10)[1], rows)
+    mapped = fi.read_index(tmp_path / "r.faiss", mmap=True)  # codes memory-mapped, same answers
+    assert fi.get_search_params(mapped) == params
+    np.testing.assert_array_equal(fi.search(mapped, queries, 10)[1], rows)
 
 
 def test_refine_rejects_what_cannot_work(catalog):
