@@ -62,6 +62,9 @@ NPROBE_LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 
 # is tuned at (a generous re-rank, so that nprobe alone limits recall), then the smallest
 # k_factor that still reaches the target is kept.
 K_FACTOR_LADDER = (1, 2, 3, 4, 6, 8, 12, 16)
+# k_factor a refined index is built with (FAISS's default, 1, re-ranks nothing: the bare base
+# ranking), kept when the rebuild is given --nprobe / --ef-search and skips the tuning
+DEFAULT_K_FACTOR = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +390,9 @@ def train_index(vectors: np.ndarray, factory: str = "Flat", *, build_params: Map
         inner.do_polysemous_training = False
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = int(bp.get("efConstruction", inner.hnsw.efConstruction))
+    refine = refine_of(index)
+    if refine is not None:
+        refine.k_factor = float(DEFAULT_K_FACTOR)
     if not index.is_trained:
         _train(index, x, bp, seed)
     return index

@@ -222,6 +222,7 @@ def test_refined_search_with_exclusions_and_overrides(catalog, queries):
 def test_tune_refined_picks_nprobe_then_the_smallest_k_factor(catalog, queries):
     vectors, _ = catalog
     index = fi.build_index(vectors, "IVF32,PQ8x8,RFlat")
+    assert fi.get_search_params(index)["k_factor"] == fi.DEFAULT_K_FACTOR  # re-ranks even untuned
     params, rec = fi.tune_search_params(index, vectors, queries, 20, target=0.97)
     assert rec >= 0.97 and set(params) == {"nprobe", "k_factor"} and fi.get_search_params(index) == params
     i = fi.K_FACTOR_LADDER.index(params["k_factor"])
