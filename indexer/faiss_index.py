@@ -290,9 +290,17 @@ class IndexSpec:
 # ~ 2 sqrt(n) keeps ~500 vectors per list.
 AUTO_FLAT_MAX = 50_000
 AUTO_NLIST_MIN, AUTO_NLIST_MAX = 256, 8192
-# Above this many items `auto` builds IVF-PQ re-ranked with SQ8 codes instead of IVF-Flat:
-# see docs/bench/bigindex.md (AUTO_REFINE_MIN and the refine factory are set from it).
-AUTO_REFINE_MIN = 2_000_000
+# Above this many items `auto` builds IVF-PQ re-ranked with SQ8 codes instead of IVF-Flat, for
+# memory: docs/bench/bigindex.md (1M items, 64-d, tuned for recall@100 >= 0.95): IVF2048,Flat
+# holds 264 bytes an item in each worker that reads it (252 MiB at 1M, 0.13 ms p50), IVF-PQ32 +
+# Refine(SQ8) 104 (100 MiB) but needs nprobe 192 to pass the gate (SQ8's own error caps the
+# re-ranked order; 3.9 ms p50), RFlat passes at nprobe 6 (0.34 ms) but holds 296 bytes, more than
+# IVF-Flat, and PQ16 + SQ8 needs every list (18 ms). So IVF-Flat stays the default while its
+# memory is affordable: a serving worker's budget of 2 GB (issue 20) holds IVF-Flat's 264 B +
+# ~70 B of Python item ids + a ~300 MB process up to ~5M items; above that only the 104-byte
+# index keeps a worker under 2 GB (1.0 GB index at 10M). (Memory-mapping the index,
+# `read_index(mmap=True)`, makes every type's per-worker cost near zero; see docs/scale.md.)
+AUTO_REFINE_MIN = 5_000_000
 AUTO_REFINE_DIMS_PER_CODE = 2  # PQ sub-quantizers of 2 dimensions, 8 bits each: d/2 bytes a vector
 AUTO_REFINE = "Refine(SQ8)"
 
@@ -308,7 +316,8 @@ def auto_spec(n_items: int, dim: int) -> IndexSpec:
 
     Up to AUTO_FLAT_MAX: exact; up to AUTO_REFINE_MIN: IVF-Flat (4 bytes a dimension); above:
     IVF-PQ with d/2 one-byte codes re-ranked with SQ8 codes (1.5 bytes a dimension instead of
-    4, see docs/scale.md), when the dimension splits into PQ sub-quantizers (even `dim`).
+    4, see docs/scale.md; slower to search at the recall gate), when the dimension splits into
+    PQ sub-quantizers (even `dim`).
     Search parameters are left empty: the rebuild tunes nprobe (and k_factor) on a query sample
     for the recall target (`tune_search_params`) and stores the result in the manifest.
     """
