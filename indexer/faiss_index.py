@@ -290,19 +290,19 @@ class IndexSpec:
 # ~ 2 sqrt(n) keeps ~500 vectors per list.
 AUTO_FLAT_MAX = 50_000
 AUTO_NLIST_MIN, AUTO_NLIST_MAX = 256, 8192
-# Above this many items `auto` builds IVF-PQ re-ranked with SQ8 codes instead of IVF-Flat, for
-# memory: docs/bench/bigindex.md (1M items, 64-d, tuned for recall@100 >= 0.95): IVF2048,Flat
-# holds 264 bytes an item in each worker that reads it (252 MiB at 1M, 0.13 ms p50), IVF-PQ32 +
-# Refine(SQ8) 104 (100 MiB) but needs nprobe 192 to pass the gate (SQ8's own error caps the
-# re-ranked order; 3.9 ms p50), RFlat passes at nprobe 6 (0.34 ms) but holds 296 bytes, more than
-# IVF-Flat, and PQ16 + SQ8 needs every list (18 ms). So IVF-Flat stays the default while its
-# memory is affordable: a serving worker's budget of 2 GB (issue 20) holds IVF-Flat's 264 B +
-# ~70 B of Python item ids + a ~300 MB process up to ~5M items; above that only the 104-byte
-# index keeps a worker under 2 GB (1.0 GB index at 10M). (Memory-mapping the index,
-# `read_index(mmap=True)`, makes every type's per-worker cost near zero; see docs/scale.md.)
-AUTO_REFINE_MIN = 5_000_000
+# Whether and above how many items `auto` builds a re-ranked IVF-PQ instead of IVF-Flat. The
+# benchmark (docs/bench/bigindex.md, 64-d, tuned for recall@100 >= 0.95) does not justify any
+# threshold yet, so it is off (None): at 1M items IVF2048,Flat passes the gate at nprobe 6
+# (0.13 ms p50, 264 bytes an item); PQ32 + RFlat passes at nprobe 6, k_factor 2 but is slower
+# (0.34 ms) and holds *more* (296 bytes: the codes plus a float copy); PQ32 + Refine(SQ8) holds
+# 104 bytes but needs nprobe 192 at 1M (3.9 ms) and at 3M never passes (0.930 probing every
+# list: SQ8's own error reorders the cut-off), nor does PQ16 + SQ8. The memory that a worker
+# needs is solved by memory-mapping instead (`read_index(mmap=True)`: ~0 private bytes for every
+# type); a quantized index pays off once `indexer.topk` re-ranks an over-fetch exactly from
+# embeddings.npy (then PQ32's 40 bytes suffice). `auto_spec(..., refine_min=)` takes a threshold.
+AUTO_REFINE_MIN: int | None = None
 AUTO_REFINE_DIMS_PER_CODE = 2  # PQ sub-quantizers of 2 dimensions, 8 bits each: d/2 bytes a vector
-AUTO_REFINE = "Refine(SQ8)"
+AUTO_REFINE = "RFlat"  # the only re-ranking that passed the gate at low nprobe (1M)
 
 
 def auto_nlist(n_items: int) -> int:
@@ -311,13 +311,12 @@ def auto_nlist(n_items: int) -> int:
     return int(min(max(nlist, AUTO_NLIST_MIN), AUTO_NLIST_MAX))
 
 
-def auto_spec(n_items: int, dim: int) -> IndexSpec:
+def auto_spec(n_items: int, dim: int, *, refine_min: int | None = AUTO_REFINE_MIN) -> IndexSpec:
     """The default index for a catalog of `n_items` vectors of dimension `dim`.
 
-    Up to AUTO_FLAT_MAX: exact; up to AUTO_REFINE_MIN: IVF-Flat (4 bytes a dimension); above:
-    IVF-PQ with d/2 one-byte codes re-ranked with SQ8 codes (1.5 bytes a dimension instead of
-    4, see docs/scale.md; slower to search at the recall gate), when the dimension splits into
-    PQ sub-quantizers (even `dim`).
+    Up to AUTO_FLAT_MAX: exact; above: IVF-Flat, or, above `refine_min` items (None: never, the
+    default, see AUTO_REFINE_MIN), IVF-PQ with d/2 one-byte codes re-ranked with AUTO_REFINE
+    when the dimension splits into PQ sub-quantizers (even `dim`).
     Search parameters are left empty: the rebuild tunes nprobe (and k_factor) on a query sample
     for the recall target (`tune_search_params`) and stores the result in the manifest.
     """
@@ -326,7 +325,7 @@ def auto_spec(n_items: int, dim: int) -> IndexSpec:
     if n_items <= AUTO_FLAT_MAX:
         return IndexSpec("Flat")
     nlist = auto_nlist(n_items)
-    if n_items > AUTO_REFINE_MIN and dim % AUTO_REFINE_DIMS_PER_CODE == 0:
+    if refine_min is not None and n_items > refine_min and dim % AUTO_REFINE_DIMS_PER_CODE == 0:
         return IndexSpec(f"IVF{nlist},PQ{dim // AUTO_REFINE_DIMS_PER_CODE}x8,{AUTO_REFINE}")
     return IndexSpec(f"IVF{nlist},Flat")
 
