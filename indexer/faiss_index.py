@@ -290,19 +290,20 @@ class IndexSpec:
 # ~ 2 sqrt(n) keeps ~500 vectors per list.
 AUTO_FLAT_MAX = 50_000
 AUTO_NLIST_MIN, AUTO_NLIST_MAX = 256, 8192
-# Whether and above how many items `auto` builds a re-ranked IVF-PQ instead of IVF-Flat. The
-# benchmark (docs/bench/bigindex.md, 64-d, tuned for recall@100 >= 0.95) does not justify any
-# threshold yet, so it is off (None): at 1M items IVF2048,Flat passes the gate at nprobe 6
-# (0.13 ms p50, 264 bytes an item); PQ32 + RFlat passes at nprobe 6, k_factor 2 but is slower
-# (0.34 ms) and holds *more* (296 bytes: the codes plus a float copy); PQ32 + Refine(SQ8) holds
-# 104 bytes but needs nprobe 192 at 1M (3.9 ms) and at 3M never passes (0.930 probing every
-# list: SQ8's own error reorders the cut-off), nor does PQ16 + SQ8. The memory that a worker
-# needs is solved by memory-mapping instead (`read_index(mmap=True)`: ~0 private bytes for every
-# type); a quantized index pays off once `indexer.topk` re-ranks an over-fetch exactly from
-# embeddings.npy (then PQ32's 40 bytes suffice). `auto_spec(..., refine_min=)` takes a threshold.
-AUTO_REFINE_MIN: int | None = None
+# Above this many items `auto` builds IVF-PQ re-ranked with fp16 codes instead of IVF-Flat, for
+# memory (docs/bench/bigindex.md, 64-d, tuned for recall@100 >= 0.95). At 1M items:
+# IVF2048,Flat passes at nprobe 6 (0.13 ms p50, 264 bytes an item); PQ32 + Refine(SQfp16) passes
+# at the same nprobe with k_factor 2 (0.36 ms, 168 bytes: 36 % less); PQ32 + RFlat passes too but
+# holds more than IVF-Flat (296 bytes); PQ32 + Refine(SQ8) (104 bytes) needs nprobe 192 at 1M and
+# never passes at 3M (0.930 probing every list: SQ8's error reorders the cut-off). So IVF-Flat,
+# the fastest, stays while its memory is affordable: a 2 GB serving worker (issue 20) holds its
+# 264 bytes + ~65 bytes of Python item ids + a ~300 MB process up to ~5M items. Above, the
+# fp16-refined index is the smallest that passed the gate cheaply (measured at 1M only; the
+# rebuild's recall gate still guards every build). Memory-mapping the index
+# (`read_index(mmap=True)`) makes any type's per-worker cost near zero, see docs/scale.md.
+AUTO_REFINE_MIN: int | None = 5_000_000
 AUTO_REFINE_DIMS_PER_CODE = 2  # PQ sub-quantizers of 2 dimensions, 8 bits each: d/2 bytes a vector
-AUTO_REFINE = "RFlat"  # the only re-ranking that passed the gate at low nprobe (1M)
+AUTO_REFINE = "Refine(SQfp16)"
 
 
 def auto_nlist(n_items: int) -> int:
@@ -314,9 +315,10 @@ def auto_nlist(n_items: int) -> int:
 def auto_spec(n_items: int, dim: int, *, refine_min: int | None = AUTO_REFINE_MIN) -> IndexSpec:
     """The default index for a catalog of `n_items` vectors of dimension `dim`.
 
-    Up to AUTO_FLAT_MAX: exact; above: IVF-Flat, or, above `refine_min` items (None: never, the
-    default, see AUTO_REFINE_MIN), IVF-PQ with d/2 one-byte codes re-ranked with AUTO_REFINE
-    when the dimension splits into PQ sub-quantizers (even `dim`).
+    Up to AUTO_FLAT_MAX: exact; above: IVF-Flat, or, above `refine_min` items (default
+    AUTO_REFINE_MIN; None: never), IVF-PQ with d/2 one-byte codes re-ranked with fp16 codes
+    (AUTO_REFINE; 2.6 bytes a dimension instead of 4.1) when the dimension splits into PQ
+    sub-quantizers (even `dim`).
     Search parameters are left empty: the rebuild tunes nprobe (and k_factor) on a query sample
     for the recall target (`tune_search_params`) and stores the result in the manifest.
     """
