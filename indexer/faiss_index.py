@@ -12,10 +12,20 @@ Supported families (a FAISS factory string picks one):
 - exact: `"Flat"` (`IndexFlatIP`), the default for small catalogs;
 - graph: `"HNSW<M>"` / `"HNSW<M>,Flat"` / `"HNSW<M>,SQ8"`, search-time knob `efSearch`;
 - inverted file: `"IVF<nlist>,Flat"`, `"IVF<nlist>,PQ<m>x<nbits>"`, `"IVF<nlist>,SQ8"`,
-  optionally behind a transform (`"OPQ16,IVF1024,PQ16"`), search-time knob `nprobe`.
+  optionally behind a transform (`"OPQ16,IVF1024,PQ16"`), search-time knob `nprobe`;
+- re-ranked (FAISS `IndexRefine`): any of the above followed by `,RFlat` or `,Refine(<f>)`
+  (`"IVF1024,PQ32,RFlat"`, `"IVF4096,PQ16,Refine(SQ8)"`). The base index proposes
+  `k * k_factor` candidates from its compressed codes and the refine index re-scores them with
+  better codes (RFlat: the exact float vectors, a full float copy held in the index file, so it
+  costs as much memory as `Flat`; SQ8: one byte per dimension), keeping the best k. A PQ code
+  loses the ordering among near neighbours (`IVF2048,PQ32x8` plateaus at recall@100 ~ 0.88 at
+  1M items, docs/bench/index.md), re-ranking a few times k candidates restores it. Search-time
+  knobs: the base's (`nprobe` / `efSearch`) and `k_factor`. The family of a refined index is
+  its base's (`is_refined` tells them apart).
 
-Search-time knobs are kept in a plain dict (`{"efSearch": 128}`, `{"nprobe": 32}`) that the
-index manifest stores and `apply_search_params` applies after loading.
+Search-time knobs are kept in a plain dict (`{"efSearch": 128}`, `{"nprobe": 32}`,
+`{"nprobe": 16, "k_factor": 4}`) that the index manifest stores and `apply_search_params`
+applies after loading.
 
 Inputs are checked here with explicit exceptions, not `assert` (which `python -O` strips) and
 not FAISS's own C++ checks (whose messages name no shape): a query of the wrong dimension, a
@@ -39,7 +49,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METRIC = faiss.METRIC_INNER_PRODUCT
-SEARCH_PARAM_NAMES = ("efSearch", "nprobe")
+SEARCH_PARAM_NAMES = ("efSearch", "nprobe", "k_factor")
 BUILD_PARAM_NAMES = ("efConstruction", "train_size", "kmeans_iters", "seed")
 UNIT_NORM_ATOL = 1e-3
 # Tolerance on float32 inner products when deciding ties (recall) and comparing scores.
@@ -48,6 +58,13 @@ SCORE_TOL = 1e-5
 # Ladders tried by `tune_search_params`, smallest (fastest) first.
 EF_SEARCH_LADDER = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 NPROBE_LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+# k_factor of a refined index: candidates re-ranked per result. The ladder's top is what nprobe
+# is tuned at (a generous re-rank, so that nprobe alone limits recall), then the smallest
+# k_factor that still reaches the target is kept.
+K_FACTOR_LADDER = (1, 2, 3, 4, 6, 8, 12, 16)
+# k_factor a refined index is built with (FAISS's default, 1, re-ranks nothing: the bare base
+# ranking), kept when the rebuild is given --nprobe / --ef-search and skips the tuning
+DEFAULT_K_FACTOR = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +164,13 @@ def index_family(index: faiss.Index) -> str:
         )
     if isinstance(index, faiss.IndexPreTransform):
         return index_family(index.index)
+    if isinstance(index, faiss.IndexRefine):
+        refine = faiss.downcast_index(index.refine_index)
+        if refine.metric_type != METRIC:
+            raise ValueError(f"the refine index {type(refine).__name__} uses metric {refine.metric_type}, expected inner product ({METRIC})")
+        if not isinstance(refine, (faiss.IndexFlat, faiss.IndexScalarQuantizer)):
+            raise ValueError(f"unsupported refine index {type(refine).__name__}; use RFlat, Refine(Flat) or Refine(SQ8|SQfp16|SQ4)")
+        return index_family(index.base_index)
     if isinstance(index, faiss.IndexFlat):
         return "flat"
     if isinstance(index, faiss.IndexHNSW):
@@ -154,15 +178,30 @@ def index_family(index: faiss.Index) -> str:
     if isinstance(index, faiss.IndexIVF):
         return "ivf"
     raise ValueError(
-        f"unsupported index type {type(index).__name__}; use Flat, HNSW<M>[,Flat|SQ8] or IVF<nlist>,<Flat|PQ..|SQ8>"
+        f"unsupported index type {type(index).__name__}; use Flat, HNSW<M>[,Flat|SQ8] or IVF<nlist>,<Flat|PQ..|SQ8>, "
+        "optionally followed by ,RFlat or ,Refine(SQ8)"
     )
 
 
-def _inner(index: faiss.Index) -> faiss.Index:
-    """The searchable index behind any IndexPreTransform wrappers, downcast."""
+def refine_of(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The `IndexRefine` (downcast) at the top of `index` or behind its transforms, else None."""
     index = faiss.downcast_index(index)
     while isinstance(index, faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+
+def is_refined(index: faiss.Index) -> bool:
+    """Whether `index` re-ranks its candidates with a refine index (`,RFlat` / `,Refine(..)`)."""
+    return refine_of(index) is not None
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index that holds the knobs (HNSW / IVF / Flat) behind any IndexPreTransform and
+    IndexRefine wrappers (a refined index's base), downcast."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):
+        index = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index.base_index)
     return index
 
 
@@ -170,23 +209,30 @@ def get_search_params(index: faiss.Index) -> dict[str, int]:
     """The search-time knobs currently set on `index` ({} for an exact index)."""
     fam = index_family(index)
     inner = _inner(index)
+    out: dict[str, int] = {}
     if fam == "hnsw":
-        return {"efSearch": int(inner.hnsw.efSearch)}
+        out["efSearch"] = int(inner.hnsw.efSearch)
     if fam == "ivf":
-        return {"nprobe": int(inner.nprobe)}
-    return {}
+        out["nprobe"] = int(inner.nprobe)
+    refine = refine_of(index)
+    if refine is not None:
+        out["k_factor"] = int(round(refine.k_factor))
+    return out
 
 
 def validate_search_params(index: faiss.Index, params: Mapping[str, object] | None) -> dict[str, int]:
     """Check `params` names and values against `index`'s family; return them as plain ints."""
     fam = index_family(index)
     allowed = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",)}[fam]
+    if is_refined(index):
+        allowed = (*allowed, "k_factor")
     out: dict[str, int] = {}
     for name, value in (params or {}).items():
         if name not in SEARCH_PARAM_NAMES:
             raise ValueError(f"unknown search parameter {name!r}; known: {list(SEARCH_PARAM_NAMES)}")
         if name not in allowed:
-            raise ValueError(f"search parameter {name!r} does not apply to a {fam} index (applies: {list(allowed) or 'none'})")
+            kind = f"{fam} index" + (" with refine" if is_refined(index) else " without refine")
+            raise ValueError(f"search parameter {name!r} does not apply to a {kind} (applies: {list(allowed) or 'none'})")
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"search parameter {name} must be a positive integer, got {value!r}")
         out[name] = int(value)
@@ -209,6 +255,10 @@ def apply_search_params(index: faiss.Index, params: Mapping[str, object] | None)
         inner.hnsw.efSearch = checked["efSearch"]
     if "nprobe" in checked:
         inner.nprobe = checked["nprobe"]
+    if "k_factor" in checked:
+        refine = refine_of(index)
+        assert refine is not None  # validated above
+        refine.k_factor = float(checked["k_factor"])
     return checked
 
 
@@ -240,6 +290,20 @@ class IndexSpec:
 # ~ 2 sqrt(n) keeps ~500 vectors per list.
 AUTO_FLAT_MAX = 50_000
 AUTO_NLIST_MIN, AUTO_NLIST_MAX = 256, 8192
+# Above this many items `auto` builds IVF-PQ re-ranked with fp16 codes instead of IVF-Flat, for
+# memory (docs/bench/bigindex.md, 64-d, tuned for recall@100 >= 0.95). At 1M items:
+# IVF2048,Flat passes at nprobe 6 (0.13 ms p50, 264 bytes an item); PQ32 + Refine(SQfp16) passes
+# at the same nprobe with k_factor 2 (0.36 ms, 168 bytes: 36 % less); PQ32 + RFlat passes too but
+# holds more than IVF-Flat (296 bytes); PQ32 + Refine(SQ8) (104 bytes) needs nprobe 192 at 1M and
+# never passes at 3M (0.930 probing every list: SQ8's error reorders the cut-off). So IVF-Flat,
+# the fastest, stays while its memory is affordable: a 2 GB serving worker (issue 20) holds its
+# 264 bytes + ~65 bytes of Python item ids + a ~300 MB process up to ~5M items. Above, the
+# fp16-refined index is the smallest that passed the gate cheaply (measured at 1M only; the
+# rebuild's recall gate still guards every build). Memory-mapping the index
+# (`read_index(mmap=True)`) makes any type's per-worker cost near zero, see docs/scale.md.
+AUTO_REFINE_MIN: int | None = 5_000_000
+AUTO_REFINE_DIMS_PER_CODE = 2  # PQ sub-quantizers of 2 dimensions, 8 bits each: d/2 bytes a vector
+AUTO_REFINE = "Refine(SQfp16)"
 
 
 def auto_nlist(n_items: int) -> int:
@@ -248,17 +312,24 @@ def auto_nlist(n_items: int) -> int:
     return int(min(max(nlist, AUTO_NLIST_MIN), AUTO_NLIST_MAX))
 
 
-def auto_spec(n_items: int, dim: int) -> IndexSpec:
+def auto_spec(n_items: int, dim: int, *, refine_min: int | None = AUTO_REFINE_MIN) -> IndexSpec:
     """The default index for a catalog of `n_items` vectors of dimension `dim`.
 
-    Search parameters are left empty: the rebuild tunes nprobe on a query sample for the
-    recall target (`tune_search_params`) and stores the result in the manifest.
+    Up to AUTO_FLAT_MAX: exact; above: IVF-Flat, or, above `refine_min` items (default
+    AUTO_REFINE_MIN; None: never), IVF-PQ with d/2 one-byte codes re-ranked with fp16 codes
+    (AUTO_REFINE; 2.6 bytes a dimension instead of 4.1) when the dimension splits into PQ
+    sub-quantizers (even `dim`).
+    Search parameters are left empty: the rebuild tunes nprobe (and k_factor) on a query sample
+    for the recall target (`tune_search_params`) and stores the result in the manifest.
     """
     if n_items < 1 or dim < 1:
         raise ValueError(f"need a non-empty catalog, got n_items={n_items}, dim={dim}")
     if n_items <= AUTO_FLAT_MAX:
         return IndexSpec("Flat")
-    return IndexSpec(f"IVF{auto_nlist(n_items)},Flat")
+    nlist = auto_nlist(n_items)
+    if refine_min is not None and n_items > refine_min and dim % AUTO_REFINE_DIMS_PER_CODE == 0:
+        return IndexSpec(f"IVF{nlist},PQ{dim // AUTO_REFINE_DIMS_PER_CODE}x8,{AUTO_REFINE}")
+    return IndexSpec(f"IVF{nlist},Flat")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +352,26 @@ def build_index(
     above FAISS's advice of 39, which cost no measurable recall against 64 per list at 1M items
     and trains 40% faster), `kmeans_iters`
     (default 10), `seed` (sampling and k-means). `progress(n_added)` is called after each chunk
-    added, for a progress bar.
+    added, for a progress bar. `train_index` + adding every row; `indexer.sharded` fills the
+    same trained index from several shards in parallel instead.
     """
+    x = as_matrix(vectors, name="catalog vectors")
+    index = train_index(x, factory, build_params=build_params)
+    n = len(x)
+    for s in range(0, n, add_chunk):
+        index.add(x[s : s + add_chunk])
+        if progress is not None:
+            progress(min(s + add_chunk, n))
+    if search_params:
+        apply_search_params(index, search_params)
+    return index
+
+
+def train_index(vectors: np.ndarray, factory: str = "Flat", *, build_params: Mapping[str, int] | None = None) -> faiss.Index:
+    """The empty, trained index of `factory` for the catalog `vectors` (checked unit rows): the
+    coarse quantizer, PQ / SQ codebooks and refine codes trained on a sample of them (see
+    `build_index` for `build_params`). Adding rows to it (one process, or shards in parallel
+    and merged, `indexer.sharded`) gives the index."""
     x = as_matrix(vectors, name="catalog vectors")
     n, d = x.shape
     if n == 0:
@@ -302,7 +391,8 @@ def build_index(
         index = faiss.index_factory(d, factory, METRIC)
     except RuntimeError as e:
         raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {d}: {_faiss_msg(e)}") from None
-    index_family(index)  # rejects unsupported types and non-IP metrics
+    if index_family(index) == "flat" and is_refined(index):  # also rejects unsupported types and non-IP metrics
+        raise ValueError(f"{factory!r} refines an exact (Flat) index: nothing to re-rank; use Flat")
     inner = _inner(index)
     if hasattr(inner, "do_polysemous_training"):
         # the factory turns on polysemous code reordering for IVF-PQ: a slow simulated
@@ -310,14 +400,11 @@ def build_index(
         inner.do_polysemous_training = False
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = int(bp.get("efConstruction", inner.hnsw.efConstruction))
+    refine = refine_of(index)
+    if refine is not None:
+        refine.k_factor = float(DEFAULT_K_FACTOR)
     if not index.is_trained:
         _train(index, x, bp, seed)
-    for s in range(0, n, add_chunk):
-        index.add(x[s : s + add_chunk])
-        if progress is not None:
-            progress(min(s + add_chunk, n))
-    if search_params:
-        apply_search_params(index, search_params)
     return index
 
 
@@ -366,19 +453,48 @@ def _faiss_msg(e: BaseException) -> str:
 
 
 def _search_params(index: faiss.Index, k: int, sel: faiss.IDSelector | None) -> faiss.SearchParameters | None:
-    """Per-call search parameters: the index's current knobs, HNSW's efSearch raised to >= k
-    (FAISS's HNSW returns fewer than k results, padded with -1, when efSearch < k), and an
-    optional id selector. IndexPreTransform forwards non-pretransform params to its inner index.
+    """Per-call search parameters: the index's current knobs, HNSW's efSearch raised to >= the
+    candidates asked of it (FAISS's HNSW returns fewer than k results, padded with -1, when
+    efSearch < k), and an optional id selector. IndexPreTransform forwards non-pretransform
+    params to its inner index; an IndexRefine accepts only `IndexRefineSearchParameters` (any
+    other type is a C++ error), which carry the base's parameters — the selector goes there: the
+    base chooses the candidates.
+    """
+    return search_parameters(index, k, sel=sel)
+
+
+def search_parameters(
+    index: faiss.Index, k: int, *, sel: faiss.IDSelector | None = None, **overrides: int
+) -> faiss.SearchParameters | None:
+    """FAISS search parameters for one `index.search(x, k, params=...)` call on any supported
+    index: the index's current knobs, replaced by `overrides` (`nprobe=`, `efSearch=`,
+    `k_factor=`), with `sel` restricting the rows, nested the way the index type needs
+    (`IndexRefineSearchParameters(base_index_params=SearchParametersIVF(...))` for a refined
+    IVF). None when nothing needs passing. Callers that build their own `SearchParametersIVF`
+    for a refined index get FAISS's "params have incorrect type" error instead.
     """
     fam = index_family(index)
     inner = _inner(index)
+    refine = refine_of(index)
+    unknown = set(overrides) - set(SEARCH_PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown search parameter(s) {sorted(unknown)}; known: {list(SEARCH_PARAM_NAMES)}")
+    k_factor = float(overrides.get("k_factor", refine.k_factor if refine is not None else 1.0))
+    base_k = math.ceil(k * k_factor) if refine is not None else k
+    base: faiss.SearchParameters | None = None
     if fam == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=max(int(inner.hnsw.efSearch), k), sel=sel)
-    if fam == "ivf":
-        return faiss.SearchParametersIVF(nprobe=int(inner.nprobe), max_codes=int(inner.max_codes), sel=sel)
-    if sel is not None:
-        return faiss.SearchParameters(sel=sel)
-    return None
+        ef = int(overrides.get("efSearch", inner.hnsw.efSearch))
+        base = faiss.SearchParametersHNSW(efSearch=max(ef, base_k), sel=sel)
+    elif fam == "ivf":
+        nprobe = int(overrides.get("nprobe", inner.nprobe))
+        base = faiss.SearchParametersIVF(nprobe=nprobe, max_codes=int(inner.max_codes), sel=sel)
+    elif sel is not None:
+        base = faiss.SearchParameters(sel=sel)
+    if refine is None:
+        return base
+    if base is None:
+        return faiss.IndexRefineSearchParameters(k_factor=k_factor)
+    return faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=base)
 
 
 def search(
@@ -495,19 +611,26 @@ def tune_search_params(
     k: int,
     target: float,
 ) -> tuple[dict[str, int], float]:
-    """The cheapest efSearch / nprobe whose recall@k on `queries` reaches `target`.
+    """The cheapest efSearch / nprobe (and k_factor) whose recall@k on `queries` reaches `target`.
 
     Walks the ladder from fast to slow and stops at the first value that meets the target; if
-    none does, returns the most thorough value tried (the recall gate then decides). Sets the
-    chosen parameters on `index` and returns (params, measured recall). Use a query sample
-    disjoint from the gate's, so that the gate measures what was not tuned on.
+    none does, returns the most thorough value tried (the recall gate then decides). A refined
+    index is tuned in two walks: nprobe / efSearch with the largest k_factor of
+    `K_FACTOR_LADDER` (so that the re-rank does not limit recall), then the smallest k_factor
+    that keeps the target at that nprobe / efSearch (a base that cannot reach the target keeps
+    the largest k_factor). Sets the chosen parameters on `index` and returns (params, measured
+    recall). Use a query sample disjoint from the gate's, so that the gate measures what was
+    not tuned on.
     """
     fam = index_family(index)
     q = as_matrix(queries, name="queries", dim=index.d)
     k = _check_k(k)
     truth = exact_search(vectors, q, k)
+    refined = is_refined(index)
     if fam == "flat":
         return {}, measure_recall(index, vectors, q, k, truth=truth)
+    if refined:
+        apply_search_params(index, {"k_factor": K_FACTOR_LADDER[-1]})
     if fam == "hnsw":
         name = "efSearch"
         ladder = [v for v in EF_SEARCH_LADDER if v >= min(k, index.ntotal)] or [max(EF_SEARCH_LADDER)]
@@ -515,12 +638,24 @@ def tune_search_params(
         name = "nprobe"
         nlist = int(_inner(index).nlist)
         ladder = [v for v in NPROBE_LADDER if v < nlist] + [nlist]
+    best = _walk(index, vectors, q, k, truth, target, name, ladder)
+    if not refined or best[1] < target:
+        return best
+    base_params = {name: best[0][name]}
+    return _walk(index, vectors, q, k, truth, target, "k_factor", list(K_FACTOR_LADDER), fixed=base_params)
+
+
+def _walk(
+    index: faiss.Index, vectors: np.ndarray, q: np.ndarray, k: int, truth: tuple[np.ndarray, np.ndarray],
+    target: float, name: str, ladder: list[int], fixed: Mapping[str, int] | None = None,
+) -> tuple[dict[str, int], float]:
+    """The first value of `ladder` for knob `name` (others as set, or `fixed`) reaching `target`."""
     best: tuple[dict[str, int], float] = ({}, -1.0)
     for value in ladder:
-        params = apply_search_params(index, {name: value})
+        apply_search_params(index, {**(fixed or {}), name: value})
         rec = measure_recall(index, vectors, q, k, truth=truth)
         log.debug("tune %s=%d recall@%d=%.4f", name, value, k, rec)
-        best = (params, rec)
+        best = (get_search_params(index), rec)
         if rec >= target:
             break
     return best
@@ -543,10 +678,14 @@ def write_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
 def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
     """Read an index written by `write_index`; check it is a supported inner-product index.
 
-    `mmap=True` maps the codes of flat and IVF indexes instead of reading them (the file must
-    then never be rewritten in place: index versions are immutable for that reason).
+    `mmap=True` maps the stored codes instead of reading them into private memory: IVF inverted
+    lists and flat / SQ code arrays (a Flat index, an RFlat or Refine(SQ8) refine index), with
+    FAISS's `IO_FLAG_MMAP_IFC` (plain `IO_FLAG_MMAP` maps only the inverted lists). The pages
+    are then page cache, shared by every worker process mapping the same file, and loading is
+    near-instant (docs/bench/bigindex.md). The file must never be rewritten in place: index
+    versions are immutable for that reason. HNSW graphs and PQ codebooks are still read.
     """
-    flags = faiss.IO_FLAG_MMAP if mmap else 0
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
     try:
         index = faiss.read_index(os.fspath(path), flags)
     except RuntimeError as e:
@@ -557,6 +696,7 @@ def read_index(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Ind
 
 __all__ = [
     "AUTO_FLAT_MAX",
+    "AUTO_REFINE_MIN",
     "IndexSpec",
     "METRIC",
     "apply_search_params",
@@ -568,11 +708,15 @@ __all__ = [
     "exact_search",
     "get_search_params",
     "index_family",
+    "is_refined",
+    "refine_of",
+    "search_parameters",
     "measure_recall",
     "read_index",
     "recall_at_k",
     "search",
     "set_num_threads",
+    "train_index",
     "tune_search_params",
     "validate_search_params",
     "write_index",
