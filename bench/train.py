@@ -92,6 +92,68 @@ print("RESULT " + json.dumps(out))
 """
 
 
+# The O(catalog) pieces of a run outside the step, timed one by one on a fresh default model
+# (this checkout only): what each epoch adds (validation, hard mining), what a step draws (SSL
+# rows, mixed negatives), and the work after training (baking, calibration, the bundle write).
+COSTS = r"""
+import json, sys, time, tempfile
+args = json.loads(sys.argv[1])
+import numpy as np, torch
+torch.set_num_threads(args["threads"])
+from training.alloc import tune_allocator
+tune_allocator()
+import training.train as tt
+from training.config import TrainConfig
+from training.dataset import read_dataset
+from training.split import split_interactions
+from training.evaluate import evaluate_model
+from training.cold import calibrate_cold_start
+from training.samplers import HardNegativeSampler
+from training.ssl import SSLTask
+from training.bundle import save_bundle
+from training.model import HistoryPooling, TwoTowerModel, bake_history
+
+def timed(f, *a, **k):
+    t = time.perf_counter(); r = f(*a, **k); return time.perf_counter() - t, r
+
+cfg = TrainConfig()
+ds = read_dataset(args["data"])
+split = split_interactions(ds.interactions)
+train = split.train
+ue, ie = tt.fit_encoders(ds, train, cfg)
+model = TwoTowerModel(cfg.model, ue, ie)
+data = tt.TrainingData.encode(ds, train, ue, ie, cfg, torch.device("cpu"))
+pool = HistoryPooling(data.n_items, cfg.model.id_dim, cfg.history_alpha)
+out = {}
+model.eval()
+def validation():
+    with tt.baked_history(model, pool, data.history, data.users["id"]):
+        iv = model.item_tower.embed_encoded(data.items).numpy()
+        return evaluate_model(model, ds, split, truth_part="val", item_vecs=iv, max_users=cfg.eval_max_users, seed=0)
+out["validation_per_epoch_s"], _ = timed(validation)
+uv, iv = tt.model_vectors(model, data.users, data.items)
+hard = HardNegativeSampler(data.n_items, data.pos_keys.numpy(), *cfg.hard_rank_band)
+out["hard_mining_per_epoch_s"], _ = timed(hard.refresh, uv, iv)
+g = torch.Generator().manual_seed(0)
+ssl = SSLTask(data.items, augmentation="random", batch_size=cfg.ssl_batch_size)
+t, _ = timed(lambda: [ssl.sample_items(g) for _ in range(100)])
+out["ssl_draw_per_step_ms"] = t * 10
+t, _ = timed(lambda: [torch.randint(data.n_items, (1024,), generator=g) for _ in range(100)])
+out["mixed_negatives_draw_per_step_ms"] = t * 10
+t, pooled = timed(pool.pooled_all, data.history)
+t2, _ = timed(bake_history, model.user_tower, data.users["id"], pooled)
+out["history_baking_s"] = t + t2
+ku, ki = data.user_index.get_indexer(train["user_id"]), data.item_index.get_indexer(train["item_id"])
+out["cold_calibration_s"], _ = timed(calibrate_cold_start, model.user_tower, model.item_tower, data.users, data.items, ku, ki,
+                                     steps=cfg.cold_calibration_steps, temperature=cfg.cold_calibration_temperature)
+with tempfile.TemporaryDirectory() as d:
+    counts = {str(i): int(c) for i, c in zip(data.item_index, data.counts, strict=True) if c > 0}
+    out["bundle_write_s"], _ = timed(save_bundle, model, d, train_config=cfg.to_dict(), schema=ds.schema.to_json(),
+                                     item_counts=counts, data_fingerprint=ds.fingerprint(), metrics={}, full=True)
+print("RESULT " + json.dumps({k: round(v, 3) for k, v in out.items()}))
+"""
+
+
 def table_gib(n_items: int, n_users: int, dense: bool) -> float:
     """Rough memory of the id + history tables with their optimizer state and average: 64-wide
     float32 rows; weights, Adam's two moments and the EMA shadow, plus the dense gradient and
@@ -112,10 +174,10 @@ def ensure_data(root: Path, n_items: int, users: int, interactions: int, seed: i
     return path, info
 
 
-def run_worker(repo: Path, data: Path, threads: int, warmup: int, steps: int) -> dict:
+def run_worker(repo: Path, data: Path, threads: int, warmup: int, steps: int, code: str = WORKER) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS=str(threads))
     args = json.dumps({"data": str(data), "threads": threads, "warmup": warmup, "steps": steps})
-    proc = subprocess.run([sys.executable, "-c", WORKER, args], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, args], cwd=repo, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -175,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-gib", type=float, default=12.0, help="skip a run whose tables would need more (shared machine)")
     p.add_argument("--data-root", default=str(Path(tempfile.gettempdir()) / "bench_train"))
     p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "train"))
+    p.add_argument("--costs", default="", help="sizes at which to time the O(catalog) pieces outside the step (this checkout)")
     a = p.parse_args(argv)
     repos = [r.split("=", 1) for r in a.repo] or [["after", str(ROOT)]]
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -195,13 +258,18 @@ def main(argv: list[str] | None = None) -> None:
             r = summarize(run_worker(Path(repo), data, a.threads, a.warmup, a.steps), a.warmup)
             results[label][str(n)] = r
             print(f"{label:>7} {n:>10,} items: {r}", flush=True)
+    costs = {}
+    for n in [int(x) for x in a.costs.split(",") if x]:
+        data, _ = ensure_data(root, n, a.users, a.interactions, a.seed)
+        costs[str(n)] = run_worker(ROOT, data, a.threads, 0, 0, COSTS)
+        print(f"  costs {n:>10,} items: {costs[str(n)]}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "cpujob --exclusive python -m bench.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_model(), "threads": a.threads, "loadavg_end": loadavg(),
         "users": a.users, "interactions": a.interactions, "seed": a.seed, "warmup": a.warmup, "steps": a.steps,
-        "repos": dict(repos), "data": data_info, "results": results,
+        "repos": dict(repos), "data": data_info, "results": results, "costs": costs,
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, sizes, out.with_name(out.name + "_step_time.png"))
@@ -217,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"{r['load_s']} | {r['load_peak_rss_gib']} | {r['post_s']} |")
             else:
                 lines.append(f"| {label} | {n:,} | {r.get('skipped') or r.get('error')} | | | | | |")
+    if costs:
+        names = sorted({k for c in costs.values() for k in c})
+        lines += ["", "| items | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        lines += [f"| {int(n):,} | " + " | ".join(str(c.get(k, "")) for k in names) + " |" for n, c in costs.items()]
     table = "\n".join(lines)
     print(table)
     out.with_name(out.name + "_table.md").write_text(table + "\n")

@@ -214,9 +214,10 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
         # epochs, so the model also learns from each user's latest clicks (the val rows): the
         # ones closest in time to what comes next, which `recency_boost` weighs most.
         log.info("refit on the train split (fit + val, %d rows) for %d epochs", len(split.train), run.best_epoch)
-        first = run
-        run = _train(dataset, split, split.train, cfg, device, epochs=first.best_epoch, validate=False, progress=progress)
-        run = dataclasses.replace(run, best_epoch=first.best_epoch, history=first.history)
+        best_epoch, history = run.best_epoch, run.history
+        del run  # the first pass's model, tables and optimizer state need not live through the refit
+        run = _train(dataset, split, split.train, cfg, device, epochs=best_epoch, validate=False, progress=progress)
+        run = dataclasses.replace(run, best_epoch=best_epoch, history=history)
     model, pool = run.model, run.pool
     model.eval()
 
