@@ -14,7 +14,9 @@ reports, separately:
   cold-start calibration and the bundle write, i.e. the end of `fit`.
 
 Run it as one exclusive job on the shared machine (`cpujob --exclusive python -m bench.train
-...`); it writes docs/bench/train.md / .json and a plot of step time vs catalog size. A size is
+...`); it writes docs/bench/train.json, the results block of docs/bench/train.md (the prose
+around it is kept) and a plot of step time vs catalog size (train_step_time.png). `--costs
+SIZES` also times, on this checkout, the O(catalog) pieces outside the step one by one. A size is
 skipped for a checkout whose estimated table memory exceeds `--max-gib` (reported as such).
 """
 
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cpu_model, loadavg
+from bench.common import BEGIN, END, command_line, cpu_model, loadavg, splice_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": "cpujob --exclusive python -m bench.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "cpujob --exclusive " + command_line("bench.train", argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_model(), "threads": a.threads, "loadavg_end": loadavg(),
         "users": a.users, "interactions": a.interactions, "seed": a.seed, "warmup": a.warmup, "steps": a.steps,
         "repos": dict(repos), "data": data_info, "results": results, "costs": costs,
@@ -291,7 +293,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"| {int(n):,} | " + " | ".join(str(c.get(k, "")) for k in names) + " |" for n, c in costs.items()]
     table = "\n".join(lines)
     print(table)
-    out.with_name(out.name + "_table.md").write_text(table + "\n")
+    block = f"`{report['command']}`\n\nCPU: {report['cpu']}, {a.threads} threads; load average at the end {report['loadavg_end']}.\n\n{table}\n"
+    md = out.with_suffix(".md")
+    text = md.read_text() if md.exists() else f"# Training throughput vs catalog size\n\n{BEGIN}\n{END}\n"
+    md.write_text(splice_results(text, block) or text + f"\n{BEGIN}\n{block}{END}\n")
 
 
 if __name__ == "__main__":
