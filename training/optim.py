@@ -107,7 +107,7 @@ def keep_rows_gradient(weight: nn.Parameter, rows: torch.Tensor) -> torch.utils.
         grad = grad.coalesce()
         sel = keep[grad.indices()[0]]
         return torch.sparse_coo_tensor(
-            grad.indices()[:, sel], grad.values()[sel], grad.shape, is_coalesced=True
+            grad.indices()[:, sel], grad.values()[sel], grad.shape, is_coalesced=True, check_invariants=False
         )
 
     return weight.register_hook(hook)
