@@ -171,8 +171,9 @@ def fit(
     """Train a model on `data_dir` and write its bundle under `models_dir`; return the bundle path.
 
     The glibc allocator keeps freed buffers (`training.alloc`). With `cfg.deterministic` (the
-    default) torch's deterministic algorithms are on for the run and restored afterwards: some multi-threaded CPU kernels otherwise sum in a varying order,
-    and on ML-100K two runs with one seed drifted apart by ±0.004 recall@20 by the end.
+    default) torch's deterministic algorithms are on for the run and restored afterwards: some
+    multi-threaded CPU kernels otherwise sum in a varying order, and on ML-100K two runs with
+    one seed drifted apart by ±0.004 recall@20 by the end.
     """
     cfg = cfg or TrainConfig()
     check_models_dir(models_dir)
