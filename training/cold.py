@@ -18,8 +18,11 @@ cold user in effect). Serving stays a plain cosine; the calibrated row is part o
 the saved weights like any other.
 
 The softmax runs over the whole catalog when it has at most `candidates` items; else over the
-positive plus `candidates` items drawn uniformly, whose sampling correction is a constant and
-drops out of the softmax.
+positive plus `candidates` items drawn uniformly (fresh every step), whose sampling correction
+is a constant and drops out of the softmax. 4,096 (it was 16,384): the calibration fits one
+64-number row, 300 steps × 4,096 draws still see 1.2M negatives, and the (1024, 4097) logits
+made the step 4× cheaper (at 1M items the calibration took 89 s of the 15 s budget for the
+work after training). ML-100K (1,682 items) uses its whole catalog either way.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def calibrate_cold_start(
     steps: int,
     temperature: float,
     batch_users: int = 1024,
-    candidates: int = 16384,
+    candidates: int = 4096,
     lr: float = 1e-2,
     generator: torch.Generator | None = None,
 ) -> list[float]:

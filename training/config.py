@@ -147,6 +147,7 @@ class TrainConfig(StrictConfig):
     history_max_len: Width | None = None  # keep each user's most recent items only
     history_free_id: bool = False      # with user_history: also learn a free per-user embedding
     device: str = "auto"
+    sparse_tables: bool | None = None  # id / history tables: sparse gradients + SparseAdam (null: tables >= 16,384 rows when weight_decay is 0; training/optim.py)
     deterministic: bool = True         # torch deterministic algorithms during fit (same seed, same model)
     refit: bool = True                 # after early stopping: retrain on fit + val for the chosen epoch count
     cold_calibration_steps: Annotated[int, Field(ge=0)] = 300  # after training: fit the OOV id row, each user counting once (0 = off)
@@ -238,6 +239,8 @@ class TrainConfig(StrictConfig):
         from training.task import OBJECTIVES
 
         OBJECTIVES[self.objective].check_config(self)
+        if self.sparse_tables and self.weight_decay > 0:
+            raise ValueError(f"sparse_tables=true with weight_decay={self.weight_decay}: SparseAdam has no weight decay (use null or false)")
         if self.history_free_id and not self.user_history:
             raise ValueError("history_free_id=true only applies with user_history=true")
         return self

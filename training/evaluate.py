@@ -38,6 +38,8 @@ def topk_excluding(
     k = min(k, item_vecs.shape[0])
     items = torch.from_numpy(np.ascontiguousarray(item_vecs, dtype=np.float32))
     out = np.empty((len(user_vecs), k), dtype=np.int64)
+    # at most ~2^26 scores (256 MiB) at a time: 1,024 users x 1M items would be 4 GiB
+    chunk = max(1, min(chunk, (1 << 26) // max(1, items.shape[0])))
     for s in range(0, len(user_vecs), chunk):
         scores = torch.from_numpy(np.ascontiguousarray(user_vecs[s : s + chunk], dtype=np.float32)) @ items.T
         if exclude is not None:

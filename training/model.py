@@ -260,7 +260,7 @@ class HistoryPooling(nn.Module):
         starts, lens = history.indptr[uniq], history.lengths[uniq]
         offsets = torch.cumsum(lens, 0) - lens
         pos = torch.arange(int(lens.sum()), device=users.device) - torch.repeat_interleave(offsets - starts, lens)
-        sums = F.embedding_bag(history.items[pos], self.emb.weight, offsets, mode="sum")[inv]
+        sums = F.embedding_bag(history.items[pos], self.emb.weight, offsets, mode="sum", sparse=self.emb.sparse)[inv]
         n = lens[inv].to(sums.dtype)
         if exclude is not None:
             keys = users.long() * history.n_items + exclude.long()

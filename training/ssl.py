@@ -185,7 +185,19 @@ class SSLTask:
     def sample_items(self, generator: torch.Generator) -> torch.Tensor:
         """m catalog rows, uniformly without replacement (duplicates would be false negatives)."""
         m = min(self.batch_size, self.n_items)
-        return torch.randperm(self.n_items, generator=generator)[:m]
+        if 4 * m >= self.n_items:  # small catalog: a permutation is cheap
+            return torch.randperm(self.n_items, generator=generator)[:m]
+        # O(m), not O(catalog): the first m distinct values of a uniform stream are a uniform
+        # sample without replacement (sequential drawing with rejection of repeats)
+        got = torch.empty(0, dtype=torch.int64)
+        while len(got) < m:
+            draws = torch.cat([got, torch.randint(self.n_items, (2 * m,), generator=generator)])
+            uniq, inv = torch.unique(draws, return_inverse=True)
+            first = torch.full((len(uniq),), len(draws), dtype=torch.int64).scatter_reduce_(
+                0, inv, torch.arange(len(draws)), "amin"
+            )
+            got = draws[first.sort().values]
+        return got[:m]
 
     def views(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, Batch]:
         if self.augmentation == "random":

@@ -105,22 +105,27 @@ def in_batch_softmax_loss(
         cand, cand_ids = torch.cat([item, neg_item]), torch.cat([item_ids, neg_ids])
         if log_q is not None:
             log_q = torch.cat([log_q, neg_log_q])
-    logits = user @ cand.T / temperature
+    # logits_ij = <u_i, c_j> / τ − s_i · log q_j as ONE matrix product of width d + 1: the
+    # (N, N + M) matrix is the step's largest tensor, and the division, the outer product and
+    # the subtraction done on it separately (forward and backward) were most of a step's time.
+    scaled = user / temperature
     if log_q is not None:
-        lq = log_q.unsqueeze(0)
-        logits = logits - (lq if row_logq_scale is None else row_logq_scale.unsqueeze(1) * lq)
+        s = torch.ones_like(log_q[: len(user)]) if row_logq_scale is None else row_logq_scale.to(user.dtype)
+        logits = torch.cat([scaled, -s.unsqueeze(1)], 1) @ torch.cat([cand, log_q.to(cand.dtype).unsqueeze(1)], 1).T
+    else:
+        logits = scaled @ cand.T
     n = len(item_ids)
     mask = item_ids.unsqueeze(1) == cand_ids.unsqueeze(0)
-    mask[:, :n].fill_diagonal_(False)
     if extra_mask is not None:
-        mask[:, :n] |= extra_mask & ~torch.eye(n, dtype=torch.bool, device=mask.device)
+        mask[:, :n] |= extra_mask
+    mask[:, :n].fill_diagonal_(False)
     if neg_mask is not None:
         if neg_item is None or neg_mask.shape != (n, len(neg_ids)):
             raise ValueError(f"neg_mask {tuple(neg_mask.shape)} needs neg_item and shape ({n}, M)")
         mask[:, n:] |= neg_mask
-    logits = logits.masked_fill(mask, NEG_INF)
-    labels = torch.arange(len(user), device=user.device)
-    losses = F.cross_entropy(logits, labels, reduction="none")
+    logits = logits.masked_fill_(mask, NEG_INF)  # in place: the product's backward needs only its inputs
+    # cross-entropy with the positives on the diagonal: log Σ_j exp(logit_ij) − logit_ii
+    losses = torch.logsumexp(logits, 1) - logits.diagonal()
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.alloc import tune_allocator
 from training.artifacts import check_output_dir
 from training.bundle import save_bundle
 from training.cold import calibrate_cold_start
@@ -41,6 +42,7 @@ from training.ema import WeightAverage
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
 from training.model import HistoryPooling, TwoTowerModel, UserHistory, bake_history, build_history
+from training.optim import TableOptimizer, choose_sparse_tables, keep_rows_gradient
 from training.samplers import keep_probability, positive_weights, recency_weights
 from training.split import Split, split_interactions
 from training.ssl import SSLTask
@@ -168,19 +170,26 @@ def fit(
 ) -> Path:
     """Train a model on `data_dir` and write its bundle under `models_dir`; return the bundle path.
 
-    With `cfg.deterministic` (the default) torch's deterministic algorithms are on for the run
-    and restored afterwards: some multi-threaded CPU kernels otherwise sum in a varying order,
-    and on ML-100K two runs with one seed drifted apart by ±0.004 recall@20 by the end.
+    The glibc allocator keeps freed buffers (`training.alloc`). With `cfg.deterministic` (the
+    default) torch's deterministic algorithms are on for the run and restored afterwards: some
+    multi-threaded CPU kernels otherwise sum in a varying order, and on ML-100K two runs with
+    one seed drifted apart by ±0.004 recall@20 by the end.
     """
     cfg = cfg or TrainConfig()
     check_models_dir(models_dir)
+    tune_allocator()
     was = torch.are_deterministic_algorithms_enabled()
     was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    # Deterministic mode also fills every torch.empty with NaN, a debugging aid that changes no
+    # result (every buffer the trainer reads it has written) and cost ~15 % of a step at 1M items.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         return _fit(data_dir, models_dir, cfg, full=full, progress=progress)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 
 def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None) -> Path:
@@ -206,9 +215,10 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
         # epochs, so the model also learns from each user's latest clicks (the val rows): the
         # ones closest in time to what comes next, which `recency_boost` weighs most.
         log.info("refit on the train split (fit + val, %d rows) for %d epochs", len(split.train), run.best_epoch)
-        first = run
-        run = _train(dataset, split, split.train, cfg, device, epochs=first.best_epoch, validate=False, progress=progress)
-        run = dataclasses.replace(run, best_epoch=first.best_epoch, history=first.history)
+        best_epoch, history = run.best_epoch, run.history
+        del run  # the first pass's model, tables and optimizer state need not live through the refit
+        run = _train(dataset, split, split.train, cfg, device, epochs=best_epoch, validate=False, progress=progress)
+        run = dataclasses.replace(run, best_epoch=best_epoch, history=history)
     model, pool = run.model, run.pool
     model.eval()
 
@@ -290,8 +300,13 @@ def _train(
                       temperature=cfg.ssl_temperature)
     step = TrainStep(model, pool, task, data, cfg, gen, ssl)
     params = list(step.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
+    # the catalog-sized tables get sparse gradients + SparseAdam, and a lazy average (optim.py)
+    tables = [model.user_tower.id_emb, model.item_tower.id_emb] + ([pool.emb] if pool is not None else [])
+    sparse = choose_sparse_tables(tables, cfg.sparse_tables, cfg.weight_decay)
+    opt = TableOptimizer(params, sparse, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = WeightAverage(params, cfg.ema_decay, lazy=opt.sparse_params) if cfg.ema_decay else None
+    if sparse:
+        log.info("sparse tables: %s", ", ".join(f"{t.num_embeddings:,} x {t.embedding_dim}" for t in sparse))
 
     def snapshot() -> tuple[dict, dict | None]:
         return copy.deepcopy(model.state_dict()), copy.deepcopy(pool.state_dict()) if pool is not None else None
@@ -308,8 +323,10 @@ def _train(
         total = 0.0
         for b, (lo, hi) in enumerate(bar):
             loss = step(perm[lo:hi])
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
+            if ema is not None:
+                ema.before_step()  # lazy rows catch up before the optimizer moves them
             opt.step()
             if ema is not None:
                 ema.update()
@@ -329,7 +346,10 @@ def _train(
             model.eval()
             with ema.swapped() if ema is not None else contextlib.nullcontext():  # validate the average
                 with baked_history(model, pool, data.history, data.users["id"]):
-                    val = evaluate_model(model, dataset, split, truth_part="val", max_users=cfg.eval_max_users, seed=cfg.seed)
+                    # the catalog is already encoded: embed it from there, not from the frame again
+                    item_vecs = model.item_tower.embed_encoded(data.items).float().cpu().numpy()
+                    val = evaluate_model(model, dataset, split, truth_part="val", item_vecs=item_vecs,
+                                         max_users=cfg.eval_max_users, seed=cfg.seed)
                 row |= {"val_recall@20": val.get("recall@20", 0.0), "val_ndcg@20": val.get("ndcg@20", 0.0)}
                 # ndcg@20 breaks ties: on a catalog of <= 20 items recall@20 is 1 at every epoch,
                 # and the strict > alone kept epoch 1 however much later epochs ranked better
@@ -473,13 +493,12 @@ class TrainStep(nn.Module):
 
 def freeze_known_user_ids(model: TwoTowerModel) -> None:
     """Known users are their history alone: zero their free id rows and keep them at zero (only
-    the OOV row, the fallback of unknown users, learns). The gradient hook masks every row but 0."""
+    the OOV row, the fallback of unknown users, learns). The gradient hook drops every row but 0,
+    so neither dense Adam (zero gradient, zero moments: no move) nor SparseAdam (no entry) moves them."""
     id_w = model.user_tower.id_emb.weight
     with torch.no_grad():
         id_w[1:].zero_()
-    keep_oov = torch.zeros_like(id_w[:, :1])
-    keep_oov[0] = 1.0
-    id_w.register_hook(lambda g: g * keep_oov)
+    keep_rows_gradient(id_w, torch.tensor([0]))  # dense or sparse gradients alike (training/optim.py)
 
 
 def epoch_vectors(model: TwoTowerModel, pool: HistoryPooling | None, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:

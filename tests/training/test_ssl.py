@@ -148,3 +148,22 @@ def test_multi_dropout_without_multi_valued_features_is_an_error() -> None:
         SSLTask(cat, augmentation="multi_dropout")
     assert any(k.startswith("multi.") for k in _batch(10))
     SSLTask(_batch(10), augmentation="multi_dropout")
+
+
+def test_ssl_items_on_a_big_catalog_are_drawn_in_o_m_without_replacement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catalog much larger than the SSL batch: no permutation of the catalog (O(catalog) per
+    step), still m distinct rows, uniformly over the catalog."""
+    cat = _batch(10)
+    task = SSLTask(cat, augmentation="complementary", batch_size=8)
+    task.n_items = 1000  # the draw only needs the catalog's size
+
+    def no_randperm(*a, **k):
+        raise AssertionError("randperm over the whole catalog")
+
+    monkeypatch.setattr(torch, "randperm", no_randperm)
+    g = _gen()
+    draws = [task.sample_items(g) for _ in range(3000)]
+    assert all(len(d) == 8 and len(set(d.tolist())) == 8 for d in draws)
+    f = np.bincount(torch.cat(draws).numpy(), minlength=1000) / (8 * 3000)
+    assert f.min() > 0 and np.abs(f - 0.001).max() < 0.0012  # ~24 draws per item: within ~5 sigma
+    assert torch.cat(draws).max() < 1000
