@@ -51,6 +51,7 @@ from functools import cached_property
 import faiss
 import numpy as np
 
+from indexer import faiss_index as fi
 from indexer.faiss_index import as_matrix
 
 __all__ = [
@@ -411,19 +412,19 @@ class FaissTopK(TopK):
         self.index = index
         inner = faiss.downcast_index(index)
         self.approximate = not isinstance(inner, faiss.IndexFlat)
-        hnsw = inner if isinstance(inner, faiss.IndexHNSW) else None
-        self.hnsw_ef_search = int(hnsw.hnsw.efSearch) if hnsw is not None else None
-
+        # The knobs of the index that chooses the candidates (behind IndexPreTransform and
+        # IndexRefine wrappers); per-call parameters are built by `fi.search_parameters`, which
+        # nests them the way a refined index needs.
+        knobs = fi.get_search_params(index)
+        self.hnsw_ef_search = knobs.get("efSearch")
+        self.ivf_nprobe = knobs.get("nprobe")
         ivf = faiss.try_extract_index_ivf(index)
-        self.ivf_nprobe = int(ivf.nprobe) if ivf is not None else None
         self.ivf_nlist = int(ivf.nlist) if ivf is not None else None
 
     def candidates(self, vecs: np.ndarray, fetch: int) -> np.ndarray:
-        params = None
-        if self.hnsw_ef_search is not None and fetch > self.hnsw_ef_search:
-            # HNSW returns fewer than k results (padded with -1) when efSearch < k
-            params = faiss.SearchParametersHNSW(efSearch=fetch)
-        _, rows = self.index.search(vecs, fetch, params=params)
+        # (HNSW returns fewer than k results, padded with -1, when efSearch < k: the parameters
+        # raise efSearch to at least `fetch`.)
+        _, rows = self.index.search(vecs, fetch, params=fi.search_parameters(self.index, fetch))
         return rows
 
     def selector_params(self, fetch: int, allowed: Allowed) -> tuple[faiss.SearchParameters, faiss.IDSelector]:
@@ -436,11 +437,11 @@ class FaissTopK(TopK):
         boost = 1.0 / max(allowed.selectivity, 1e-9)
         if self.hnsw_ef_search is not None:
             ef = min(FILTER_MAX_EF_SEARCH, max(self.hnsw_ef_search, math.ceil(HNSW_FILTER_EF_PER_K * fetch * boost)))
-            return faiss.SearchParametersHNSW(efSearch=max(ef, fetch), sel=sel), sel
+            return fi.search_parameters(self.index, fetch, sel=sel, efSearch=max(ef, fetch)), sel
         if self.ivf_nprobe is not None and self.ivf_nlist is not None:
             nprobe = min(self.ivf_nlist, math.ceil(self.ivf_nprobe * boost))
-            return faiss.SearchParametersIVF(nprobe=nprobe, sel=sel), sel
-        return faiss.SearchParameters(sel=sel), sel
+            return fi.search_parameters(self.index, fetch, sel=sel, nprobe=nprobe), sel
+        return fi.search_parameters(self.index, fetch, sel=sel), sel
 
     def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
         params, sel = self.selector_params(fetch, allowed)

@@ -47,12 +47,6 @@ def test_refined_version_loads_and_answers_like_the_oracle(served):
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)  # exact cosines, re-scored from embeddings.npy
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="indexer.topk.FaissTopK.selector_params builds SearchParametersIVF/HNSW, which FAISS's IndexRefine "
-    "refuses ('params have incorrect type'); the fix is for topk.py to build them with "
-    "indexer.faiss_index.search_parameters (issue 20: hook left to the topk.py owner)",
-)
 def test_refined_version_answers_a_broad_filter(served):
     version, oracle, queries = served
     mask = np.zeros(N, dtype=bool)
