@@ -36,8 +36,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from bench.common import command_line
-from bench.index import machine_facts, make_data
+from bench.common import command_line, machine_facts, make_data
 from indexer import faiss_index as fi
 from indexer import sharded
 

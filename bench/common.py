@@ -1,7 +1,9 @@
 """What two or more benchmarks share, in one place: every bench module imports only this one
 from `bench/` (tests/bench/test_layout.py enforces it), so no benchmark depends on another.
 
-* machine facts for the reports: `cpu_model`, `loadavg`;
+* machine facts for the reports: `cpu_model`, `loadavg`, `machine_facts`;
+* synthetic unit vectors calibrated on trained item embeddings (`make_data`: `bench.index`,
+  `bench.bigindex`);
 * the reproduce command a report prints: `command_line`;
 * the generated block of a markdown report: `BEGIN`/`END` markers, `splice_results`;
 * statistics: `mean_se`, `per_user_recall`;
@@ -19,6 +21,7 @@ Benchmarks are run as modules from the repository root, `python -m bench.NAME`, 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import platform
@@ -27,9 +30,11 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 
+from indexer import faiss_index as fi
 from training.evaluate import KS, group_items, ranking_metrics
 from training.split import Split, split_interactions
 
@@ -201,3 +206,39 @@ def pool(results: list[dict]) -> dict:
     recall = np.concatenate([list(r["per_user"].values()) for r in results])
     return {k: round(float(np.average([r[k] for r in results], weights=n)), 4) for k in COLD_KEYS} | {
         "se_recall@20": round(mean_se(recall)[1], 4), "users": int(n.sum())}
+
+
+def make_data(n: int, n_queries: int, d: int, seed: int, n_clusters: int, spread: float, alpha: float,
+              offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """Items and held-out queries: a Gaussian mixture with power-law cluster sizes, a common
+    offset (trained embeddings are not centred), a decaying spectrum (scale j^-alpha on latent
+    dimension j, then a random rotation: trained embeddings have a low intrinsic dimension),
+    L2-normalized. See `embedding_stats` and docs/bench/index.md for the calibration."""
+    rng = np.random.default_rng(seed)
+    scale = (np.arange(1, d + 1, dtype=np.float32) ** -alpha).astype(np.float32)
+    centers = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    mean = np.zeros(d, np.float32)
+    mean[0] = offset
+    weights = np.arange(1, n_clusters + 1, dtype=np.float64) ** -0.5
+    weights /= weights.sum()
+    rot = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, d), dtype=np.float32)
+        for s in range(0, m, 200_000):
+            c = min(200_000, m - s)
+            lab = rng.choice(n_clusters, size=c, p=weights)
+            z = (mean + centers[lab] + spread * rng.standard_normal((c, d), dtype=np.float32)) * scale
+            z = z @ rot.T
+            out[s : s + c] = z / np.linalg.norm(z, axis=1, keepdims=True)
+        return out
+
+    return draw(n), draw(n_queries)
+
+
+def machine_facts(args: argparse.Namespace) -> dict:
+    return {
+        "cpu": cpu_model(), "usable_cpus": fi.available_cpus(), "python": platform.python_version(),
+        "faiss": faiss.__version__, "numpy": np.__version__, "platform": platform.platform(),
+        "loadavg_at_end": loadavg(),
+    }

@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from bench.common import command_line, cpu_model, loadavg
+from bench.common import command_line, loadavg, machine_facts, make_data
 from indexer import faiss_index as fi
 
 K = 100
@@ -62,34 +61,6 @@ def configs_for(n: int) -> list[Config]:
         *[Config(f"IVF{nl},Flat", f"IVF{nl},Flat", {}, probes) for nl in nlists],
         Config(f"IVF{nlists[1]},PQ32x8", f"IVF{nlists[1]},PQ32x8", {}, probes),
     ]
-
-
-def make_data(n: int, n_queries: int, d: int, seed: int, n_clusters: int, spread: float, alpha: float,
-              offset: float) -> tuple[np.ndarray, np.ndarray]:
-    """Items and held-out queries: a Gaussian mixture with power-law cluster sizes, a common
-    offset (trained embeddings are not centred), a decaying spectrum (scale j^-alpha on latent
-    dimension j, then a random rotation: trained embeddings have a low intrinsic dimension),
-    L2-normalized. See `embedding_stats` and docs/bench/index.md for the calibration."""
-    rng = np.random.default_rng(seed)
-    scale = (np.arange(1, d + 1, dtype=np.float32) ** -alpha).astype(np.float32)
-    centers = rng.standard_normal((n_clusters, d)).astype(np.float32)
-    mean = np.zeros(d, np.float32)
-    mean[0] = offset
-    weights = np.arange(1, n_clusters + 1, dtype=np.float64) ** -0.5
-    weights /= weights.sum()
-    rot = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
-
-    def draw(m: int) -> np.ndarray:
-        out = np.empty((m, d), dtype=np.float32)
-        for s in range(0, m, 200_000):
-            c = min(200_000, m - s)
-            lab = rng.choice(n_clusters, size=c, p=weights)
-            z = (mean + centers[lab] + spread * rng.standard_normal((c, d), dtype=np.float32)) * scale
-            z = z @ rot.T
-            out[s : s + c] = z / np.linalg.norm(z, axis=1, keepdims=True)
-        return out
-
-    return draw(n), draw(n_queries)
 
 
 def embedding_stats(x: np.ndarray, sample: int = 1682, seed: int = 0) -> dict:
@@ -194,14 +165,6 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
             print(f"   {str(params or ''):>18}  recall@{K} {rec:.4f}  p50 {p50:.3f} ms  p99 {p99:.3f} ms  batch {qps:,.0f} q/s", flush=True)
         del index
     return rows_out
-
-
-def machine_facts(args: argparse.Namespace) -> dict:
-    return {
-        "cpu": cpu_model(), "usable_cpus": fi.available_cpus(), "python": platform.python_version(),
-        "faiss": faiss.__version__, "numpy": np.__version__, "platform": platform.platform(),
-        "loadavg_at_end": loadavg(),
-    }
 
 
 def render_md(report: dict) -> str:
