@@ -273,17 +273,22 @@ def write_version(
             manifest={"index_version": version, "model_version": model_version, "index": index_info, "recall": recall,
                       **(extra or {})},
         )
-        # read back as a reader would; the data files' hashes were just computed from these
-        # bytes, so only the copied bundle is re-hashed (against its own manifest)
-        try:
-            if accept is not None:
-                accept(tmp)
-            else:
-                verify_version(tmp, check_hashes=False)
-        except IndexVersionError as e:
-            # the temp directory is deleted on the way out: name the version, not a path that is gone
-            raise type(e)(str(e).replace(str(tmp), f"new version {version}")) from None
+        _accept(tmp, version, accept)
     return final
+
+
+def _accept(tmp: Path, version: str, accept: Callable[[Path], object] | None) -> None:
+    """Read a just-written version back as a reader would, before it is renamed into place
+    (`accept`, e.g. the service's own load, or `verify_version`). The data files' hashes were
+    just computed from these bytes, so only the copied bundle is re-hashed. The temp directory
+    is deleted on the way out: an error names the version, not a path that is gone."""
+    try:
+        if accept is not None:
+            accept(tmp)
+        else:
+            verify_version(tmp, check_hashes=False)
+    except IndexVersionError as e:
+        raise type(e)(str(e).replace(str(tmp), f"new version {version}")) from None
 
 
 def write_delta_version(
@@ -322,13 +327,7 @@ def write_delta_version(
             manifest={"index_version": version, "model_version": model_version, "index": index_info, "recall": recall,
                       **(extra or {})},
         )
-        try:
-            if accept is not None:
-                accept(tmp)
-            else:
-                verify_version(tmp, check_hashes=False)
-        except IndexVersionError as e:
-            raise type(e)(str(e).replace(str(tmp), f"new version {version}")) from None
+        _accept(tmp, version, accept)
     return final
 
 

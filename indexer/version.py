@@ -557,6 +557,16 @@ def _check_rows_align(version: ServedVersion) -> None:
 # ---- writing the layout -----------------------------------------------------------------------
 
 
+def copy_bundle(bundle_path: str | os.PathLike[str], dest: Path) -> None:
+    """Copy a model bundle's files (durably; no subdirectories, links or hidden temp files) into
+    the new `dest` directory: every index version carries its own copy of its model."""
+    dest.mkdir()
+    for p in sorted(Path(bundle_path).iterdir()):
+        if p.is_dir() or p.is_symlink() or p.name.startswith("."):
+            continue
+        copy_file_durable(p, dest / p.name)
+
+
 def write_files(
     directory: Path,
     *,
@@ -578,11 +588,7 @@ def write_files(
     """
     cb = checkpoint or (lambda stage: None)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    (directory / MODEL_DIR).mkdir()
-    for p in sorted(Path(bundle_path).iterdir()):
-        if p.is_dir() or p.is_symlink() or p.name.startswith("."):
-            continue
-        copy_file_durable(p, directory / MODEL_DIR / p.name)
+    copy_bundle(bundle_path, directory / MODEL_DIR)
     cb("write:model")
     write_npy_durable(directory / "embeddings.npy", emb)
     write_bytes_durable(directory / "item_ids.txt", "".join(str(i) + "\n" for i in item_ids).encode("utf-8"))
@@ -653,11 +659,7 @@ def write_delta_files(
     tomb = np.asarray(tombstones, dtype=bool)
     if tomb.shape != (nb,) or len(emb) != len(delta_ids):
         raise ValueError(f"tombstones {tomb.shape} for {nb} base rows; {len(emb)} delta vectors for {len(delta_ids)} ids")
-    (directory / MODEL_DIR).mkdir()
-    for p in sorted(Path(bundle_path).iterdir()):
-        if p.is_dir() or p.is_symlink() or p.name.startswith("."):
-            continue
-        copy_file_durable(p, directory / MODEL_DIR / p.name)
+    copy_bundle(bundle_path, directory / MODEL_DIR)
     cb("write:model")
     (directory / DELTA_DIR).mkdir()
     write_npy_durable(directory / DELTA_DIR / "embeddings.npy", emb)
