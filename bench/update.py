@@ -281,7 +281,7 @@ def render(report: dict) -> str:
     lines = [
         "# `indexer update`: freshness, delta cost, tail latency under updates",
         "",
-        f"Command: `{report['command']}` (under `cpujob --exclusive`). Machine: {report['machine']['cpu']}, "
+        f"Command: `{report['command']}`. Machine: {report['machine']['cpu']}, "
         f"load average before {report['machine']['loadavg']}. Catalog: {report['catalog']['items']} items, "
         f"{report['catalog']['factory']} {report['catalog']['search_params']}, dim {report['catalog']['dim']}.",
         "",
