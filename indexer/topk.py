@@ -587,21 +587,28 @@ class DeltaTopK(TopK):
 
 def recall_against_exact(topk: TopK, queries: np.ndarray, k: int) -> float:
     """recall@k of `topk.top_k` against an exact scan of every row it may return (a
-    `DeltaTopK`'s live rows): the recall gate of a merged base + delta search."""
+    `DeltaTopK`'s live rows): the recall gate of a merged base + delta search.
+
+    The exact side is one batched FAISS flat search with the live rows as a bitmap selector:
+    at 1M items and 200 queries 1.6 s, against 6.5 s for numpy blocks + `argpartition` (the
+    gate was 10 of an update's 24 s, docs/bench/update_1m.md).
+    """
     q = as_matrix(queries, name="queries", dim=topk.dim)
     k = min(int(k), topk.live_count)
     if len(q) == 0 or k == 0:
         return 1.0
-    live = topk.live.mask if isinstance(topk, DeltaTopK) else None
     got = topk.top_k(q, [Query(k)] * len(q))
+    flat = faiss.IndexFlatIP(topk.dim)
+    flat.add(np.ascontiguousarray(topk.embeddings, dtype=np.float32))
+    params = sel = None
+    if isinstance(topk, DeltaTopK):
+        bitmap = topk.live.bitmap  # the selector points into it: keep it alive during the search
+        sel = faiss.IDSelectorBitmap(topk.count, faiss.swig_ptr(bitmap))
+        params = faiss.SearchParameters(sel=sel)
+    _, rows = flat.search(q, k, params=params)
+    del sel
     hits = 0
-    block = max(1, EXACT_BLOCK_CELLS // max(1, topk.count))
-    for s in range(0, len(q), block):
-        scores = q[s : s + block] @ topk.embeddings.T
-        if live is not None:
-            scores[:, ~live] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        for i, row in enumerate(top):
-            want = {topk.item_ids[r] for r in row.tolist()}
-            hits += len(want & {item for item, _ in got[s + i]})
+    for i, row in enumerate(rows):
+        want = {topk.item_ids[r] for r in row.tolist() if r >= 0}
+        hits += len(want & {item for item, _ in got[i]})
     return hits / (len(q) * k)
