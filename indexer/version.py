@@ -103,6 +103,20 @@ class IndexVersionError(ValueError):
 
 
 @dataclass(frozen=True, eq=False)
+class VerifiedBase:
+    """A full version's search objects as a loaded version holds them, opened from files that
+    were checked: what a delta version on that base may share instead of reading and checking
+    the base again (`load_version(..., base=)`; the argument is in docs/design.md, "Delta
+    versions"). `manifest_sha256` is the sha256 of the manifest.json whose file hashes were
+    checked — the value a delta on this base pins."""
+
+    path: Path  # resolved
+    manifest: dict
+    manifest_sha256: str
+    topk: FaissTopK
+
+
+@dataclass(frozen=True, eq=False)
 class ServedVersion:
     """One verified (model, index) pair, immutable once built: everything a request reads."""
 
@@ -114,6 +128,8 @@ class ServedVersion:
     loaded_at: float = field(default_factory=time.time)
     # the item attributes requests may filter on; None: a version built without any
     attributes: AttributeTable | None = None
+    # the base this version searches (itself for a full version); None: not shareable
+    verified_base: VerifiedBase | None = None
 
     @property
     def model_version(self) -> str:
@@ -202,12 +218,16 @@ def read_item_ids(path: str | os.PathLike[str]) -> list[str]:
     return data[:-1].split("\n")
 
 
-def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -> dict:
+def verify_version(
+    path: str | os.PathLike[str], *, check_hashes: bool = True, base: VerifiedBase | None = None
+) -> dict:
     """Check that a version directory is complete and consistent (check 1 of the module
     docstring); return its manifest, or raise IndexVersionError naming the first problem.
 
     `check_hashes=False` skips re-hashing the data files (right after writing them, when the
     hashes were just computed from the same bytes); the copied bundle is always hashed.
+    `base`: for a delta version, its base as already checked and opened (`VerifiedBase`): used
+    instead of checking the base's files again when it is the base the delta pins.
     """
     path = Path(path)
     if not path.is_dir():
@@ -219,7 +239,7 @@ def verify_version(path: str | os.PathLike[str], *, check_hashes: bool = True) -
     if not isinstance(files, dict):
         raise IndexVersionError(f"{path}: manifest 'files' must be an object")
     if m.get("delta") is not None:
-        return _verify_delta(path, m, check_hashes=check_hashes)
+        return _verify_delta(path, m, check_hashes=check_hashes, base=base)
     _verify_files(path, m, {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
     count, dim = m["count"], m["dim"]
     if not isinstance(count, int) or not isinstance(dim, int) or count < 1 or dim < 1:
@@ -281,33 +301,45 @@ def base_path(path: Path, manifest: dict) -> Path:
     return path.parent / base
 
 
-def _verify_delta(path: Path, m: dict, *, check_hashes: bool) -> dict:
-    """A delta version (module docstring): its own files, then its base."""
+def _verify_delta(path: Path, m: dict, *, check_hashes: bool, base: VerifiedBase | None = None) -> dict:
+    """A delta version (module docstring): its own files, then its base — checked in full, or,
+    when `base` is the very base the delta pins (same directory, same manifest sha256), taken as
+    already checked (`shared_base`)."""
     delta = m["delta"]
     if not isinstance(delta, dict) or not all(k in delta for k in ("base", "base_manifest_sha256", "base_rows")):
         raise IndexVersionError(f"{path}: manifest 'delta' must name base, base_manifest_sha256 and base_rows")
     _verify_files(path, m, {*DELTA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
-    base = base_path(path, m)
-    if not (base / MANIFEST).is_file():
-        raise IndexVersionError(f"{path}: its base version {base.name} is missing (deleted? run indexer rebuild)")
-    if sha256_file(base / MANIFEST) != delta["base_manifest_sha256"]:
-        raise IndexVersionError(f"{path}: base {base.name}'s manifest.json is not the one this delta was built on")
-    try:
-        bm = verify_version(base, check_hashes=check_hashes)
-    except IndexVersionError as e:
-        raise IndexVersionError(f"{path}: base version: {e}") from None
+    base_dir = base_path(path, m)
+    if not (base_dir / MANIFEST).is_file():
+        raise IndexVersionError(f"{path}: its base version {base_dir.name} is missing (deleted? run indexer rebuild)")
+    if sha256_file(base_dir / MANIFEST) != delta["base_manifest_sha256"]:
+        raise IndexVersionError(f"{path}: base {base_dir.name}'s manifest.json is not the one this delta was built on")
+    shared = shared_base(path, m, base)
+    if shared is not None:
+        bm = shared.manifest
+    else:
+        try:
+            bm = verify_version(base_dir, check_hashes=check_hashes)
+        except IndexVersionError as e:
+            raise IndexVersionError(f"{path}: base version: {e}") from None
     if bm.get("delta") is not None:
-        raise IndexVersionError(f"{path}: base {base.name} is itself a delta version")
+        raise IndexVersionError(f"{path}: base {base_dir.name} is itself a delta version")
     if bm["model_version"] != m["model_version"] or bm["dim"] != m["dim"] or bm["count"] != delta["base_rows"]:
         raise IndexVersionError(
-            f"{path}: base {base.name} is model {bm['model_version']} dim {bm['dim']} with {bm['count']} rows; "
+            f"{path}: base {base_dir.name} is model {bm['model_version']} dim {bm['dim']} with {bm['count']} rows; "
             f"this delta needs model {m['model_version']} dim {m['dim']} with {delta['base_rows']} rows"
         )
     emb, ids, tomb, _ = open_delta(path, m)
     nb = int(delta["base_rows"])
-    base_ids = read_item_ids(base / "item_ids.txt")
-    live_base = {base_ids[r] for r in np.flatnonzero(~tomb).tolist()}
-    clash = next((i for i in ids if i in live_base), None)
+    # a delta id must not also be a live base id: O(delta) lookups in a shared base's id map,
+    # else one pass over the base ids against the (small) set of delta ids
+    if shared is not None:
+        base_rows = shared.topk.rows
+        clash = next((i for i in ids if (r := base_rows.get(i)) is not None and not tomb[r]), None)
+    else:
+        wanted = set(ids)
+        base_ids = read_item_ids(base_dir / "item_ids.txt")
+        clash = next((i for r, i in enumerate(base_ids) if i in wanted and not tomb[r]), None)
     if clash is not None:
         raise IndexVersionError(f"{path}: delta item {clash!r} is also a live (untombstoned) base item")
     live = nb - int(np.count_nonzero(tomb)) + len(ids)
@@ -318,6 +350,17 @@ def _verify_delta(path: Path, m: dict, *, check_hashes: bool) -> dict:
     open_attributes(path, m)
     _verify_model(path, m, m["dim"])
     return m
+
+
+def shared_base(path: Path, m: dict, base: VerifiedBase | None) -> VerifiedBase | None:
+    """`base` if delta version `path` (manifest `m`) pins exactly it — the same base directory
+    and the sha256 of the same base manifest.json, which holds the sha256 of every base file —
+    else None (the base is then read and checked as any version)."""
+    if base is None or m.get("delta") is None:
+        return None
+    if base.manifest_sha256 != m["delta"].get("base_manifest_sha256"):
+        return None
+    return base if base_path(path, m).resolve() == base.path else None
 
 
 def open_fingerprints(p: Path, count: int) -> np.ndarray:
@@ -412,6 +455,25 @@ def open_search_files(path: str | os.PathLike[str], manifest: dict) -> tuple[fai
     return _open_index(path, manifest), _open_embeddings(path), read_item_ids(path / "item_ids.txt")
 
 
+def open_base(path: str | os.PathLike[str], manifest: dict | None = None) -> VerifiedBase:
+    """A full version's search objects (index, memory-mapped embeddings, ids) for `indexer
+    update`: the base its new delta will pin, opened once for the diff, the recall gate and the
+    acceptance load. Its files were checked when it was published (a rebuild loads a version
+    as the service does before the rename) and version directories are never modified; the
+    delta pins the sha256 of the manifest read here, and the service checks a base it does not
+    already hold in full."""
+    path = Path(path).resolve()
+    m = manifest if manifest is not None else read_manifest(path)
+    if m.get("delta") is not None:
+        raise IndexVersionError(f"{path}: a delta version cannot be a base")
+    index, embeddings, item_ids = open_search_files(path, m)
+    try:
+        topk = FaissTopK(index, embeddings, item_ids)
+    except ValueError as e:
+        raise IndexVersionError(f"{path}: {e}") from None
+    return VerifiedBase(path, m, sha256_file(path / MANIFEST), topk)
+
+
 # ---- 2. the model, 3. the whole path ----------------------------------------------------------
 
 
@@ -439,17 +501,29 @@ def check_model_servable(model: TwoTowerModel, name: str) -> UserTower:
 
 def load_version(
     path: str | os.PathLike[str], *, check_hashes: bool = True, ef_search_override: int | None = None,
-    exact_fallback_max_items: int = 5_000_000,
+    exact_fallback_max_items: int = 5_000_000, base: VerifiedBase | None = None,
 ) -> ServedVersion:
     """Verify and load one version directory (or `INDEX_ROOT/current`): checks 1-3 of the module
     docstring. The path is resolved first, so `current` loads one consistent version even if a
     rebuild switches the pointer meanwhile. `check_hashes=False`: see `verify_version`.
+
+    `base`: a base already checked and opened by this process (a served version's
+    `verified_base`, or `indexer update`'s), reused — not read, hashed or copied again — when
+    `path` is a delta version pinning exactly that base (`shared_base`); it must have been
+    opened with the same `ef_search_override` and `exact_fallback_max_items`. Any other
+    `base` is ignored.
     """
     path = Path(path).resolve()
-    manifest = verify_version(path, check_hashes=check_hashes)
+    manifest = verify_version(path, check_hashes=check_hashes, base=base)
     name = version_name(path)
-    search_dir = base_path(path, manifest) if manifest.get("delta") is not None else path
-    index, embeddings, item_ids = open_search_files(search_dir, read_manifest(search_dir))
+    is_delta = manifest.get("delta") is not None
+    shared = shared_base(path, manifest, base) if is_delta else None
+    if shared is not None:
+        search_dir = shared.path
+        index, embeddings, item_ids = shared.topk.index, shared.topk.embeddings, shared.topk.item_ids
+    else:
+        search_dir = base_path(path, manifest).resolve() if is_delta else path
+        index, embeddings, item_ids = open_search_files(search_dir, read_manifest(search_dir))
     try:
         bundle = read_bundle_arrays(path / MODEL_DIR, verify=False)  # its files were just verified
     except BundleError as e:
@@ -458,22 +532,32 @@ def load_version(
     if dim != manifest["dim"]:
         raise IndexVersionError(f"{name}: dimension mismatch: user tower {dim}, index {manifest['dim']}")
     tower = check_user_tower(bundle, name)
-    if ef_search_override is not None:
+    if ef_search_override is not None and shared is None:
         inner = faiss.downcast_index(index)
         if isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = int(ef_search_override)
     try:
-        topk: TopK = FaissTopK(index, embeddings, item_ids, exact_fallback_max_items=exact_fallback_max_items)
+        if shared is not None:
+            base_topk = shared.topk
+        else:
+            base_topk = FaissTopK(index, embeddings, item_ids, exact_fallback_max_items=exact_fallback_max_items)
+        topk: TopK = base_topk
         restrict = None
-        if manifest.get("delta") is not None:
+        if is_delta:
             d_emb, d_ids, tomb, _ = open_delta(path, manifest)
-            topk = DeltaTopK(topk, d_emb, d_ids, tomb)  # type: ignore[arg-type]
+            topk = DeltaTopK(base_topk, d_emb, d_ids, tomb)
             restrict = topk.restrict
     except ValueError as e:
         raise IndexVersionError(f"{name}: {e}") from None
+    if shared is not None:
+        verified = shared
+    elif is_delta:
+        verified = VerifiedBase(search_dir, read_manifest(search_dir), manifest["delta"]["base_manifest_sha256"], base_topk)
+    else:
+        verified = VerifiedBase(path, manifest, sha256_file(path / MANIFEST), base_topk)
     version = ServedVersion(
         path=path, manifest=manifest, bundle=bundle, tower=tower, topk=topk,
-        attributes=open_attributes(path, manifest, restrict),
+        attributes=open_attributes(path, manifest, restrict), verified_base=verified,
     )
     _smoke_test(version)
     return version
