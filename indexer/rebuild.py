@@ -54,7 +54,7 @@ from indexer.version import (
     load_version,
     read_manifest,
 )
-from training.artifacts import check_output_dir, remove_stale_temps
+from training.artifacts import check_output_dir
 from training.bundle import Bundle, BundleError, find_bundle, load_bundle
 from training.dataset import read_items, read_schema, read_users
 from training.model import TwoTowerModel
@@ -283,10 +283,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
     progress = _progress_enabled(cfg)
     threads = fi.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    with store.locked(root):
-        cleaned = remove_stale_temps(root)
-        if cleaned:
-            log.info("removed %d leftover temp entr(ies) of an interrupted run: %s", len(cleaned), [p.name for p in cleaned])
+    with store.publishing(root) as cleaned:
         _checkpoint("locked")
 
         with timer.stage("load"):

@@ -79,7 +79,6 @@ from indexer.version import (
     open_fingerprints,
     read_manifest,
 )
-from training.artifacts import remove_stale_temps
 from training.bundle import BundleError, load_bundle
 from training.dataset import read_item_rows
 from training.schema import AttributeSpec, DatasetError, Schema
@@ -278,10 +277,7 @@ def update(cfg: UpdateConfig) -> UpdateResult:
         raise UpdateInputError(f"--root {root}: no such directory")
     timer = _Timer()
     t_start = time.perf_counter()
-    with store.locked(root):
-        cleaned = remove_stale_temps(root)
-        if cleaned:
-            log.info("removed %d leftover temp entr(ies) of an interrupted run: %s", len(cleaned), [p.name for p in cleaned])
+    with store.publishing(root) as cleaned:
         _checkpoint("locked")
 
         with timer.stage("load"):
@@ -390,7 +386,7 @@ def update(cfg: UpdateConfig) -> UpdateResult:
                 "update": stats, "timings_s": timer.timings,
             }
             path = store.write_delta_version(
-                root, version, base=prev.base.path, delta_embeddings=vectors, delta_ids=delta_ids,
+                root, version, base=prev.base, delta_embeddings=vectors, delta_ids=delta_ids,
                 delta_fingerprints=cat.hashes[delta_pos].astype(np.uint64), tombstones=tomb,
                 bundle_path=prev.path / MODEL_DIR, model_version=bundle.version,
                 index_info=prev.base.manifest["index"], recall=recall, extra=extra, checkpoint=_checkpoint,

@@ -51,6 +51,8 @@ how an update tells a feature change (re-embed) from an attribute-only change (k
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import json
 import os
 import time
@@ -86,6 +88,9 @@ DATA_FILES = ("index.faiss", "embeddings.npy", "item_ids.txt")
 FINGERPRINTS = "item_hashes.npy"
 DELTA_DIR = "delta"
 DELTA_FILES = tuple(f"{DELTA_DIR}/{f}" for f in ("embeddings.npy", "item_ids.txt", "item_hashes.npy", "tombstones.npy"))
+# a delta version's copy of its live catalog for readers of the files (INTERFACES.md §2): the
+# service serves the base + delta rows and never reads these
+EXPORT_FILES = ("embeddings.npy", "item_ids.txt")
 MODEL_DIR = "model"
 MANIFEST_KEYS = ("format", "index_version", "model_version", "created_at", "count", "dim", "index", "recall", "files")
 
@@ -219,7 +224,8 @@ def read_item_ids(path: str | os.PathLike[str]) -> list[str]:
 
 
 def verify_version(
-    path: str | os.PathLike[str], *, check_hashes: bool = True, base: VerifiedBase | None = None
+    path: str | os.PathLike[str], *, check_hashes: bool = True, base: VerifiedBase | None = None,
+    exports: bool = True,
 ) -> dict:
     """Check that a version directory is complete and consistent (check 1 of the module
     docstring); return its manifest, or raise IndexVersionError naming the first problem.
@@ -228,6 +234,9 @@ def verify_version(
     hashes were just computed from the same bytes); the copied bundle is always hashed.
     `base`: for a delta version, its base as already checked and opened (`VerifiedBase`): used
     instead of checking the base's files again when it is the base the delta pins.
+    `exports=False` (`load_version`): a delta version's `EXPORT_FILES` — a copy of the live
+    catalog that serving never reads — are only checked to exist with the right shapes, not
+    hashed nor compared with the served rows (`indexer verify` does both).
     """
     path = Path(path)
     if not path.is_dir():
@@ -239,7 +248,7 @@ def verify_version(
     if not isinstance(files, dict):
         raise IndexVersionError(f"{path}: manifest 'files' must be an object")
     if m.get("delta") is not None:
-        return _verify_delta(path, m, check_hashes=check_hashes, base=base)
+        return _verify_delta(path, m, check_hashes=check_hashes, base=base, exports=exports)
     _verify_files(path, m, {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
     count, dim = m["count"], m["dim"]
     if not isinstance(count, int) or not isinstance(dim, int) or count < 1 or dim < 1:
@@ -272,8 +281,9 @@ def verify_version(
     return m
 
 
-def _verify_files(path: Path, m: dict, required: set[str], check_hashes: bool) -> None:
-    """Every required file listed, nothing unlisted present, each listed file's sha256."""
+def _verify_files(path: Path, m: dict, required: set[str], check_hashes: bool, unhashed: tuple[str, ...] = ()) -> None:
+    """Every required file listed, nothing unlisted present, each listed file's sha256 (but
+    those of `unhashed`)."""
     files = m["files"]
     if m.get("attributes") is not None:
         try:
@@ -289,7 +299,7 @@ def _verify_files(path: Path, m: dict, required: set[str], check_hashes: bool) -
         p = path / rel
         if not p.is_file() or p.is_symlink():
             raise IndexVersionError(f"{path}: {rel} is missing")
-        if check_hashes and sha256_file(p) != files[rel]:
+        if check_hashes and rel not in unhashed and sha256_file(p) != files[rel]:
             raise IndexVersionError(f"{path}: {rel} sha256 mismatch (corrupt or modified)")
 
 
@@ -301,14 +311,18 @@ def base_path(path: Path, manifest: dict) -> Path:
     return path.parent / base
 
 
-def _verify_delta(path: Path, m: dict, *, check_hashes: bool, base: VerifiedBase | None = None) -> dict:
+def _verify_delta(
+    path: Path, m: dict, *, check_hashes: bool, base: VerifiedBase | None = None, exports: bool = True
+) -> dict:
     """A delta version (module docstring): its own files, then its base — checked in full, or,
     when `base` is the very base the delta pins (same directory, same manifest sha256), taken as
-    already checked (`shared_base`)."""
+    already checked (`shared_base`) — then its export copy of the live catalog."""
     delta = m["delta"]
     if not isinstance(delta, dict) or not all(k in delta for k in ("base", "base_manifest_sha256", "base_rows")):
         raise IndexVersionError(f"{path}: manifest 'delta' must name base, base_manifest_sha256 and base_rows")
-    _verify_files(path, m, {*DELTA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
+    has_exports = all(f in m["files"] for f in EXPORT_FILES)  # deltas written before the copy existed have none
+    _verify_files(path, m, {*DELTA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes,
+                  unhashed=() if exports else EXPORT_FILES)
     base_dir = base_path(path, m)
     if not (base_dir / MANIFEST).is_file():
         raise IndexVersionError(f"{path}: its base version {base_dir.name} is missing (deleted? run indexer rebuild)")
@@ -333,9 +347,11 @@ def _verify_delta(path: Path, m: dict, *, check_hashes: bool, base: VerifiedBase
     nb = int(delta["base_rows"])
     # a delta id must not also be a live base id: O(delta) lookups in a shared base's id map,
     # else one pass over the base ids against the (small) set of delta ids
+    base_ids: list[str] | None = None
     if shared is not None:
         base_rows = shared.topk.rows
         clash = next((i for i in ids if (r := base_rows.get(i)) is not None and not tomb[r]), None)
+        base_ids = shared.topk.item_ids
     else:
         wanted = set(ids)
         base_ids = read_item_ids(base_dir / "item_ids.txt")
@@ -347,9 +363,37 @@ def _verify_delta(path: Path, m: dict, *, check_hashes: bool, base: VerifiedBase
         raise IndexVersionError(f"{path}: manifest delta.rows {delta.get('rows')!r}, base + delta hold {nb + len(ids)} rows")
     if m["count"] != live:
         raise IndexVersionError(f"{path}: manifest count {m['count']}, but base + delta hold {live} live items")
+    if has_exports:
+        _verify_exports(path, m, base_dir, base_ids, ids, tomb, emb, full=exports)
     open_attributes(path, m)
     _verify_model(path, m, m["dim"])
     return m
+
+
+def _verify_exports(
+    path: Path, m: dict, base_dir: Path, base_ids: list[str], ids: list[str], tomb: np.ndarray, delta: np.ndarray,
+    *, full: bool,
+) -> None:
+    """A delta's `EXPORT_FILES`: `embeddings.npy` float32 (count, dim); with `full`, also
+    `item_ids.txt` = the live ids in served row order (live base rows, then the delta rows) and
+    each embeddings.npy row = the served vector of that item."""
+    count, dim = int(m["count"]), int(m["dim"])
+    exp = _open_embeddings(path)
+    if exp.dtype != np.float32 or exp.shape != (count, dim):
+        raise IndexVersionError(f"{path}: embeddings.npy is {exp.dtype} {exp.shape}, manifest says float32 ({count}, {dim})")
+    if not full:
+        return
+    live_rows = np.flatnonzero(~tomb)
+    if read_item_ids(path / "item_ids.txt") != [base_ids[r] for r in live_rows.tolist()] + ids:
+        raise IndexVersionError(f"{path}: item_ids.txt is not the live catalog (live base items, then the delta's)")
+    base_emb = _open_embeddings(base_dir)
+    block = 1 << 16
+    for s in range(0, len(live_rows), block):
+        part = live_rows[s : s + block]
+        if not np.array_equal(exp[s : s + len(part)], base_emb.take(part, axis=0)):
+            raise IndexVersionError(f"{path}: embeddings.npy rows {s}..{s + len(part) - 1} are not the base's rows of those items")
+    if not np.array_equal(exp[len(live_rows) :], delta):
+        raise IndexVersionError(f"{path}: embeddings.npy's last {len(delta)} rows are not delta/embeddings.npy")
 
 
 def shared_base(path: Path, m: dict, base: VerifiedBase | None) -> VerifiedBase | None:
@@ -514,7 +558,7 @@ def load_version(
     `base` is ignored.
     """
     path = Path(path).resolve()
-    manifest = verify_version(path, check_hashes=check_hashes, base=base)
+    manifest = verify_version(path, check_hashes=check_hashes, base=base, exports=False)
     name = version_name(path)
     is_delta = manifest.get("delta") is not None
     shared = shared_base(path, manifest, base) if is_delta else None
@@ -722,7 +766,7 @@ def feature_fingerprints(items: Any, feature_names: Sequence[str]) -> np.ndarray
 def write_delta_files(
     directory: Path,
     *,
-    base: Path,
+    base: VerifiedBase,
     delta_embeddings: np.ndarray,
     delta_ids: Sequence[str],
     delta_fingerprints: np.ndarray,
@@ -734,10 +778,11 @@ def write_delta_files(
 ) -> dict:
     """Write a delta version's layout (module docstring) into `directory` (an empty temp
     directory of the atomic publish): bundle copy, delta files, attributes over the merged rows,
-    then the manifest — `manifest` plus `format`, `created_at`, `count` (live items), `dim`,
-    `delta` (base name, base manifest sha256, row counts) and the sha256 of every file."""
+    the export copy of the live catalog (`EXPORT_FILES`), then the manifest — `manifest` plus
+    `format`, `created_at`, `count` (live items), `dim`, `delta` (base name, base manifest
+    sha256, row counts) and the sha256 of every file."""
     cb = checkpoint or (lambda stage: None)
-    base_m = read_manifest(base)
+    base_m = base.manifest
     nb, dim = int(base_m["count"]), int(base_m["dim"])
     emb = np.ascontiguousarray(delta_embeddings, dtype=np.float32).reshape(-1, dim)
     tomb = np.asarray(tombstones, dtype=bool)
@@ -750,6 +795,14 @@ def write_delta_files(
     write_bytes_durable(directory / DELTA_DIR / "item_ids.txt", "".join(str(i) + "\n" for i in delta_ids).encode("utf-8"))
     write_npy_durable(directory / DELTA_DIR / "item_hashes.npy", _checked_fingerprints(delta_fingerprints, len(delta_ids)))
     write_npy_durable(directory / DELTA_DIR / "tombstones.npy", np.packbits(tomb, bitorder="little"))
+    live_rows = np.flatnonzero(~tomb)
+    base_ids = base.topk.item_ids
+    write_bytes_durable(
+        directory / "item_ids.txt",
+        "".join(base_ids[r] + "\n" for r in live_rows.tolist()).encode("utf-8")
+        + "".join(str(i) + "\n" for i in delta_ids).encode("utf-8"),
+    )
+    export_sha = _write_rows_npy(directory / "embeddings.npy", base.topk.embeddings, live_rows, emb)
     cb("write:embeddings")
     rows = nb + len(emb)
     extra: dict[str, Any] = {}
@@ -758,6 +811,8 @@ def write_delta_files(
             raise ValueError(f"attribute table of {attributes.count} rows for {rows} merged rows")
         extra["attributes"] = attributes.write(directory)
     n_tomb = int(np.count_nonzero(tomb))
+    hashes = file_hashes(directory, exclude=(MANIFEST, "embeddings.npy"))
+    hashes["embeddings.npy"] = export_sha
     full = {
         "format": FORMAT,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -765,10 +820,34 @@ def write_delta_files(
         "dim": dim,
         **manifest,
         **extra,
-        "delta": {"base": base.name, "base_manifest_sha256": sha256_file(base / MANIFEST), "base_rows": nb,
+        "delta": {"base": base.path.name, "base_manifest_sha256": base.manifest_sha256, "base_rows": nb,
                   "delta_rows": len(emb), "tombstones": n_tomb, "rows": rows},
-        "files": file_hashes(directory, exclude=(MANIFEST,)),
+        "files": dict(sorted(hashes.items())),
     }
     write_bytes_durable(directory / MANIFEST, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())
     cb("write:manifest")
     return full
+
+
+def _write_rows_npy(path: Path, base: np.ndarray, rows: np.ndarray, tail: np.ndarray, block: int = 1 << 16) -> str:
+    """Write `base[rows]` then `tail` as one float32 .npy file (fsynced), a block of rows at a
+    time, and return its sha256, computed from the bytes as they are written: at 1M x 64 rows
+    this costs one pass (0.9 s) where gathering the matrix, writing it and hashing the file
+    again cost two."""
+    d = int(base.shape[1])
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                 "shape": (len(rows) + len(tail), d)},
+    )
+    h = hashlib.sha256(header.getvalue())
+    with open(path, "xb") as f:
+        f.write(header.getvalue())
+        parts = (base.take(rows[s : s + block], axis=0) for s in range(0, len(rows), block))
+        for part in (*parts, np.ascontiguousarray(tail, dtype=np.float32)):
+            buf = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
+            h.update(buf)
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
