@@ -20,8 +20,9 @@ The stages (each timed and logged, like a rebuild's):
 
 1. **lock** `INDEX_ROOT/.lock` (the rebuild's lock: an update and a rebuild never interleave),
    remove `.tmp-*` leftovers of killed runs;
-2. **load** the current version: its bundle (the item tower that embeds the delta), its base's
-   ids and feature fingerprints, its own delta;
+2. **load** the current version: its bundle (the item tower that embeds the delta), its base
+   opened once (`indexer.version.open_base`: index, memory-mapped rows, id map — shared by the
+   diff, the gate and the acceptance load), the base's feature fingerprints, its own delta;
 3. **diff** by item id and feature fingerprint (`indexer.version.feature_fingerprints`): an
    item whose features are unchanged keeps its vector (base row or carried delta row) — an
    attribute-only change re-embeds nothing; a new or feature-changed item is embedded with the
@@ -32,11 +33,13 @@ The stages (each timed and logged, like a rebuild's):
    search scans the delta exactly, and past a few percent a `rebuild` (which compacts everything
    into a fresh base) is the right tool;
 4. **gate**: recall@k of the merged search (base ANN with tombstones excluded ∪ exact delta)
-   against an exact scan of the live catalog, on user queries as at rebuild (an exact base
-   index is exact by construction, as at rebuild);
-5. **write** `.tmp-<version>/`, fsync, load it exactly as the service will
-   (`indexer.version.load_version`), rename; **switch** `current`; **prune** (never a base a
-   kept version references).
+   against an exact scan of the live catalog (`indexer.topk.exact_live_top_k`: one BLAS pass
+   over the base rows, tombstones dropped, plus the delta), on user queries as at rebuild (an
+   exact base index is exact by construction, as at rebuild);
+5. **write** `.tmp-<version>/` (with the live catalog's `item_ids.txt` + `embeddings.npy`,
+   INTERFACES §2), fsync, load it exactly as the service will (`indexer.version.load_version`,
+   sharing the opened base), rename; **switch** `current`; **prune** (never a base a kept
+   version references).
 
 A SIGKILL at any point leaves `current` and its files untouched; the next run cleans up.
 """

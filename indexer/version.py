@@ -33,6 +33,7 @@ manifest (which holds the sha256 of every base file, so the whole base is pinned
 
     manifest.json   model/   delta/embeddings.npy   delta/item_ids.txt   delta/item_hashes.npy
     delta/tombstones.npy   [attributes/ (over the merged rows: base rows, then delta rows)]
+    item_ids.txt   embeddings.npy   (the live catalog: a copy for readers of the files, INTERFACES §2)
 
 `delta/embeddings.npy` holds the new and feature-changed items (embedded with the same bundle as
 the base), `tombstones.npy` a little-endian bitmap over the base rows (removed or changed items),
@@ -41,7 +42,12 @@ price change then needs no per-row patching). Base files are never modified. A c
 updates stays one level deep: each update diffs against the current version but writes the
 whole delta against the base, so loading never walks a chain. `verify_version` checks the delta
 files and the base (its manifest's sha256, its files, same model version, dimension and row
-count); `load_version` serves it as an `indexer.topk.DeltaTopK`.
+count) and the export copy (`EXPORT_FILES`: the live base ids then the delta ids, and their rows;
+`load_version` checks its shape only — serving never reads it); `load_version` serves it as an
+`indexer.topk.DeltaTopK`. Given the base as already checked and opened (`VerifiedBase`: a served
+version's `verified_base`, `indexer update`'s `open_base`), a delta pinning exactly that base
+shares it instead of reading and hashing it again (`shared_base`; why that keeps the served
+bytes the checked bytes: docs/design.md, "Delta versions").
 
 `item_hashes.npy` (every version written since updates exist; delta: `delta/item_hashes.npy`)
 holds one uint64 per row: a hash of the item's feature cells (`feature_fingerprints`), which is
