@@ -48,12 +48,13 @@ from indexer import store
 from indexer.attributes import AttributeTable
 from indexer.version import (
     IndexVersionError,
+    VerifiedBase,
     check_model_servable,
     feature_fingerprints,
     load_version,
     read_manifest,
 )
-from training.artifacts import check_output_dir, remove_stale_temps
+from training.artifacts import check_output_dir
 from training.bundle import Bundle, BundleError, find_bundle, load_bundle
 from training.dataset import read_items, read_schema, read_users
 from training.model import TwoTowerModel
@@ -282,10 +283,7 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
     progress = _progress_enabled(cfg)
     threads = fi.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    with store.locked(root):
-        cleaned = remove_stale_temps(root)
-        if cleaned:
-            log.info("removed %d leftover temp entr(ies) of an interrupted run: %s", len(cleaned), [p.name for p in cleaned])
+    with store.publishing(root) as cleaned:
         _checkpoint("locked")
 
         with timer.stage("load"):
@@ -393,14 +391,15 @@ def _check_bundle_servable(bundle: Bundle, bundle_path: Path) -> None:
         raise RebuildInputError(f"{e}; the service would refuse it") from None
 
 
-def _service_accepts(tmp: Path) -> None:
+def _service_accepts(tmp: Path, base: VerifiedBase | None = None) -> None:
     """Load the written version exactly as the service does; ServingCheckError if it refuses.
 
     Runs before the rename and the switch, so a refused version is never published. The data
     files' hashes were computed from these bytes just before, hence `check_hashes=False`.
+    `base`: `indexer update`'s opened base, shared by the delta it wrote (`load_version`).
     """
     try:
-        load_version(tmp, check_hashes=False)
+        load_version(tmp, check_hashes=False, base=base)
     except Exception as e:  # noqa: BLE001 - whatever the service would refuse on, we refuse on
         raise ServingCheckError(
             f"the service would refuse the new version ({type(e).__name__}: {e}); current unchanged"

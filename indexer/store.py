@@ -48,6 +48,7 @@ from indexer.attributes import AttributeTable
 from indexer.version import (
     MANIFEST,
     IndexVersionError,
+    VerifiedBase,
     read_manifest,
     verify_version,
     write_delta_files,
@@ -64,7 +65,7 @@ _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 
 __all__ = [
     "CURRENT", "IndexVersionError", "LockHeldError", "VersionNotFoundError", "check_version_name", "delete_version",
-    "list_versions", "locked", "new_version_name", "prune", "read_current", "remove_stale_temps", "rollback",
+    "list_versions", "locked", "new_version_name", "prune", "publishing", "read_current", "remove_stale_temps", "rollback",
     "switch_current", "version_path", "write_delta_version", "write_version",
 ]
 
@@ -182,6 +183,20 @@ def locked(root: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+@contextmanager
+def publishing(root: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """What every job that publishes into an index root (rebuild, update) does first: hold the
+    lock (`locked`: fails fast with LockHeldError) and remove the `.tmp-*` leftovers of runs
+    that were killed; yields the removed paths. Only a lock holder may remove temps: without
+    the lock they could be another run's work in progress."""
+    root = Path(root)
+    with locked(root):
+        cleaned = remove_stale_temps(root)
+        if cleaned:
+            log.info("removed %d leftover temp entr(ies) of an interrupted run: %s", len(cleaned), [p.name for p in cleaned])
+        yield cleaned
+
+
 def delete_version(root: Path, path: Path) -> None:
     """Delete one version directory under `root`. Renamed first, so a crash mid-delete leaves a
     .tmp-* (cleaned by the next run), not a half-deleted directory that still looks like a version."""
@@ -295,7 +310,7 @@ def write_delta_version(
     root: str | os.PathLike[str],
     version: str,
     *,
-    base: Path,
+    base: VerifiedBase,
     delta_embeddings: np.ndarray,
     delta_ids: Sequence[str],
     delta_fingerprints: np.ndarray,
@@ -310,7 +325,8 @@ def write_delta_version(
     attributes: AttributeTable | None = None,
 ) -> Path:
     """`write_version` for a delta version (`indexer.version.write_delta_files`) over `base`, a
-    full version in `root`: the same temp directory, fsync, acceptance check before the rename."""
+    full version in `root` as opened by `indexer.version.open_base`: the same temp directory,
+    fsync, acceptance check before the rename."""
     root = Path(root)
     check_version_name(version)
     final = root / version

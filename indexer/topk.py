@@ -55,8 +55,8 @@ from indexer import faiss_index as fi
 from indexer.faiss_index import as_matrix
 
 __all__ = [
-    "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "DeltaTopK", "FaissTopK", "Query", "TopK",
-    "exact_scores", "recall_against_exact",
+    "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "DeltaTopK", "FaissTopK", "Query", "SegmentedRows",
+    "TopK", "exact_live_top_k", "exact_scores", "recall_against_exact",
 ]
 
 # Fetching more than this fraction of the catalog: an exact scan is as cheap and exact.
@@ -457,15 +457,74 @@ class FaissTopK(TopK):
         return rows[0]
 
 
+class SegmentedRows:
+    """Two row blocks read as one (n, d) float32 matrix: `base` (memory-mapped, never copied),
+    then `delta` — a `DeltaTopK`'s catalog vectors. Supports what the top-k, `POST /similar` and
+    the version checks do with a catalog matrix: `take(rows, axis=0)`, indexing by a row, a
+    slice or row numbers, `len`, `shape`, `dtype`; `np.asarray` materializes both blocks (tools
+    only: 4 bytes x d per row)."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, base: np.ndarray, delta: np.ndarray) -> None:
+        if base.ndim != 2 or delta.ndim != 2 or base.shape[1] != delta.shape[1]:
+            raise ValueError(f"row blocks of shapes {base.shape} and {delta.shape} do not stack")
+        self.base = base
+        self.delta = delta
+        self.nb = len(base)
+        self.shape = (self.nb + len(delta), int(base.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Rows by number (any shape of int array), as `np.take(matrix, rows, axis=0)`."""
+        if axis != 0:
+            raise ValueError("SegmentedRows.take gathers rows only (axis=0)")
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.empty((*rows.shape, self.shape[1]), dtype=np.float32)
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= self.shape[0]:
+            raise IndexError(f"row {lo if lo < 0 else hi} out of range for {self.shape[0]} rows")
+        nb = self.nb
+        if hi < nb:
+            return self.base.take(rows, axis=0)
+        if lo >= nb:
+            return self.delta.take(rows - nb, axis=0)
+        in_delta = rows >= nb
+        out = np.empty((*rows.shape, self.shape[1]), dtype=np.float32)
+        out[~in_delta] = self.base.take(rows[~in_delta], axis=0)
+        out[in_delta] = self.delta.take(rows[in_delta] - nb, axis=0)
+        return out
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"row {key} out of range for {self.shape[0]} rows")
+            return self.base[row] if row < self.nb else self.delta[row - self.nb]
+        if isinstance(key, slice):
+            return self.take(np.arange(self.shape[0])[key])
+        if isinstance(key, tuple):
+            raise TypeError("SegmentedRows supports row indexing only (a row, a slice or row numbers)")
+        return self.take(np.asarray(key))
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        out = np.concatenate([self.base, self.delta]) if len(self.delta) else np.array(self.base)
+        return out if dtype is None else out.astype(dtype)
+
+
 class DeltaTopK(TopK):
     """A live catalog: `base` (a version's FAISS top-k) minus tombstoned base rows plus a delta
     segment of new and changed items, answered exactly (see the module docstring).
 
-    Rows `0 .. nb-1` are the base's, `nb .. nb+nd-1` the delta's; `embeddings` is both, in that
-    order, in one array (the base's memory-mapped rows are copied once per load: an exact
-    re-score, an exact scan and `POST /similar` then read one matrix, and the base files stay
-    untouched). A tombstoned row keeps its id in `item_ids` but is never returned: it is not in
-    `live`, and `rows` (id -> row) maps each live id to its one live row.
+    Rows `0 .. nb-1` are the base's, `nb .. nb+nd-1` the delta's; `embeddings` reads both, in
+    that order, as one matrix (`SegmentedRows`: the base's memory-mapped rows are not copied —
+    at 1M items a copy cost 0.6-0.8 s per load and 256 MB per served version — and the base
+    files stay untouched). A tombstoned row keeps its id in `item_ids` but is never returned: it
+    is not in `live`, and `rows` (id -> row) maps each live id to its one live row.
     """
 
     selector_search = True
@@ -489,7 +548,8 @@ class DeltaTopK(TopK):
                 raise ValueError(f"delta item {item!r} is also a live base item; a changed item's base row must be tombstoned")
             rows[item] = nb + j
         self.rows = rows
-        self.embeddings = np.concatenate([base.embeddings, delta]) if len(delta) else np.array(base.embeddings)
+        self.delta_embeddings = np.ascontiguousarray(delta)
+        self.embeddings = SegmentedRows(base.embeddings, self.delta_embeddings)  # type: ignore[assignment]
         self.item_ids = [*base_ids, *map(str, delta_ids)]
         self.count = nb + len(delta)
         self.dim = base.dim
@@ -576,9 +636,9 @@ class DeltaTopK(TopK):
         """The `fetch` best of the delta `rows` (plus ties) by exact score; the whole delta
         segment is one contiguous block (no gather) when every delta row is allowed."""
         if len(rows) == self.delta_count:
-            scores = self.embeddings[self.base_count :] @ vec
+            scores = self.delta_embeddings @ vec
         else:
-            scores = self.embeddings.take(rows, axis=0) @ vec
+            scores = self.delta_embeddings.take(rows - self.base_count, axis=0) @ vec
         if fetch >= len(rows):
             return rows
         kth = np.partition(scores, len(rows) - fetch)[len(rows) - fetch]
@@ -589,26 +649,79 @@ def recall_against_exact(topk: TopK, queries: np.ndarray, k: int) -> float:
     """recall@k of `topk.top_k` against an exact scan of every row it may return (a
     `DeltaTopK`'s live rows): the recall gate of a merged base + delta search.
 
-    The exact side is one batched FAISS flat search with the live rows as a bitmap selector:
-    at 1M items and 200 queries 1.6 s, against 6.5 s for numpy blocks + `argpartition` (the
-    gate was 10 of an update's 24 s, docs/bench/update_1m.md).
+    The exact side is `exact_live_top_k`: one BLAS pass over the base rows as they are (memory
+    mapped, no copy, no selector) plus the delta block. At 1M items and 200 queries it took
+    0.45 s against 2.2 s for a FAISS flat search with the live rows as a bitmap selector (FAISS
+    scans a selector row by row, without BLAS) plus 0.8 s to copy the rows into that flat index
+    (docs/bench/update_1m.md).
     """
     q = as_matrix(queries, name="queries", dim=topk.dim)
     k = min(int(k), topk.live_count)
     if len(q) == 0 or k == 0:
         return 1.0
     got = topk.top_k(q, [Query(k)] * len(q))
-    flat = faiss.IndexFlatIP(topk.dim)
-    flat.add(np.ascontiguousarray(topk.embeddings, dtype=np.float32))
-    params = sel = None
-    if isinstance(topk, DeltaTopK):
-        bitmap = topk.live.bitmap  # the selector points into it: keep it alive during the search
-        sel = faiss.IDSelectorBitmap(topk.count, faiss.swig_ptr(bitmap))
-        params = faiss.SearchParameters(sel=sel)
-    _, rows = flat.search(q, k, params=params)
-    del sel
+    truth = exact_live_top_k(topk, q, k)
     hits = 0
-    for i, row in enumerate(rows):
-        want = {topk.item_ids[r] for r in row.tolist() if r >= 0}
+    for i, row in enumerate(truth):
+        want = {topk.item_ids[r] for r in row.tolist()}
         hits += len(want & {item for item, _ in got[i]})
     return hits / (len(q) * k)
+
+
+def _blas_knn(queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of each query over `rows` by FAISS's BLAS path. FAISS takes it
+    only from `distance_compute_blas_threshold` queries on (set to 128000 in this build: a
+    200-query scan of 1M rows then runs row by row, 5x slower), so the threshold is lowered for
+    this call (a process-wide knob; it picks the algorithm, not the result)."""
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 1
+    try:
+        return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), rows, k, metric=faiss.METRIC_INNER_PRODUCT)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
+
+
+def exact_live_top_k(topk: TopK, queries: np.ndarray, k: int) -> list[np.ndarray]:
+    """Per query, the rows of the `k` highest exact scores among the rows `topk` may return
+    (ties at the cut-off in any order): for a `DeltaTopK` its live rows — the base rows minus
+    tombstones, plus the delta rows.
+
+    The base is scanned as it is, tombstones included, for `k` plus a margin of rows (~2x the
+    tombstones expected among k, + 8), and the tombstoned ones are dropped; a query left with
+    fewer than k live base rows is scanned again with 4x the fetch (at most the whole base). The
+    delta rows are scored exactly and merged by score.
+    """
+    q = as_matrix(queries, name="queries", dim=topk.dim)
+    if isinstance(topk, DeltaTopK):
+        base, delta = topk.base.embeddings, topk.delta_embeddings
+        dead = ~topk.live.mask[: topk.base_count]
+    else:
+        base, delta = np.asarray(topk.embeddings), np.zeros((0, topk.dim), dtype=np.float32)
+        dead = np.zeros(len(base), dtype=bool)
+    nb, n_dead = len(base), int(np.count_nonzero(dead))
+    k = min(int(k), nb - n_dead + len(delta))
+    out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(q)
+    if k <= 0 or len(q) == 0:
+        return out
+    delta_scores = q @ delta.T if len(delta) else np.zeros((len(q), 0), dtype=np.float32)
+    need = min(k, nb - n_dead)  # live base rows each query's scan must yield
+    fetch = min(nb, k + (8 + 2 * math.ceil(k * n_dead / nb) if n_dead else 0))
+    todo = np.arange(len(q))
+    while len(todo):
+        if nb:
+            scores, rows = _blas_knn(q[todo], base, fetch)
+            live = rows >= 0
+            live[live] = ~dead[rows[live]]
+        else:
+            scores, rows = np.zeros((len(todo), 0), np.float32), np.zeros((len(todo), 0), np.int64)
+            live = np.zeros((len(todo), 0), dtype=bool)
+        enough = (live.sum(axis=1) >= need) | (fetch >= nb)
+        cand_rows = np.concatenate([rows, np.broadcast_to(nb + np.arange(len(delta)), (len(todo), len(delta)))], axis=1)
+        cand = np.concatenate([np.where(live, scores, -np.inf), delta_scores[todo]], axis=1)
+        top = np.argpartition(-cand, k - 1, axis=1)[:, :k]
+        for j, i in enumerate(todo.tolist()):
+            if enough[j]:
+                out[i] = cand_rows[j, top[j]]
+        todo = todo[~enough]
+        fetch = min(nb, 4 * fetch)
+    return out

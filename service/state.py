@@ -11,7 +11,10 @@ The `Reloader` polls `INDEX_ROOT/current` from a background thread. When it poin
 version directory, the version is loaded off to the side with `indexer.version.load_version` —
 the same acceptance check `indexer rebuild` runs before it switches `current` (checksums, counts,
 dimensions, the tower's model version against the index's, finite unit user vectors, the index
-agreeing with `embeddings.npy`) — and only then swapped in. A version that fails is refused —
+agreeing with `embeddings.npy`) — and only then swapped in. A delta version (`indexer update`)
+on the base the served version already searches reuses that base as it was checked and opened
+(`load_version(..., base=)`): only the delta's own files are read and hashed, so a catalog
+update is served within a fraction of a second of `current` switching, whatever the base's size. A version that fails is refused —
 counted, logged, remembered so it is not retried every poll — and the old one keeps serving.
 """
 
@@ -94,9 +97,12 @@ class Reloader:
                 return "skipped"
             t0 = time.perf_counter()
             try:
+                # a delta version on the base already served shares that base's checked,
+                # opened index and rows instead of reading and hashing them again
                 version = load_version(
                     target, ef_search_override=self.ef_search_override,
                     exact_fallback_max_items=self.exact_fallback_max_items,
+                    base=current.verified_base if current is not None else None,
                 )
             except Exception as e:  # noqa: BLE001 - any failure refuses the version, never the service
                 self._refused = _Refused(str(target), stamp)

@@ -6,6 +6,7 @@ with the same bundle, or a brute-force scan of the live catalog (`BruteForceTopK
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -23,10 +24,20 @@ from indexer import store
 from indexer.attributes import parse_filter
 from indexer.cli import main as cli_main
 from indexer.rebuild import RebuildConfig, rebuild
-from indexer.topk import Allowed, BruteForceTopK, DeltaTopK, FaissTopK, Query, recall_against_exact
+from indexer.topk import (
+    Allowed,
+    BruteForceTopK,
+    DeltaTopK,
+    FaissTopK,
+    Query,
+    SegmentedRows,
+    exact_live_top_k,
+    recall_against_exact,
+)
 from indexer.update import STAGES, DeltaTooLargeError, UpdateConfig, update
 from indexer.version import IndexVersionError, load_version, verify_version
 from tests.indexer.conftest import FACTORIES, clustered, root_snapshot, tree_digest
+from training.artifacts import sha256_file
 from training.numpy_tower import UserRecord
 
 ATTRS = {"color": {"type": "categorical"}, "stock": {"type": "bool"}}
@@ -136,6 +147,44 @@ def test_delta_topk_is_the_exact_topk_of_the_live_catalog_with_filters(factory, 
             assert recall_against_exact(merged, queries, k) == 1.0
 
 
+def test_segmented_rows_read_as_the_concatenated_matrix():
+    """DeltaTopK's base + delta rows without a copy: every read equals the concatenation's."""
+    base, delta = clustered(30, 4, seed=0), clustered(7, 4, seed=1)
+    seg, want = SegmentedRows(base, delta), np.concatenate([base, delta])
+    assert seg.shape == want.shape and len(seg) == 37 and seg.dtype == np.float32
+    for rows in ([3], [31], [0, 29, 30, 36], [[1, 33], [35, 2]], [], list(range(37))[::-1]):
+        np.testing.assert_array_equal(seg.take(np.array(rows, dtype=np.int64), axis=0), want.take(np.array(rows, dtype=np.int64), axis=0))
+        np.testing.assert_array_equal(seg[rows], want[np.array(rows, dtype=np.int64)])
+    for key in (0, 29, 30, 36, -1, -8, slice(25, 33), slice(None, None, 5)):
+        np.testing.assert_array_equal(seg[key], want[key])
+    np.testing.assert_array_equal(np.asarray(seg), want)
+    for bad in (37, -38):
+        with pytest.raises(IndexError):
+            seg[bad]
+    with pytest.raises(IndexError):
+        seg.take(np.array([0, 37]))
+
+
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.1, 0.95])
+def test_exact_live_top_k_is_the_brute_force_top_k_of_the_live_rows(dead_fraction, catalog, queries):
+    """The gate's exact side (a BLAS scan of the base as it is, tombstones dropped, refetched
+    when too many were among the first k): the live catalog's exact top-k, also when most of
+    the base is tombstoned and when k exceeds the live base rows."""
+    vectors, ids = catalog
+    rng = np.random.default_rng(4)
+    tomb = rng.random(len(ids)) < dead_fraction
+    delta = clustered(25, vectors.shape[1], seed=5)
+    merged = DeltaTopK(FaissTopK(fi.build_index(vectors, "Flat"), vectors, ids), delta, [f"d{i}" for i in range(25)], tomb)
+    live = np.flatnonzero(merged.live.mask)
+    oracle = np.concatenate([vectors, delta])[live]
+    for k in (1, 10, int(np.count_nonzero(~tomb)) + 5):
+        truth = exact_live_top_k(merged, queries, k)
+        for qv, rows in zip(queries, truth, strict=True):
+            want = np.sort(oracle @ qv)[::-1][: min(k, len(live))]
+            assert len(rows) == len(want) and merged.live.mask[rows].all() and len(set(rows.tolist())) == len(rows)
+            np.testing.assert_allclose(np.sort(np.asarray(merged.embeddings[rows]) @ qv)[::-1], want, atol=1e-5)
+
+
 def test_delta_topk_rejects_a_live_duplicate():
     vectors = clustered(20, 4, seed=0)
     base = FaissTopK(fi.build_index(vectors, "Flat"), vectors, [f"i{i}" for i in range(20)])
@@ -206,6 +255,58 @@ def test_removed_items_never_appear_and_new_items_are_found_by_their_features(tm
         assert top[0][0] == item and top[0][1] == pytest.approx(1.0, abs=1e-5)
     for item in removed:
         assert item not in v.topk.rows  # POST /similar answers 404
+
+
+def test_a_delta_version_holds_its_live_catalog_as_item_ids_and_embeddings(tmp_path, tiny_bundle_path, data):
+    """INTERFACES §2: every version has item_ids.txt (the catalog) and embeddings.npy (its unit
+    rows, same order). A delta's are a copy for readers of the files; `indexer verify` holds
+    them to the served rows, the service does not read them."""
+    root = tmp_path / "index"
+    build(root, tiny_bundle_path, data)
+    after = change_catalog(read_items_raw(data), seed=12)
+    write_items(data, after)
+    path = update(ucfg(root, data=data)).path
+    ids = (root / "current" / "item_ids.txt").read_text().splitlines()
+    emb = np.load(root / "current" / "embeddings.npy")
+    served = load_version(root / "current")
+    assert sorted(ids) == sorted(after["item_id"]) and emb.shape == (len(after), served.dim) and emb.dtype == np.float32
+    np.testing.assert_array_equal(emb, np.asarray(served.embeddings[[served.topk.rows[i] for i in ids]]))
+    verify_version(path)
+    # a copy that is not the served rows (its hash made to match) fails `verify`, not serving
+    emb[0] = emb[1]
+    (path / "embeddings.npy").unlink()
+    np.save(path / "embeddings.npy", emb)
+    m = json.loads((path / "manifest.json").read_text())
+    m["files"]["embeddings.npy"] = sha256_file(path / "embeddings.npy")
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexVersionError, match="embeddings.npy rows 0"):
+        verify_version(path)
+    assert load_version(path).count == len(after)
+
+
+def test_a_delta_shares_the_base_it_was_checked_with_and_only_that_one(tmp_path, tiny_bundle_path, data):
+    """load_version(delta, base=the served base): the base's opened index and rows are reused,
+    not read again (here: a base index.faiss damaged after it was loaded goes unnoticed by the
+    shared load, and is refused by a fresh one); a base that is not the pinned one is ignored."""
+    root = tmp_path / "index"
+    base_path = build(root, tiny_bundle_path, data, "HNSW8")
+    served = load_version(root / "current")
+    write_items(data, change_catalog(read_items_raw(data), seed=13))
+    path = update(ucfg(root, data=data)).path
+    fresh = load_version(path)
+    shared = load_version(path, base=served.verified_base)
+    assert shared.topk.base is served.topk and fresh.topk.base is not served.topk
+    assert shared.verified_base is served.verified_base and fresh.verified_base.manifest_sha256 == served.verified_base.manifest_sha256
+    q = user_queries(fresh)
+    assert all_results(shared, q, 10) == all_results(fresh, q, 10)
+    # a delta of a delta's session: the next load shares the same base again
+    assert load_version(path, base=shared.verified_base).topk.base is served.topk
+    other = dataclasses.replace(served.verified_base, manifest_sha256="0" * 64)
+    assert load_version(path, base=other).topk.base is not served.topk
+    (base_path / "index.faiss").write_bytes(b"damaged")
+    assert load_version(path, base=served.verified_base).count == fresh.count
+    with pytest.raises(IndexVersionError, match="index.faiss sha256 mismatch"):
+        load_version(path)
 
 
 def test_events_mode_equals_the_whole_catalog_mode(tmp_path, tiny_bundle_path, data):

@@ -85,6 +85,10 @@ def _ten_updates(data: Path, root: Path, items: pd.DataFrame, remember, c) -> No
         new["item_id"] = [f"new{step}-{i}" for i in range(2)]
         items = pd.concat([items.drop(items.index[idx[5:7]]), new], ignore_index=True)
         items.to_csv(data / "items.csv", index=False)
+        holder = c.app.state.service.holder
+        served_base = holder.current.verified_base.topk
         res = update(UpdateConfig(root=root, data=data, gate_k=10, keep=20, max_delta=0.5))
         remember()
         wait_for(lambda name=res.path.name: c.get("/readyz").json().get("index_version") == name, what="the updated version")
+        # the reload shared the base it already served instead of reading it again
+        assert holder.current.topk.base is served_base
