@@ -215,10 +215,10 @@ class ItemIds(Sequence[str]):
     def take(self, rows: Any) -> list[str]:
         """The ids of `rows` (valid row numbers), one gather of their offsets."""
         rows = np.asarray(rows, dtype=np.int64)
-        starts = self._offsets.take(rows).tolist()
-        ends = self._offsets.take(rows + 1).tolist()
-        blob = self._blob
-        return [blob[s : e - 1].decode("utf-8") for s, e in zip(starts, ends, strict=True)]
+        off, blob = self._offsets, self._blob
+        # ~0.2 µs an id (a slice of the mapped text and its decode) + ~3 µs a call, against
+        # ~0.07 µs an id for a list of str: ~20 µs more for k = 100 (docs/bench/memory.md)
+        return [blob[s:e].decode("utf-8") for s, e in zip(off[rows].tolist(), (off[rows + 1] - 1).tolist(), strict=True)]
 
     def __iter__(self) -> Iterator[str]:
         for s in range(0, self._n, 1 << 16):

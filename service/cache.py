@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.metrics import ServiceMetrics
-from service.redis_client import FastRedis, RedisReplyError, deadline
+from service.redis_client import CLUSTER_SCHEME, ClusterRedis, FastRedis, RedisReplyError, deadline
 from service.settings import Settings
 
 log = logging.getLogger("service.cache")
@@ -422,6 +422,9 @@ class RedisCache:
 def make_redis_client(url: str, settings: Settings) -> RedisClient:
     """The built-in client for `redis://` (unless SERVICE_REDIS_CLIENT=redis-py), else redis-py."""
     kind = settings.redis_client
+    if urlsplit(url).scheme == CLUSTER_SCHEME:  # a cluster: slot-aware reads (service/redis_client.py)
+        return ClusterRedis(url, connect_timeout_s=settings.redis_connect_timeout_s, timeout_s=settings.redis_timeout_s,
+                            max_connections=settings.redis_max_connections)
     if kind == "builtin" or (kind == "auto" and urlsplit(url).scheme == "redis"):
         return FastRedis(url, connect_timeout_s=settings.redis_connect_timeout_s, timeout_s=settings.redis_timeout_s)
     return RedisPyClient(
