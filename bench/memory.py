@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +96,18 @@ ok = sum(v.topk.rows.get(x) is not None for x in look)
 look_us = (time.perf_counter_ns() - t) / 1e3 / max(1, n_look)
 gc.collect()
 m2 = mem()
-print(json.dumps({"mode": mode, "load_s": round(load_s, 2), "idle": m0, "loaded": m1, "served": m2,
+m3 = None
+if len(sys.argv) > 8 and int(sys.argv[8]) > 1:  # W workers at once: PSS once all of them have served
+    import os, pathlib
+    bar, w = pathlib.Path(sys.argv[7]), int(sys.argv[8])
+    def wait(stage):
+        (bar / f"{os.getpid()}.{stage}").touch()
+        while len(list(bar.glob(f"*.{stage}"))) < w:
+            time.sleep(0.05)
+    wait("ready")
+    m3 = mem()
+    wait("done")
+print(json.dumps({"mode": mode, "shared": m3, "load_s": round(load_s, 2), "idle": m0, "loaded": m1, "served": m2,
                   "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                   "recall@100": hits / (len(queries) * 100), "lookup_us": look_us, "lookups_found": ok}))
 '''
@@ -185,16 +197,26 @@ def build(n: int, args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     return vdir, facts
 
 
-def probe(vdir: Path, facts: dict, mode: str, args: argparse.Namespace) -> dict:
+def probe(vdir: Path, facts: dict, mode: str, args: argparse.Namespace) -> list[dict]:
+    """`--workers` fresh serving processes of `mode` at once over the same version: one result
+    each (with `shared`: its memory once every worker has loaded and served, when > 1)."""
     tree = Path(args.baseline).resolve() if mode == "baseline" else Path(__file__).resolve().parents[1]
     path = vdir / "index" / facts["version"]
-    cmd = [sys.executable, "-c", PROBE, str(path), str(vdir / "queries.npy"), str(vdir / "truth.npy"), mode,
-           str(args.requests), str(args.lookups)]
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, cwd=tree)
-    if out.returncode != 0:
-        return {"mode": mode, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as barrier:
+        cmd = [sys.executable, "-c", PROBE, str(path), str(vdir / "queries.npy"), str(vdir / "truth.npy"), mode,
+               str(args.requests), str(args.lookups), barrier, str(args.workers)]
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
+                 for _ in range(args.workers)]
+        outs = [(p.communicate(timeout=3600), p.returncode) for p in procs]
+    results = []
+    for w, ((stdout, stderr), rc) in enumerate(outs):
+        if rc != 0:
+            results.append({"mode": mode, "worker": w + 1, "workers": args.workers,
+                            "error": (stderr.strip().splitlines() or [f"exit {rc}"])[-1]})
+        else:
+            results.append({**json.loads(stdout.strip().splitlines()[-1]), "worker": w + 1, "workers": args.workers})
+    return results
 
 
 def render_md(report: dict) -> str:
@@ -218,7 +240,8 @@ def render_md(report: dict) -> str:
                  f"{sp} | {b['gate_recall']:.4f} | {files} |")
     L += ["", f"## Serving workers ({a['requests']} requests of k = 100, {a['lookups']} id lookups each)", "",
           "MiB. `idle`: the process after its imports; `+anon`/`+file`: growth of private / file-backed RSS over idle "
-          "after loading and serving; `RSS`, `PSS`: totals of the process after serving.", "",
+          "after loading and serving; `RSS`, `PSS`: totals of the process after serving (with W workers at once: "
+          "`mode ×W`, one row per worker, PSS taken once all W have served, so the mapped files are shared W ways).", "",
           "| items | mode | round | load s | loaded +anon | loaded +file | served +anon | served +file | RSS | PSS | "
           "idle RSS | p50 ms | p99 ms | recall@100 (served) | lookup µs |",
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -227,9 +250,12 @@ def render_md(report: dict) -> str:
             L.append(f"| {r['n']:,} | {r['mode']} | {r['round']} | error: {r['error'][:80]} |" + " |" * 11)
             continue
         i, lo, s = r["idle"], r["loaded"], r["served"]
-        L.append(f"| {r['n']:,} | {r['mode']} | {r['round']} | {r['load_s']} | {lo['RssAnon'] - i['RssAnon']:,.0f} | "
+        w = r.get("workers", 1)
+        mode = r["mode"] if w == 1 else f"{r['mode']} ×{w}"
+        pss = (r.get("shared") or s)["Pss"]
+        L.append(f"| {r['n']:,} | {mode} | {r['round']} | {r['load_s']} | {lo['RssAnon'] - i['RssAnon']:,.0f} | "
                  f"{lo['RssFile'] - i['RssFile']:,.0f} | {s['RssAnon'] - i['RssAnon']:,.0f} | {s['RssFile'] - i['RssFile']:,.0f} | "
-                 f"{s['VmRSS']:,.0f} | {s['Pss']:,.0f} | {i['VmRSS']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                 f"{s['VmRSS']:,.0f} | {pss:,.0f} | {i['VmRSS']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
                  f"{r['recall@100']:.4f} | {r['lookup_us']:.1f} |")
     L += ["", report.get("notes", ""), ""]
     return "\n".join(L)
@@ -244,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factory", default=None, help="index factory (default: auto for the size)")
     p.add_argument("--train-per-list", type=int, default=None, help="k-means sample per inverted list (default: the build's 40)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="serving processes of a mode at once (PSS shares the mapped files)")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--lookups", type=int, default=1000)
     p.add_argument("--queries", type=int, default=500, help="tuning queries, and as many gate queries")
@@ -265,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         builds.append(facts)
         for rnd in range(args.rounds):
             for mode in args.modes:
-                r = probe(vdir, facts, mode, args)
-                runs.append({"n": n, "round": rnd + 1, **r})
-                log(f"{n:,} {mode} round {rnd + 1}: " + (r.get("error") or
-                    f"load {r['load_s']}s, served RSS {r['served']['VmRSS']:.0f} MiB (anon {r['served']['RssAnon']:.0f}, "
-                    f"file {r['served']['RssFile']:.0f}), PSS {r['served']['Pss']:.0f}, p50 {r['p50_ms']:.3f} ms, "
-                    f"recall {r['recall@100']:.4f}"))
+                for r in probe(vdir, facts, mode, args):
+                    runs.append({"n": n, "round": rnd + 1, **r})
+                    pss = (r.get("shared") or r.get("served") or {}).get("Pss", 0)
+                    log(f"{n:,} {mode} round {rnd + 1} worker {r['worker']}/{r['workers']}: " + (r.get("error") or
+                        f"load {r['load_s']}s, served RSS {r['served']['VmRSS']:.0f} MiB (anon {r['served']['RssAnon']:.0f}, "
+                        f"file {r['served']['RssFile']:.0f}), PSS {pss:.0f}, p50 {r['p50_ms']:.3f} ms, "
+                        f"recall {r['recall@100']:.4f}"))
     out = Path(args.out)
     prev_path = out / "memory.json"
     prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
