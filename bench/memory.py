@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_s"] += prev["wall_s"]
         report["builds"] = prev["builds"] + [b for b in builds if b not in prev["builds"]]
         report["runs"] = prev["runs"] + runs
+        report["args"]["baseline_rev"] = rev or prev["args"].get("baseline_rev")
     report["notes"] = prev.get("notes", "")
     out.mkdir(parents=True, exist_ok=True)
     prev_path.write_text(json.dumps(report, indent=1) + "\n")
