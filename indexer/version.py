@@ -145,7 +145,8 @@ class ServedVersion:
         return self.topk.live_count
 
     @property
-    def item_ids(self) -> list[str]:
+    def item_ids(self) -> Sequence[str]:
+        """Row -> id (an `indexer.itemids.ItemIds`, memory-mapped; a delta version's: base, then delta)."""
         return self.topk.item_ids
 
     @property

@@ -34,14 +34,8 @@ awaits them; the returned future carries the outcome (to the cache's breaker and
 RESP2 only; `AUTH` and `SELECT` are sent on connect when the URL has a password or a database
 number.
 
-**Redis Cluster** (`redis+cluster://[user:password@]host:port`, any one node of the cluster):
-`ClusterRedis`. A cluster refuses a multi-key command whose keys hash to different slots
-(`CROSSSLOT`), which different users' cache keys do, so the one-connection client above cannot
-serve it (its MGET goes to one node). `ClusterRedis` is redis-py's asyncio `RedisCluster` (slot
-map discovery, `MOVED` / `ASK` redirects): the batch read is `mget_nonatomic` (the keys grouped
-by hash slot, one MGET per slot, pipelined per node, the values back in key order), the writes a
-non-transactional cluster pipeline of `SET EX` (routed per key). Putting every key under one
-`{hash tag}` would make a plain MGET legal again but sends all traffic to one node.
+
+Redis Cluster URLs (`redis+cluster://`) are served by redis-py (`service.cache.ClusterRedis`).
 """
 
 from __future__ import annotations
@@ -50,8 +44,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 try:  # Python >= 3.11
@@ -59,9 +52,7 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover - Python 3.10 (async-timeout comes with redis-py there)
     from async_timeout import timeout as deadline  # type: ignore[no-redef]
 
-__all__ = ["CLUSTER_SCHEME", "ClusterRedis", "FastRedis", "RedisConnectionLost", "RedisReplyError", "deadline", "encode_command"]
-
-CLUSTER_SCHEME = "redis+cluster"
+__all__ = ["FastRedis", "RedisConnectionLost", "RedisReplyError", "deadline", "encode_command"]
 
 
 class RedisReplyError(Exception):
@@ -345,63 +336,6 @@ class FastRedis:
             proto.closed = True
             proto.transport.close()  # after the transport's buffer is written
         self._proto = None
-
-
-class ClusterRedis:
-    """The cache's commands on a Redis Cluster (module docstring), through redis-py."""
-
-    def __init__(self, url: str, *, connect_timeout_s: float, timeout_s: float, max_connections: int) -> None:
-        from redis.asyncio.cluster import RedisCluster  # only a cluster deployment pays the import
-
-        parts = urlsplit(url)
-        if parts.scheme != CLUSTER_SCHEME:
-            raise ValueError(f"ClusterRedis needs a {CLUSTER_SCHEME}://host:port URL, got {parts.scheme}://")
-        if (parts.path or "/").strip("/") not in ("", "0"):
-            raise ValueError(f"{url}: a Redis Cluster has only database 0")
-        # as with redis-py's client in service.cache: per-operation socket timeouts, and one
-        # outer deadline over the whole call (a slot-map refresh plus the round trips)
-        self._deadline = connect_timeout_s + timeout_s
-        self._client = RedisCluster.from_url(
-            "redis://" + parts.netloc, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
-            max_connections=max_connections,
-        )
-        self._background: set[asyncio.Future] = set()
-
-    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        # redis-py raises RedisClusterException (not a RedisError) when no node answers: the
-        # cache counts it as what it is, a lost connection
-        from redis.exceptions import RedisClusterException
-
-        try:
-            async with deadline(self._deadline):
-                return await make()
-        except RedisClusterException as e:
-            raise RedisConnectionLost(f"Redis Cluster: {e}") from None
-
-    async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self._client.get(key))  # type: ignore[no-any-return]
-
-    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return list(await self._call(lambda: self._client.mget_nonatomic(list(keys))))
-
-    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key, value in items:
-            pipe.set(key, value, ex=ttl_s)
-        await self._call(pipe.execute)
-
-    def set_many_nowait(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> asyncio.Future:
-        """`set_many` in a background task; its future carries the outcome."""
-        task = asyncio.ensure_future(self.set_many(items, ttl_s))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
-    async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        with contextlib.suppress(Exception):  # best effort on shutdown (redis-py's errors included)
-            await self._client.aclose()
 
 
 async def _replies(futures: list[asyncio.Future]) -> list[object]:

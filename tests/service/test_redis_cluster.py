@@ -1,4 +1,4 @@
-"""The cache's client on a Redis Cluster (service.redis_client.ClusterRedis), against a real
+"""The cache's client on a Redis Cluster (service.cache.ClusterRedis), against a real
 one-node cluster: a cluster refuses a cross-slot MGET even on one node, which is what the
 slot-aware read has to get around."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cache import make_redis_client
-from service.redis_client import ClusterRedis, FastRedis, RedisReplyError
+from service.cache import ClusterRedis, make_redis_client
+from service.redis_client import FastRedis, RedisReplyError
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
