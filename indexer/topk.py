@@ -44,7 +44,7 @@ and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queri
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -53,6 +53,7 @@ import numpy as np
 
 from indexer import faiss_index as fi
 from indexer.faiss_index import as_matrix
+from indexer.itemids import ItemIds
 
 __all__ = [
     "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "DeltaTopK", "FaissTopK", "Query", "SegmentedRows",
@@ -185,16 +186,15 @@ class TopK:
             raise ValueError(f"catalog vectors must be a float32 (n, d) array, got {embeddings.dtype} {embeddings.shape}")
         if len(item_ids) != len(embeddings):
             raise ValueError(f"{len(item_ids)} item ids for {len(embeddings)} vectors; need one id per row")
-        # id -> row (POST /similar looks an item up); also the uniqueness check
-        self.rows = {item: row for row, item in enumerate(item_ids)}
-        if len(self.rows) != len(item_ids):
-            seen: set[str] = set()
-            dup = next(i for i in item_ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-            raise ValueError(f"item ids must be unique; {dup!r} appears more than once")
+        # row -> id and id -> row (POST /similar looks an item up) without a Python object per
+        # item: a version's memory-mapped id column as it is, a list converted (which checks
+        # uniqueness; a version's column was checked by its acceptance check)
+        ids = item_ids if isinstance(item_ids, ItemIds) else ItemIds.from_list(item_ids)
+        self.item_ids: Sequence[str] = ids
+        self.rows: Mapping[str, int] = ids.rows
         # a plain ndarray over the same (possibly memory-mapped) pages: np.memmap's Python-level
         # __getitem__ costs ~5 µs per indexing on the request path
         self.embeddings = embeddings.view(np.ndarray)
-        self.item_ids = list(item_ids) if not isinstance(item_ids, list) else item_ids
         self.count = len(item_ids)
         self.dim = int(embeddings.shape[1])
         self.exact_ok = self.count <= exact_fallback_max_items
@@ -355,7 +355,7 @@ class TopK:
         ids = self.item_ids
         if not exclude:
             k = q.k
-            return list(zip([ids[row] for row in ranked[:k].tolist()], scores[order[:k]].tolist(), strict=True))
+            return list(zip(ids.take(ranked[:k]), scores[order[:k]].tolist(), strict=True))  # type: ignore[attr-defined]
         out: list[tuple[str, float]] = []
         for row, score in zip(ranked.tolist(), scores[order].tolist(), strict=True):
             item = ids[row]
@@ -539,18 +539,16 @@ class DeltaTopK(TopK):
             raise ValueError(f"delta vectors must be float32 (nd, {base.dim}), got {delta.dtype} {delta.shape}")
         if len(delta_ids) != len(delta):
             raise ValueError(f"{len(delta_ids)} delta item ids for {len(delta)} delta vectors")
-        rows = dict(base.rows)
-        base_ids = base.item_ids
-        for r in np.flatnonzero(tomb).tolist():
-            del rows[base_ids[r]]
-        for j, item in enumerate(delta_ids):
-            if item in rows:
-                raise ValueError(f"delta item {item!r} is also a live base item; a changed item's base row must be tombstoned")
-            rows[item] = nb + j
+        rows = _DeltaRows(base.item_ids, tomb, {str(item): nb + j for j, item in enumerate(delta_ids)})
+        if len(rows.delta) != len(delta_ids):
+            raise ValueError("delta item ids must be unique")
+        clash = next((item for item in rows.delta if rows.live_base_row(item) is not None), None)
+        if clash is not None:
+            raise ValueError(f"delta item {clash!r} is also a live base item; a changed item's base row must be tombstoned")
         self.rows = rows
         self.delta_embeddings = np.ascontiguousarray(delta)
         self.embeddings = SegmentedRows(base.embeddings, self.delta_embeddings)  # type: ignore[assignment]
-        self.item_ids = [*base_ids, *map(str, delta_ids)]
+        self.item_ids = _DeltaIds(base.item_ids, [str(i) for i in delta_ids])
         self.count = nb + len(delta)
         self.dim = base.dim
         self.exact_ok = base.exact_ok
@@ -643,6 +641,71 @@ class DeltaTopK(TopK):
             return rows
         kth = np.partition(scores, len(rows) - fetch)[len(rows) - fetch]
         return rows[scores >= kth]
+
+
+class _DeltaIds(Sequence[str]):
+    """A delta catalog's ids: the base's id column, then the delta's ids (row order)."""
+
+    def __init__(self, base: ItemIds, delta: list[str]) -> None:
+        self.base, self.delta, self.nb = base, delta, len(base)
+
+    def __len__(self) -> int:
+        return self.nb + len(self.delta)
+
+    def __getitem__(self, r):  # noqa: ANN001, ANN204 - Sequence's int / slice overloads
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(len(self)))]
+        r = int(r)
+        if r < 0:
+            r += len(self)
+        return self.base[r] if r < self.nb else self.delta[r - self.nb]
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0 or rows.max() < self.nb:
+            return self.base.take(rows)
+        return [self[r] for r in rows.tolist()]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.base
+        yield from self.delta
+
+
+class _DeltaRows(Mapping[str, int]):
+    """id -> row over a delta catalog's live rows: a delta id's delta row, else an untombstoned
+    base row (the base's id column), never a tombstoned one. No dict over the base is built."""
+
+    def __init__(self, base: ItemIds, tombstones: np.ndarray, delta: dict[str, int]) -> None:
+        self.base, self.tomb, self.delta = base, tombstones, delta
+        self.n_live_base = len(base) - int(np.count_nonzero(tombstones))
+
+    def live_base_row(self, item: str) -> int | None:
+        r = self.base.row(item)
+        return None if r is None or self.tomb[r] else r
+
+    def __getitem__(self, item: str) -> int:
+        r = self.get(item)
+        if r is None:
+            raise KeyError(item)
+        return r
+
+    def get(self, item: str, default=None):  # noqa: ANN001, ANN201 - Mapping.get
+        r = self.delta.get(item)
+        if r is None:
+            r = self.live_base_row(item)
+        return default if r is None else r
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, str) and self.get(item) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        live = np.flatnonzero(~self.tomb)
+        for s in range(0, len(live), 1 << 16):
+            yield from self.base.take(live[s : s + (1 << 16)])
+        yield from self.delta
+
+    def __len__(self) -> int:
+        return self.n_live_base + len(self.delta)
 
 
 def recall_against_exact(topk: TopK, queries: np.ndarray, k: int) -> float:

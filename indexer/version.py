@@ -3,6 +3,8 @@
 Layout of `INDEX_ROOT/<index_version>/` (docs/design.md, "Index version")::
 
     manifest.json   model/ (a copy of the bundle)   index.faiss   embeddings.npy   item_ids.txt
+    ids/offsets.npy   ids/hashes.npy   ids/rows.npy (the memory-mapped id column, `indexer.itemids`;
+                                                    manifest key `item_id_column`)
     [attributes/ (filterable item attributes, `indexer.attributes`; manifest key `attributes`)]
 
 This module is the one place that knows what makes a version servable, and both sides use it:
@@ -13,7 +15,8 @@ service's reloader loads every new `current` with the same `load_version`. The c
 1. files (`verify_version`): manifest format and keys; the directory name matches
    `index_version`; every listed file exists with its sha256 and nothing unlisted exists;
    `embeddings.npy` is float32 (count, dim), finite and unit-norm; `item_ids.txt` holds `count`
-   unique ids; the index reads back as a supported inner-product index of `count` vectors of
+   unique ids and the id column agrees with it (`ItemIds.check`; a version written before the
+   column has none and its ids are indexed in memory at load); the index reads back as a supported inner-product index of `count` vectors of
    `dim` with valid search parameters; the copied bundle passes its own checksums and is the
    manifest's `model_version` with the manifest's dimension;
 2. the model: the bundle's arrays load (numpy only: `training.bundle.read_bundle_arrays`, no
@@ -22,6 +25,10 @@ service's reloader loads every new `current` with the same `load_version`. The c
 3. one real query through the whole path (`_smoke_test`): the index agrees with
    `embeddings.npy` within its own quantization error, and a lossy index holds embeddings.npy's
    rows in their order.
+
+Loading maps rather than reads: `embeddings.npy`, `index.faiss` (`_open_index`, where the type
+allows) and the id column are memory-mapped, so a serving worker's private memory does not grow
+with the catalog and N workers on one machine share one copy in the page cache (docs/scale.md).
 
 `ServedVersion` is the immutable result: what a request reads (the user tower, the top-k over the
 catalog, the two version strings). A version that fails any check raises `IndexVersionError`
@@ -71,7 +78,9 @@ import faiss
 import numpy as np
 
 from indexer import faiss_index as fi
+from indexer import itemids as idc
 from indexer.attributes import AttributeFileError, AttributeTable
+from indexer.itemids import ItemIds
 from indexer.topk import DeltaTopK, FaissTopK, Query, TopK
 from training.artifacts import (
     TMP_PREFIX,
@@ -98,6 +107,9 @@ DELTA_FILES = tuple(f"{DELTA_DIR}/{f}" for f in ("embeddings.npy", "item_ids.txt
 # service serves the base + delta rows and never reads these
 EXPORT_FILES = ("embeddings.npy", "item_ids.txt")
 MODEL_DIR = "model"
+# manifest key of a full version whose item ids have the memory-mapped column (`indexer.itemids`);
+# versions written before it lack the key and the `ids/` files and still load (`open_item_ids`)
+ID_COLUMN_KEY = "item_id_column"
 MANIFEST_KEYS = ("format", "index_version", "model_version", "created_at", "count", "dim", "index", "recall", "files")
 
 SCORE_CHECK_TOL = 1e-4
@@ -160,7 +172,8 @@ class ServedVersion:
         return self.topk.live_count
 
     @property
-    def item_ids(self) -> list[str]:
+    def item_ids(self) -> Sequence[str]:
+        """Row -> id (an `indexer.itemids.ItemIds`, memory-mapped; a delta version's: base, then delta)."""
         return self.topk.item_ids
 
     @property
@@ -255,7 +268,12 @@ def verify_version(
         raise IndexVersionError(f"{path}: manifest 'files' must be an object")
     if m.get("delta") is not None:
         return _verify_delta(path, m, check_hashes=check_hashes, base=base, exports=exports)
-    _verify_files(path, m, {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}, check_hashes)
+    required = {*DATA_FILES, f"{MODEL_DIR}/{MANIFEST}"}
+    if m.get(ID_COLUMN_KEY) is not None:
+        if m[ID_COLUMN_KEY] != idc.COLUMN_FORMAT:
+            raise IndexVersionError(f"{path}: manifest {ID_COLUMN_KEY} {m[ID_COLUMN_KEY]!r}, expected {idc.COLUMN_FORMAT!r}")
+        required |= set(idc.COLUMN_FILES)
+    _verify_files(path, m, required, check_hashes)
     count, dim = m["count"], m["dim"]
     if not isinstance(count, int) or not isinstance(dim, int) or count < 1 or dim < 1:
         raise IndexVersionError(f"{path}: manifest count={count!r}, dim={dim!r} must be positive integers")
@@ -270,11 +288,14 @@ def verify_version(
         except ValueError as e:
             raise IndexVersionError(f"{path}: {e}") from None
 
-    ids = read_item_ids(path / "item_ids.txt")
+    ids = open_item_ids(path, m)
     if len(ids) != count:
         raise IndexVersionError(f"{path}: item_ids.txt has {len(ids)} ids, manifest count is {count}")
-    if len(set(ids)) != count:
-        raise IndexVersionError(f"{path}: item_ids.txt has duplicate ids")
+    try:
+        ids.check(count)
+    except ValueError as e:
+        raise IndexVersionError(f"{path}: {e}") from None
+    del ids
 
     index = _open_index(path, m)
     if index.ntotal != count or index.d != dim:
@@ -351,17 +372,9 @@ def _verify_delta(
         )
     emb, ids, tomb, _ = open_delta(path, m)
     nb = int(delta["base_rows"])
-    # a delta id must not also be a live base id: O(delta) lookups in a shared base's id map,
-    # else one pass over the base ids against the (small) set of delta ids
-    base_ids: list[str] | None = None
-    if shared is not None:
-        base_rows = shared.topk.rows
-        clash = next((i for i in ids if (r := base_rows.get(i)) is not None and not tomb[r]), None)
-        base_ids = shared.topk.item_ids
-    else:
-        wanted = set(ids)
-        base_ids = read_item_ids(base_dir / "item_ids.txt")
-        clash = next((i for r, i in enumerate(base_ids) if i in wanted and not tomb[r]), None)
+    # a delta id must not also be a live base id: O(delta) lookups in the base's id column
+    base_ids = shared.topk.item_ids if shared is not None else open_item_ids(base_dir, bm)
+    clash = next((i for i in ids if (r := base_ids.row(i)) is not None and not tomb[r]), None)
     if clash is not None:
         raise IndexVersionError(f"{path}: delta item {clash!r} is also a live (untombstoned) base item")
     live = nb - int(np.count_nonzero(tomb)) + len(ids)
@@ -377,7 +390,7 @@ def _verify_delta(
 
 
 def _verify_exports(
-    path: Path, m: dict, base_dir: Path, base_ids: list[str], ids: list[str], tomb: np.ndarray, delta: np.ndarray,
+    path: Path, m: dict, base_dir: Path, base_ids: Sequence[str], ids: list[str], tomb: np.ndarray, delta: np.ndarray,
     *, full: bool,
 ) -> None:
     """A delta's `EXPORT_FILES`: `embeddings.npy` float32 (count, dim); with `full`, also
@@ -471,10 +484,13 @@ def _open_embeddings(path: Path) -> np.ndarray:
         raise IndexVersionError(f"{path}: embeddings.npy unreadable ({e})") from None
 
 
-def _open_index(path: Path, manifest: dict) -> faiss.Index:
-    """index.faiss with the manifest's search parameters applied."""
+def _open_index(path: Path, manifest: dict, *, mmap: bool = True) -> faiss.Index:
+    """index.faiss with the manifest's search parameters applied, memory-mapped by default
+    (`faiss_index.read_index(mmap=True)`: the IVF lists and flat / SQ codes stay page cache,
+    shared by every worker mapping the file, instead of one private copy per worker; HNSW graphs
+    and PQ codebooks are read). Safe because a version's files are never rewritten in place."""
     try:
-        index = fi.read_index(path / "index.faiss")
+        index = fi.read_index(path / "index.faiss", mmap=mmap)
         fi.apply_search_params(index, (manifest["index"] or {}).get("search_params"))
     except ValueError as e:
         raise IndexVersionError(f"{path}: {e}") from None
@@ -498,11 +514,27 @@ def open_attributes(path: Path, manifest: dict, restrict=None) -> AttributeTable
         raise IndexVersionError(f"{path}: {e}") from None
 
 
-def open_search_files(path: str | os.PathLike[str], manifest: dict) -> tuple[faiss.Index, np.ndarray, list[str]]:
+def open_item_ids(path: str | os.PathLike[str], manifest: dict) -> ItemIds:
+    """A full version's item ids as an `indexer.itemids.ItemIds` (row -> id, id -> row): its
+    memory-mapped id column, or for a version written before the column (no manifest
+    `item_id_column`) the same arrays built in memory from item_ids.txt. Not checked here
+    (`verify_version` checks it); IndexVersionError for an unreadable file."""
+    path = Path(path)
+    try:
+        if manifest.get(ID_COLUMN_KEY) is None:
+            return ItemIds.from_text(path / "item_ids.txt")
+        return ItemIds.open(path)
+    except (OSError, ValueError) as e:
+        raise IndexVersionError(f"{path}: item ids unreadable ({e})") from None
+
+
+def open_search_files(
+    path: str | os.PathLike[str], manifest: dict, *, mmap_index: bool = True
+) -> tuple[faiss.Index, np.ndarray, ItemIds]:
     """(index with its search parameters, memory-mapped embeddings, item ids) of a version whose
     files were verified (no model is loaded: `indexer verify`'s recall check)."""
     path = Path(path)
-    return _open_index(path, manifest), _open_embeddings(path), read_item_ids(path / "item_ids.txt")
+    return _open_index(path, manifest, mmap=mmap_index), _open_embeddings(path), open_item_ids(path, manifest)
 
 
 def open_base(path: str | os.PathLike[str], manifest: dict | None = None) -> VerifiedBase:
@@ -551,7 +583,7 @@ def check_model_servable(model: TwoTowerModel, name: str) -> UserTower:
 
 def load_version(
     path: str | os.PathLike[str], *, check_hashes: bool = True, ef_search_override: int | None = None,
-    exact_fallback_max_items: int = 5_000_000, base: VerifiedBase | None = None,
+    exact_fallback_max_items: int = 5_000_000, base: VerifiedBase | None = None, mmap_index: bool = True,
 ) -> ServedVersion:
     """Verify and load one version directory (or `INDEX_ROOT/current`): checks 1-3 of the module
     docstring. The path is resolved first, so `current` loads one consistent version even if a
@@ -562,6 +594,7 @@ def load_version(
     `path` is a delta version pinning exactly that base (`shared_base`); it must have been
     opened with the same `ef_search_override` and `exact_fallback_max_items`. Any other
     `base` is ignored.
+    `mmap_index=False` reads index.faiss into private memory instead of mapping it (`_open_index`).
     """
     path = Path(path).resolve()
     manifest = verify_version(path, check_hashes=check_hashes, base=base, exports=False)
@@ -573,7 +606,7 @@ def load_version(
         index, embeddings, item_ids = shared.topk.index, shared.topk.embeddings, shared.topk.item_ids
     else:
         search_dir = base_path(path, manifest).resolve() if is_delta else path
-        index, embeddings, item_ids = open_search_files(search_dir, read_manifest(search_dir))
+        index, embeddings, item_ids = open_search_files(search_dir, read_manifest(search_dir), mmap_index=mmap_index)
     try:
         bundle = read_bundle_arrays(path / MODEL_DIR, verify=False)  # its files were just verified
     except BundleError as e:
@@ -725,7 +758,7 @@ def write_files(
     copy_bundle(bundle_path, directory / MODEL_DIR)
     cb("write:model")
     write_npy_durable(directory / "embeddings.npy", emb)
-    write_bytes_durable(directory / "item_ids.txt", "".join(str(i) + "\n" for i in item_ids).encode("utf-8"))
+    write_item_ids(directory, item_ids)
     cb("write:embeddings")
     fi.write_index(index, directory / "index.faiss")
     if fingerprints is not None:
@@ -740,6 +773,7 @@ def write_files(
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "count": len(item_ids),
         "dim": int(emb.shape[1]),
+        ID_COLUMN_KEY: idc.COLUMN_FORMAT,
         **manifest,
         **extra,
         "files": file_hashes(directory, exclude=(MANIFEST,)),
@@ -747,6 +781,14 @@ def write_files(
     write_bytes_durable(directory / MANIFEST, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())
     cb("write:manifest")
     return full
+
+
+def write_item_ids(directory: Path, item_ids: Sequence[str]) -> None:
+    """Write `item_ids.txt` (INTERFACES.md §2) and its memory-mapped id column `ids/`
+    (`indexer.itemids`) into a version directory being written; a full version's manifest then
+    carries `ID_COLUMN_KEY`. Durable (each file fsynced)."""
+    write_bytes_durable(directory / "item_ids.txt", "".join(str(i) + "\n" for i in item_ids).encode("utf-8"))
+    idc.write_id_column(directory, item_ids, write_npy_durable)
 
 
 def _checked_fingerprints(h: np.ndarray, n: int) -> np.ndarray:

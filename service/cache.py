@@ -33,10 +33,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.metrics import ServiceMetrics
@@ -286,6 +287,40 @@ class RedisPyClient:
             await self._client.aclose()
 
 
+CLUSTER_SCHEME = "redis+cluster"
+
+
+class ClusterRedis(RedisPyClient):
+    """The cache's commands on a Redis Cluster (`redis+cluster://[user:password@]host:port`, any
+    one node): redis-py's `RedisCluster` (slot map discovery, `MOVED` / `ASK` redirects).
+
+    A cluster refuses a multi-key command whose keys hash to different slots (`CROSSSLOT`), which
+    different users' cache keys do, so the built-in one-connection client cannot serve it (its
+    MGET goes to one node). Here the batch read is `mget_nonatomic` (the keys grouped by hash
+    slot, one MGET per slot, pipelined per node, the values back in key order) and the writes
+    are the base class's non-transactional pipeline of `SET EX`, routed per key by the cluster
+    client. Putting every key under one `{hash tag}` would make a plain MGET legal again but
+    send all traffic to one node.
+    """
+
+    def __init__(self, url: str, *, connect_timeout_s: float, timeout_s: float, max_connections: int) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != CLUSTER_SCHEME:
+            raise ValueError(f"ClusterRedis needs a {CLUSTER_SCHEME}://host:port URL, got {parts.scheme}://")
+        if (parts.path or "/").strip("/") not in ("", "0"):
+            raise ValueError(f"{url}: a Redis Cluster has only database 0")
+        self._deadline = connect_timeout_s + timeout_s
+        self._client = RedisCluster.from_url(  # type: ignore[assignment]
+            "redis://" + parts.netloc, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
+            max_connections=max_connections,
+        )
+        self._background = set()
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        async with deadline(self._deadline):
+            return list(await self._client.mget_nonatomic(list(keys)))  # type: ignore[attr-defined]
+
+
 class RedisClient(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
@@ -351,7 +386,7 @@ class RedisCache:
             return False, None
         try:
             result = await fn()  # type: ignore[misc]  # each client enforces its own deadline
-        except (RedisError, RedisReplyError, OSError, asyncio.TimeoutError) as exc:
+        except (RedisError, RedisClusterException, RedisReplyError, OSError, asyncio.TimeoutError) as exc:
             self._failed(op, exc)
             return False, None
         except asyncio.CancelledError:
@@ -422,6 +457,9 @@ class RedisCache:
 def make_redis_client(url: str, settings: Settings) -> RedisClient:
     """The built-in client for `redis://` (unless SERVICE_REDIS_CLIENT=redis-py), else redis-py."""
     kind = settings.redis_client
+    if urlsplit(url).scheme == CLUSTER_SCHEME:  # a cluster: slot-aware reads (service/redis_client.py)
+        return ClusterRedis(url, connect_timeout_s=settings.redis_connect_timeout_s, timeout_s=settings.redis_timeout_s,
+                            max_connections=settings.redis_max_connections)
     if kind == "builtin" or (kind == "auto" and urlsplit(url).scheme == "redis"):
         return FastRedis(url, connect_timeout_s=settings.redis_connect_timeout_s, timeout_s=settings.redis_timeout_s)
     return RedisPyClient(

@@ -33,6 +33,9 @@ awaits them; the returned future carries the outcome (to the cache's breaker and
 
 RESP2 only; `AUTH` and `SELECT` are sent on connect when the URL has a password or a database
 number.
+
+
+Redis Cluster URLs (`redis+cluster://`) are served by redis-py (`service.cache.ClusterRedis`).
 """
 
 from __future__ import annotations

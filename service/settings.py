@@ -46,7 +46,7 @@ class Settings(BaseSettings):
 
     # ---- cache ---------------------------------------------------------------------------
     redis_url: str | None = Field(
-        None, description="redis://host:port/db; unset = in-process LRU cache."
+        None, description="redis://host:port/db, or redis+cluster://host:port (any node of a Redis Cluster); unset = in-process LRU cache."
     )
     cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached user vector.")
     cache_max_entries: int = Field(

@@ -13,6 +13,7 @@ import pytest
 
 from indexer import faiss_index as fi
 from indexer import store
+from indexer.itemids import COLUMN_FILES
 from indexer.version import load_version, verify_version
 from tests.indexer.conftest import root_snapshot, tree_digest, unit_rows, write_test_version
 from training.artifacts import remove_stale_temps
@@ -30,7 +31,7 @@ def test_write_verify_load_roundtrip(root, tiny_bundle_path, tiny_bundle):
     assert m["format"] == "twotower-index/1" and m["index_version"] == path.name
     assert m["model_version"] == tiny_bundle.version and m["count"] == 40 and m["dim"] == tiny_bundle.model.embedding_dim
     bundle_files = {f"model/{p.name}" for p in tiny_bundle_path.iterdir() if p.is_file()}
-    assert set(m["files"]) == {"index.faiss", "embeddings.npy", "item_ids.txt", *bundle_files}
+    assert set(m["files"]) == {"index.faiss", "embeddings.npy", "item_ids.txt", *COLUMN_FILES, *bundle_files}
     assert store.read_current(root) is None  # writing never switches
 
     store.switch_current(root, path.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -303,7 +304,9 @@ def test_a_delta_shares_the_base_it_was_checked_with_and_only_that_one(tmp_path,
     assert load_version(path, base=shared.verified_base).topk.base is served.topk
     other = dataclasses.replace(served.verified_base, manifest_sha256="0" * 64)
     assert load_version(path, base=other).topk.base is not served.topk
-    (base_path / "index.faiss").write_bytes(b"damaged")
+    # replaced, not truncated in place: the served index is memory-mapped (a truncated mapping is SIGBUS)
+    (base_path / "damaged.tmp").write_bytes(b"damaged")
+    os.replace(base_path / "damaged.tmp", base_path / "index.faiss")
     assert load_version(path, base=served.verified_base).count == fresh.count
     with pytest.raises(IndexVersionError, match="index.faiss sha256 mismatch"):
         load_version(path)
