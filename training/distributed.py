@@ -160,7 +160,7 @@ class Ranks:
             return
         every = self.gather_objects(values)
         if any(v != every[0] for v in every):
-            keys = sorted({k for v in every for k in v})
+            keys = list(dict.fromkeys(k for v in every for k in v))  # in the order given
             differ = [k for k in keys if len({repr(v.get(k)) for v in every}) > 1]
             per_rank = "; ".join(f"rank {r}: " + ", ".join(f"{k}={v.get(k)!r}" for k in differ) for r, v in enumerate(every))
             raise ShardMismatchError(

@@ -314,6 +314,12 @@ def _train(
     user_enc, item_enc = fit_encoders(dataset, train, cfg)
     model = TwoTowerModel(cfg.model, user_enc, item_enc).to(device)
     data = TrainingData.encode(dataset, train, user_enc, item_enc, cfg, device)
+    bounds = batch_bounds(len(train) // ranks.world, rank_batch_size(cfg.batch_size, ranks))  # per rank
+    if ranks.world > 1:  # different data or config on one rank: a clear error now, not a hang in a collective
+        ranks.check_same("the training data and batch plan", {
+            "rows": len(train), "users": len(data.user_index), "items": data.n_items, "batches": len(bounds),
+            "clicks": int(data.counts.sum()), "fingerprint": dataset.fingerprint(), "config": repr(cfg.to_dict()),
+        })
     pool = None
     if cfg.user_history:  # user id vector = free embedding + pooled clicked items (leave-one-out)
         pool = HistoryPooling(data.n_items, cfg.model.id_dim, cfg.history_alpha).to(device)
@@ -342,12 +348,6 @@ def _train(
     # 3. train: batch → forward → loss → backward → step → EMA, then evaluate -----------------
     best: tuple[tuple[float, float], int, tuple[dict, dict | None]] = ((-math.inf, -math.inf), 0, snapshot())
     history = []
-    bounds = batch_bounds(len(train) // ranks.world, rank_batch_size(cfg.batch_size, ranks))  # per rank
-    if ranks.world > 1:  # different data or config on one rank: a clear error now, not a hang in a collective
-        ranks.check_same("the training data and batch plan", {
-            "rows": len(train), "users": len(data.user_index), "items": data.n_items, "batches": len(bounds),
-            "clicks": int(data.counts.sum()), "fingerprint": dataset.fingerprint(), "config": repr(cfg.to_dict()),
-        })
     for epoch in range(1, epochs + 1):
         step.train()
         task.start_epoch(lambda: epoch_vectors(model, pool, data))
