@@ -151,6 +151,8 @@ def _cmd_rebuild(args: argparse.Namespace) -> None:
     )
     # under torchrun (WORLD_SIZE > 1) the ranks share the embedding step; rank 0 does the rest
     with session("cpu") as ranks:
+        if not ranks.is_main:  # rank 0 logs the run; the others only their warnings
+            logging.getLogger().setLevel(logging.WARNING)
         result = rebuild_on_ranks(cfg, ranks)
     if result is not None:
         print(result.path.resolve())
