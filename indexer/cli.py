@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", type=int, default=5, help="versions to keep, current always kept (default 5)")
     r.add_argument("--seed", type=int, default=0, help="seed for query sampling and k-means (default 0)")
     r.add_argument("--threads", type=int, help="FAISS threads (default: OMP_NUM_THREADS or all usable CPUs)")
+    r.add_argument("--embed-batch", type=int, default=65_536,
+                   help="catalog rows per item-tower call; under torchrun the unit the ranks split the catalog by "
+                   "(default 65536)")
     bar = r.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -137,16 +140,22 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> None:
-    from indexer.rebuild import RebuildConfig, rebuild
+    from indexer.rebuild import RebuildConfig, rebuild_on_ranks
+    from training.distributed import session
 
     cfg = RebuildConfig(
         model=args.model, data=args.data, out=args.out, index=args.index, ef_search=args.ef_search,
         nprobe=args.nprobe, ef_construction=args.ef_construction, recall_gate=args.recall_gate,
         gate_k=args.gate_k, gate_queries=args.gate_queries, keep=args.keep, seed=args.seed,
-        threads=args.threads, progress=args.progress,
+        threads=args.threads, embed_batch=args.embed_batch, progress=args.progress,
     )
-    result = rebuild(cfg)
-    print(result.path.resolve())
+    # under torchrun (WORLD_SIZE > 1) the ranks share the embedding step; rank 0 does the rest
+    with session("cpu") as ranks:
+        if not ranks.is_main:  # rank 0 logs the run; the others only their warnings
+            logging.getLogger().setLevel(logging.WARNING)
+        result = rebuild_on_ranks(cfg, ranks)
+    if result is not None:
+        print(result.path.resolve())
 
 
 def _cmd_update(args: argparse.Namespace) -> None:

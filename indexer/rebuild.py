@@ -24,6 +24,14 @@ A rebuild must never hurt serving: it either produces a better, verified index a
 8. **switch** `current` atomically; **prune** to the newest `keep` versions (never `current`).
 
 A SIGKILL at any point leaves `current` and its files untouched; the next run cleans up.
+
+Under `torchrun --nproc_per_node=N -m indexer.cli rebuild ...` (`rebuild_on_ranks`) step 3 is
+shared: rank 0 runs the job, preallocates the catalog's vectors as one memory-mapped `.npy`
+under INDEX_ROOT and hands every rank a contiguous run of whole `embed_batch` chunks; each rank
+embeds its chunks into the array with its own copy of the bundle; rank 0 then checks the count
+and, as always, finiteness and unit norm, and does every other step alone. Chunks are the unit
+of work, so every row is computed in the same item-tower call as in one process and the
+embeddings are byte-identical to a one-process rebuild with the same `--embed-batch`.
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ from indexer.version import (
     load_version,
     read_manifest,
 )
-from training.artifacts import check_output_dir
+from training.artifacts import TMP_PREFIX, check_output_dir
 from training.bundle import Bundle, BundleError, find_bundle, load_bundle
 from training.dataset import read_items, read_schema, read_users
+from training.distributed import RankFailedError, Ranks, ShardMismatchError
 from training.model import TwoTowerModel
 from training.schema import DatasetError, Schema
 
@@ -228,15 +237,120 @@ def check_catalog(items: pd.DataFrame, schema: Schema, model: TwoTowerModel, dat
         raise RebuildInputError(f"{data}: item id {items['item_id'][bad].iloc[0]!r} contains a line break")
 
 
-def _embed(model: TwoTowerModel, items: pd.DataFrame, batch: int, progress: bool) -> np.ndarray:
+def _embed(
+    model: TwoTowerModel, items: pd.DataFrame, batch: int, progress: bool,
+    out: np.ndarray | None = None, rows: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Item vectors of the catalog in `batch`-row chunks, into `out` (default: a new array);
+    `rows` [lo, hi): only those rows (lo a multiple of `batch`: a rank's share)."""
     n = len(items)
-    out = np.empty((n, model.embedding_dim), dtype=np.float32)
-    with tqdm(total=n, desc="embed items", unit="item", disable=not progress, file=sys.stderr) as bar:
-        for s in range(0, n, batch):
-            chunk = items.iloc[s : s + batch]
+    lo, hi = rows or (0, n)
+    out = np.empty((n, model.embedding_dim), dtype=np.float32) if out is None else out
+    with tqdm(total=hi - lo, desc="embed items", unit="item", disable=not progress, file=sys.stderr) as bar:
+        for s in range(lo, hi, batch):
+            chunk = items.iloc[s : min(s + batch, hi)]
             out[s : s + len(chunk)] = model.embed_items(chunk)
             bar.update(len(chunk))
     return out
+
+
+def rank_rows(n: int, batch: int, ranks: Ranks) -> tuple[int, int]:
+    """Catalog rows [lo, hi) this rank embeds: a contiguous run of whole `batch`-row chunks
+    (the chunks split as evenly as whole chunks allow; a rank may get none)."""
+    chunks = -(-n // batch)
+    first, last = chunks * ranks.rank // ranks.world, chunks * (ranks.rank + 1) // ranks.world
+    return min(first * batch, n), min(last * batch, n)
+
+
+class RankEmbedding:
+    """Rank 0's side of the shared embedding step (the others run `serve_embedding`).
+
+    `embed` preallocates the memory-mapped array, sends the job (array, bundle, catalog, row
+    count, chunk size) to every rank, embeds rank 0's chunks, collects every rank's status and
+    checks the rows written add up to the catalog. `close` (always called) releases ranks still
+    waiting for a job that will never come (rank 0 failed before the embedding step) and
+    deletes the array.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self.sent = False
+        self.path: Path | None = None
+
+    def embed(self, root: Path, bundle_path: Path, data: Path, model: TwoTowerModel, items: pd.DataFrame, batch: int,
+              progress: bool) -> np.ndarray:
+        n, dim = len(items), model.embedding_dim
+        self.path = root / f"{TMP_PREFIX}embeddings-{os.getpid()}.npy"
+        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, dim))
+        self.sent = True
+        self.ranks.broadcast({"array": str(self.path), "bundle": str(bundle_path), "data": str(data), "n": n,
+                              "dim": dim, "batch": batch})
+        status = _embed_rank(self.ranks, lambda: (model, items), out, batch, progress)
+        statuses = self.ranks.gather_objects(status)
+        failed = [s for s in statuses if not isinstance(s, int)]
+        if failed:
+            raise RebuildInputError("; ".join(failed))
+        if sum(statuses) != n:
+            raise RebuildInputError(f"the ranks embedded {sum(statuses)} rows ({statuses}) of a {n}-item catalog")
+        log.info("embedded %d items on %d ranks: %s rows each", n, self.ranks.world, statuses)
+        return out
+
+    def close(self) -> None:
+        if not self.sent:
+            self.ranks.broadcast({"error": "rank 0 stopped before the embedding step"})
+            self.sent = True
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _embed_rank(ranks: Ranks, load, out: np.ndarray, batch: int, progress: bool) -> int | str:
+    """Embed this rank's chunks into `out`; the rows written, or what went wrong, naming the rank."""
+    try:
+        model, items = load()
+        if len(items) != len(out):
+            raise ShardMismatchError(f"unequal shards: rank {ranks.rank} read {len(items)} catalog items, rank 0 {len(out)}")
+        lo, hi = rank_rows(len(out), batch, ranks)
+        _embed(model, items, batch, progress, out, (lo, hi))
+        if isinstance(out, np.memmap):
+            out.flush()
+        return hi - lo
+    except Exception as e:  # noqa: BLE001 - reported to rank 0, which fails the run naming it
+        return f"rank {ranks.rank}: {type(e).__name__}: {e}"
+
+
+def serve_embedding(ranks: Ranks) -> None:
+    """A rank other than 0: wait for rank 0's job, embed this rank's chunks with its own copy of
+    the bundle and catalog, report. Raises if this rank failed (rank 0 fails the run too)."""
+    job = ranks.broadcast(None)
+    if "error" in job:
+        log.info("rank %d: nothing to embed (%s)", ranks.rank, job["error"])
+        return
+
+    def load() -> tuple[TwoTowerModel, pd.DataFrame]:
+        model = load_bundle(job["bundle"], verify=True).model
+        return model, read_catalog(Path(job["data"]), model)[0]
+
+    out = np.load(job["array"], mmap_mode="r+")
+    status = _embed_rank(ranks, load, out, job["batch"], False)
+    del out
+    ranks.gather_objects(status)
+    if not isinstance(status, int):
+        raise RankFailedError(status)
+
+
+def rebuild_on_ranks(cfg: RebuildConfig, ranks: Ranks) -> RebuildResult | None:
+    """`rebuild` under torchrun: rank 0 runs the job (and returns its result), every other rank
+    serves its embedding step (and returns None). One process: `rebuild(cfg)`."""
+    if ranks.world == 1:
+        return rebuild(cfg)
+    if not ranks.is_main:
+        serve_embedding(ranks)
+        return None
+    job = RankEmbedding(ranks)
+    try:
+        return rebuild(cfg, ranks_embedding=job)
+    finally:
+        job.close()
 
 
 def gate_queries(
@@ -266,8 +380,9 @@ def gate_queries(
     return np.ascontiguousarray(item_vectors[np.sort(take)]), "items"
 
 
-def rebuild(cfg: RebuildConfig) -> RebuildResult:
-    """Run the whole job (see the module docstring). Raises:
+def rebuild(cfg: RebuildConfig, *, ranks_embedding: RankEmbedding | None = None) -> RebuildResult:
+    """Run the whole job (see the module docstring); `ranks_embedding`: share step 3 with the
+    other torchrun ranks (`rebuild_on_ranks`). Raises:
 
     `store.LockHeldError` (another run holds the lock), `RebuildInputError` (bad model, catalog
     or options), `RecallGateError` (recall below the gate). In every failure case `current` is
@@ -306,7 +421,10 @@ def rebuild(cfg: RebuildConfig) -> RebuildResult:
                      bundle.version, model.embedding_dim, len(ids), fresh)
 
         with timer.stage("embed"):
-            vectors = _embed(model, items, cfg.embed_batch, progress)
+            if ranks_embedding is None:
+                vectors = _embed(model, items, cfg.embed_batch, progress)
+            else:
+                vectors = ranks_embedding.embed(root, bundle_path, Path(cfg.data), model, items, cfg.embed_batch, progress)
             try:
                 vectors = fi.as_matrix(vectors, name="item vectors from the model", dim=model.embedding_dim)
                 fi.check_unit_rows(vectors, name="item vectors from the model")

@@ -71,11 +71,17 @@ def _run(args: argparse.Namespace) -> None:
         print(out)
     elif args.cmd == "fit":
         from training.config import TrainConfig
-        from training.train import fit
+        from training.distributed import session
+        from training.train import fit, pick_device
 
         cfg = TrainConfig.from_file(args.config)
-        path = fit(args.data, args.out, cfg, full=args.full, progress=False if args.no_progress else None)
-        print(path)
+        # under torchrun (WORLD_SIZE > 1): data-parallel over the ranks, gloo on CPU / NCCL on CUDA
+        with session(pick_device(cfg.device)) as ranks:
+            if not ranks.is_main:  # rank 0 logs the run; the others only their warnings
+                logging.getLogger().setLevel(logging.WARNING)
+            path = fit(args.data, args.out, cfg, full=args.full, progress=False if args.no_progress else None, ranks=ranks)
+            if ranks.is_main:  # one result line, not one per rank
+                print(path)
     elif args.cmd == "evaluate":
         from training.bundle import load_bundle
         from training.dataset import read_dataset

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import DEFAULT_MIXED_NEGATIVES
+from training.distributed import ONE_PROCESS, Ranks
 from training.frequency import StreamingFrequencyEstimator, exact_log_q
 from training.samplers import NegativeSampler, build_sampler
 
@@ -414,6 +415,7 @@ class RetrievalTask:
     sampler: NegativeSampler | None = None   # sampled objectives: the proposal of the K negatives
     num_negatives: int = 0
     generator: torch.Generator | None = None  # every draw of negatives (CPU, seeded)
+    ranks: Ranks = ONE_PROCESS               # data-parallel ranks: the global batch is every rank's rows (training/distributed.py)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -440,45 +442,78 @@ class RetrievalTask:
     def _in_batch_loss(self, batch: Batch, embed_items: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """In-batch softmax, logQ ∝ clicks (exact or streamed), + M uniform catalog items shared by
         the batch (MNS); the user's other clicks are masked among the in-batch and the uniform
-        candidates in one lookup."""
+        candidates in one lookup.
+
+        Over W ranks the batch is the global one: each rank scores its own rows against every
+        rank's positives (gathered with autograd) + the same M uniform items; masks, logQ and the
+        streaming estimator see the gathered ids in rank order, the mixture correction the
+        global batch size, and the loss is rescaled to the rank's share of the global weight."""
         if self.log_q_items is None or self.pos_keys is None or self.generator is None:
             raise ValueError("batch_loss needs a task made by build_task (log_q_items, pos_keys, generator)")
         bu, bi = batch.users, batch.items
         device = bi.device
+        ranks = self.ranks
+        all_bi = ranks.gather_plain(bi)  # the global batch's positives (bi itself in one process)
+        n_batch = len(all_bi)
         n_mixed, n_items = self.mixed_negatives, self.n_items
         neg = torch.randint(n_items, (n_mixed,), generator=self.generator).to(device) if n_mixed else None
-        cands = bi if neg is None else torch.cat([bi, neg])
+        cands = all_bi if neg is None else torch.cat([all_bi, neg])
         known = known_positive_mask(bu, cands, self.pos_keys, n_items) if self.mask_user_positives else None
-        extra = None if known is None else known[:, : len(bi)]
-        lq = self.log_q_items[bi]
+        lq = self.log_q_items[all_bi]
         if self.stream is not None:
-            self.stream.update(bi.cpu().numpy())
-            lq = torch.from_numpy(self.stream.log_q(bi.cpu().numpy(), len(bi))).float().to(device)
-        mns = {}
+            self.stream.update(all_bi.cpu().numpy())
+            lq = torch.from_numpy(self.stream.log_q(all_bi.cpu().numpy(), n_batch)).float().to(device)
+        nlq = None
         if neg is not None:  # logQ of the mixture
             nlq = self.log_q_items[neg]
             if self.stream is not None:
-                nlq = torch.from_numpy(self.stream.log_q(neg.cpu().numpy(), len(bi))).float().to(device)
-            lq, nlq = (mixed_log_q(x, len(bi), n_mixed, n_items) for x in (lq, nlq))
-            mns = {
-                "neg_item": embed_items(neg), "neg_ids": neg, "neg_log_q": nlq,
-                "neg_mask": None if known is None else known[:, len(bi) :],
-            }
-        return self(batch.user_vecs, batch.item_vecs, bi, lq, extra_mask=extra, weights=batch.weights,
-                    id_dropped=batch.user_dropped, **mns)
+                nlq = torch.from_numpy(self.stream.log_q(neg.cpu().numpy(), n_batch)).float().to(device)
+            lq, nlq = (mixed_log_q(x, n_batch, n_mixed, n_items) for x in (lq, nlq))
+        if ranks.world == 1:
+            extra = None if known is None else known[:, : len(bi)]
+            mns = {}
+            if neg is not None:
+                mns = {
+                    "neg_item": embed_items(neg), "neg_ids": neg, "neg_log_q": nlq,
+                    "neg_mask": None if known is None else known[:, len(bi) :],
+                }
+            return self(batch.user_vecs, batch.item_vecs, bi, lq, extra_mask=extra, weights=batch.weights,
+                        id_dropped=batch.user_dropped, **mns)
+        # W ranks: the rank's own positives stay the in-batch block (its diagonal holds the
+        # positives); the other ranks' positives join the uniform items as shared candidates —
+        # the same logits as the one-process row, in another column order.
+        own = ranks.local(torch.arange(n_batch, device=device))
+        other = ranks.others(len(bi), device)
+        shared_vecs = ranks.gather(batch.item_vecs)[other]
+        shared_ids, shared_lq = all_bi[other], lq[other]
+        shared_mask = None if known is None else known[:, other]
+        if neg is not None:
+            shared_vecs, shared_ids = torch.cat([shared_vecs, embed_items(neg)]), torch.cat([shared_ids, neg])
+            shared_lq = torch.cat([shared_lq, nlq])
+            shared_mask = None if known is None else torch.cat([shared_mask, known[:, n_batch:]], 1)
+        loss = self(batch.user_vecs, batch.item_vecs, bi, lq[own], extra_mask=None if known is None else known[:, own],
+                    weights=batch.weights, id_dropped=batch.user_dropped, neg_item=shared_vecs, neg_ids=shared_ids,
+                    neg_log_q=shared_lq, neg_mask=shared_mask)
+        return ranks.scale_loss(loss, batch.weights, len(bi))
 
     def _sampled_batch_loss(self, batch: Batch, embed_items: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """K sampled negatives per row, each with the log q of the sampler that drew it."""
         if self.sampler is None or self.generator is None:
             raise ValueError(f"objective {self.objective!r} needs a task made by build_task (sampler, generator)")
         bu, bi = batch.users, batch.items
-        neg, neg_lq = self.sampler.sample(bu, bi, self.num_negatives, self.generator)
+        # Over W ranks: the global batch's draws (the in-batch sampler's too), each rank its
+        # rows; every rank embeds the global batch's distinct negatives, so the item tower's id
+        # dropout draws what one process draws (W times the negatives' tower cost).
+        ranks = self.ranks
+        every, neg_lq = self.sampler.sample(ranks.gather_plain(bu), ranks.gather_plain(bi), self.num_negatives, self.generator)
+        neg, neg_lq = ranks.local(every), ranks.local(neg_lq)
         # The item tower runs once per distinct negative: B·K draws from a small catalog
         # repeat items many times (ML-100K: 20,480 draws, at most 1,682 items).
-        uniq, inv = torch.unique(neg.reshape(-1), return_inverse=True)
-        vn = embed_items(uniq)[inv].view(*neg.shape, -1)
+        uniq, inv = torch.unique(every.reshape(-1), return_inverse=True)
+        vn = embed_items(uniq)[ranks.local(inv.view(every.shape))].view(*neg.shape, -1)
         hits = sampled_hit_mask(bi, neg, bu if self.mask_user_positives else None, self.pos_keys, self.n_items)
-        return self.sampled(batch.user_vecs, batch.item_vecs, vn, neg_log_q=neg_lq, neg_mask=hits, weights=batch.weights)
+        loss = self.sampled(batch.user_vecs, batch.item_vecs, vn, neg_log_q=neg_lq, neg_mask=hits, weights=batch.weights)
+        return ranks.scale_loss(loss, batch.weights, len(bi))
 
     # ---- the math -----------------------------------------------------------------------------
     def sampled(
@@ -539,10 +574,11 @@ class RetrievalTask:
 
 
 def build_task(
-    cfg: TrainConfig, counts: np.ndarray, pos_keys: torch.Tensor, generator: torch.Generator, device: torch.device | str
+    cfg: TrainConfig, counts: np.ndarray, pos_keys: torch.Tensor, generator: torch.Generator, device: torch.device | str,
+    ranks: Ranks = ONE_PROCESS,
 ) -> RetrievalTask:
     """The task of `cfg` over a catalog with training `counts` per row and the sorted `pos_keys`
-    (user * n_items + item) of the training positives."""
+    (user * n_items + item) of the training positives; `ranks`: the data-parallel ranks."""
     n_items = len(counts)
     objective = OBJECTIVES[cfg.objective]
     log_q = torch.from_numpy(exact_log_q(counts)).float().to(device)
@@ -564,5 +600,5 @@ def build_task(
         objective=cfg.objective, margin=cfg.triplet_margin, sigma=cfg.logistic_sigma,
         cold_logq_weight=cfg.cold_logq_weight, n_items=n_items, log_q_items=log_q, pos_keys=pos_keys,
         mask_user_positives=cfg.mask_user_positives, mixed_negatives=n_mixed, stream=stream, sampler=sampler,
-        num_negatives=cfg.num_negatives, generator=generator,
+        num_negatives=cfg.num_negatives, generator=generator, ranks=ranks,
     )

@@ -38,6 +38,7 @@ from training.bundle import save_bundle
 from training.cold import calibrate_cold_start
 from training.config import ConfigError, TrainConfig
 from training.dataset import Dataset, read_dataset
+from training.distributed import Ranks, current, rank_batch_size
 from training.ema import WeightAverage
 from training.evaluate import evaluate_model
 from training.features import TowerEncoder
@@ -167,8 +168,14 @@ def fit(
     *,
     full: bool = False,
     progress: bool | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Train a model on `data_dir` and write its bundle under `models_dir`; return the bundle path.
+
+    `ranks` (default: `training.distributed.current()`, one process unless launched by
+    torchrun): data-parallel training over W ranks that reproduces one process on the
+    concatenated batches; rank 0 validates, bakes, calibrates and writes the bundle, and every
+    rank returns its path.
 
     The glibc allocator keeps freed buffers (`training.alloc`). With `cfg.deterministic` (the
     default) torch's deterministic algorithms are on for the run and restored afterwards: some
@@ -186,15 +193,19 @@ def fit(
     # result (every buffer the trainer reads it has written) and cost ~15 % of a step at 1M items.
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
-        return _fit(data_dir, models_dir, cfg, full=full, progress=progress)
+        return _fit(data_dir, models_dir, cfg, full=full, progress=progress, ranks=ranks or current())
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
         torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 
-def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None) -> Path:
+def _fit(
+    data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full: bool, progress: bool | None, ranks: Ranks,
+) -> Path:
     t_start = time.time()
     device = pick_device(cfg.device)
+    if ranks.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
 
     # 1. data ------------------------------------------------------------------------------
     dataset = read_dataset(data_dir)
@@ -209,7 +220,8 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
     log.info("data: %s; training on %d rows (%s)", split.summary(), len(train), "full" if full else "fit split")
 
     # 2-3. encoders, model, training (early stopping on validation) -------------------------
-    run = _train(dataset, split, train, cfg, device, epochs=(cfg.full_epochs or cfg.epochs) if full else cfg.epochs, validate=not full, progress=progress)
+    run = _train(dataset, split, train, cfg, device, epochs=(cfg.full_epochs or cfg.epochs) if full else cfg.epochs, validate=not full,
+                 progress=progress, ranks=ranks)
     if cfg.refit and not full:
         # Validation chose the epoch count; train again from scratch on fit + val for that many
         # epochs, so the model also learns from each user's latest clicks (the val rows): the
@@ -217,8 +229,18 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
         log.info("refit on the train split (fit + val, %d rows) for %d epochs", len(split.train), run.best_epoch)
         best_epoch, history = run.best_epoch, run.history
         del run  # the first pass's model, tables and optimizer state need not live through the refit
-        run = _train(dataset, split, split.train, cfg, device, epochs=best_epoch, validate=False, progress=progress)
+        run = _train(dataset, split, split.train, cfg, device, epochs=best_epoch, validate=False, progress=progress, ranks=ranks)
         run = dataclasses.replace(run, best_epoch=best_epoch, history=history)
+    # steps 4-5 on rank 0 (after a barrier); every rank gets the bundle's path or rank 0's error
+    ranks.barrier()
+    return ranks.on_main(lambda: _finish(dataset, split, clicked, run, cfg, device, models_dir, full=full, t_start=t_start))
+
+
+def _finish(
+    dataset: Dataset, split: Split, clicked: pd.DataFrame, run: _Run, cfg: TrainConfig, device: torch.device,
+    models_dir: str | Path, *, full: bool, t_start: float,
+) -> Path:
+    """Steps 4-5: bake the histories, calibrate the cold-start row, evaluate, save the bundle."""
     model, pool = run.model, run.pool
     model.eval()
 
@@ -275,11 +297,16 @@ class _Run:
 
 def _train(
     dataset: Dataset, split: Split, train: pd.DataFrame, cfg: TrainConfig, device: torch.device,
-    *, epochs: int, validate: bool, progress: bool | None,
+    *, epochs: int, validate: bool, progress: bool | None, ranks: Ranks,
 ) -> _Run:
     """One training pass over `train` rows from a fresh, seeded model. With `validate`, recall@20
     on the validation split after each epoch picks the best epoch (its weights are restored)
-    and stops after `patience` epochs without improvement; else it trains `epochs` epochs."""
+    and stops after `patience` epochs without improvement; else it trains `epochs` epochs.
+
+    Over W ranks every rank trains the same replica on its slice of each global batch (the
+    `cfg.batch_size` rows of one process, W·(batch_size // W) when W does not divide it; the
+    last len(train) mod W rows of each epoch's permutation are left out); validation and the
+    stop decision are rank 0's, broadcast; the returned model is meaningful on rank 0."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
@@ -287,13 +314,19 @@ def _train(
     user_enc, item_enc = fit_encoders(dataset, train, cfg)
     model = TwoTowerModel(cfg.model, user_enc, item_enc).to(device)
     data = TrainingData.encode(dataset, train, user_enc, item_enc, cfg, device)
+    bounds = batch_bounds(len(train) // ranks.world, rank_batch_size(cfg.batch_size, ranks))  # per rank
+    if ranks.world > 1:  # different data or config on one rank: a clear error now, not a hang in a collective
+        ranks.check_same("the training data and batch plan", {
+            "rows": len(train), "users": len(data.user_index), "items": data.n_items, "batches": len(bounds),
+            "clicks": int(data.counts.sum()), "fingerprint": dataset.fingerprint(), "config": repr(cfg.to_dict()),
+        })
     pool = None
     if cfg.user_history:  # user id vector = free embedding + pooled clicked items (leave-one-out)
         pool = HistoryPooling(data.n_items, cfg.model.id_dim, cfg.history_alpha).to(device)
         if not cfg.history_free_id:  # known users are their history alone; only the OOV row learns
             freeze_known_user_ids(model)
     gen = torch.Generator().manual_seed(cfg.seed)  # negatives / keep-probability / SSL draws (CPU)
-    task = build_task(cfg, data.counts, data.pos_keys, gen, device)
+    task = build_task(cfg, data.counts, data.pos_keys, gen, device, ranks=ranks)
     ssl = None
     if cfg.ssl_weight > 0:
         ssl = SSLTask(data.items, augmentation=cfg.ssl_augmentation, rate=cfg.ssl_rate, batch_size=cfg.ssl_batch_size,
@@ -305,6 +338,7 @@ def _train(
     sparse = choose_sparse_tables(tables, cfg.sparse_tables, cfg.weight_decay)
     opt = TableOptimizer(params, sparse, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = WeightAverage(params, cfg.ema_decay, lazy=opt.sparse_params) if cfg.ema_decay else None
+    runner = ranks.wrap(step, opt.sparse_params)  # DDP over the dense parameters (the step itself in one process)
     if sparse:
         log.info("sparse tables: %s", ", ".join(f"{t.num_embeddings:,} x {t.embedding_dim}" for t in sparse))
 
@@ -314,17 +348,18 @@ def _train(
     # 3. train: batch → forward → loss → backward → step → EMA, then evaluate -----------------
     best: tuple[tuple[float, float], int, tuple[dict, dict | None]] = ((-math.inf, -math.inf), 0, snapshot())
     history = []
-    bounds = batch_bounds(len(train), cfg.batch_size)
     for epoch in range(1, epochs + 1):
         step.train()
         task.start_epoch(lambda: epoch_vectors(model, pool, data))
         perm = torch.from_numpy(rng.permutation(len(train))).to(device)
-        bar = tqdm(bounds, desc=f"epoch {epoch}/{epochs}", disable=None if progress is None else not progress, leave=False, file=sys.stderr)
+        hide = (None if progress is None else not progress) if ranks.is_main else True
+        bar = tqdm(bounds, desc=f"epoch {epoch}/{epochs}", disable=hide, leave=False, file=sys.stderr)
         total = 0.0
         for b, (lo, hi) in enumerate(bar):
-            loss = step(perm[lo:hi])
+            loss = runner(ranks.batch_rows(perm, lo, hi))
             opt.zero_grad()
             loss.backward()
+            ranks.sync_sparse_grads(opt.sparse_params)
             if ema is not None:
                 ema.before_step()  # lazy rows catch up before the optimizer moves them
             opt.step()
@@ -338,11 +373,15 @@ def _train(
             if b % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.close()
+        total = float(ranks.sum(torch.tensor(total, dtype=torch.float64))) / ranks.world  # the global batches' mean loss
         check_finite(model, total, f"at epoch {epoch}")
         if pool is not None:
             check_finite(pool, total, f"at epoch {epoch}")
         row = {"epoch": epoch, "loss": round(total / len(bounds), 5)}
-        if validate:
+
+        def validation(row: dict = row, epoch: int = epoch) -> tuple[dict, int]:
+            """Rank 0: the epoch's validation metrics and the best epoch so far."""
+            nonlocal best
             model.eval()
             with ema.swapped() if ema is not None else contextlib.nullcontext():  # validate the average
                 with baked_history(model, pool, data.history, data.users["id"]):
@@ -356,9 +395,14 @@ def _train(
                 key = (row["val_recall@20"], row["val_ndcg@20"])
                 if key > best[0]:
                     best = (key, epoch, snapshot())
+            return row, best[1]
+
+        best_epoch = 0
+        if validate:  # rank 0 decides, every rank follows (a rank that stopped alone would hang the others)
+            row, best_epoch = ranks.on_main(validation)
         history.append(row)
         log.info("epoch %s", row)
-        if validate and epoch - best[1] >= cfg.patience:
+        if validate and epoch - best_epoch >= cfg.patience:
             break
     if validate:
         model.load_state_dict(best[2][0])
@@ -366,7 +410,7 @@ def _train(
             pool.load_state_dict(best[2][1])
     elif ema is not None:
         ema.copy_to_params()
-    return _Run(model, pool, data, history, best[1] if validate else epochs)
+    return _Run(model, pool, data, history, best_epoch if validate else epochs)
 
 
 @dataclass
@@ -438,7 +482,10 @@ class TrainStep(nn.Module):
     this module's, and a data-parallel wrapper around it sees all of their gradients.
 
     The random draws happen in a fixed order (user id dropout, item id dropout, head
-    sub-sampling, negatives, SSL), so a seed gives one model.
+    sub-sampling, negatives, SSL), so a seed gives one model. Over W ranks (`task.ranks`) each
+    per-row draw is made for the global batch and sliced to the rank's rows, so the ranks
+    together draw what one process draws for the concatenated batch (MLP dropout, when
+    `model.dropout` > 0, is drawn per rank: the same distribution, not the same numbers).
     """
 
     def __init__(
@@ -453,6 +500,7 @@ class TrainStep(nn.Module):
         self.ssl = ssl
         self.ssl_weight = cfg.ssl_weight
         self.generator = generator
+        self.ranks = task.ranks
         device = data.pair_items.device
         # positive re-weighting (head clicks down, tail up) and head sub-sampling, per catalog row
         self.pos_weights = (
@@ -466,11 +514,13 @@ class TrainStep(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         d = self.data
         bu, bi = d.pair_users[rows], d.pair_items[rows]
-        user_tower = self.model.user_tower
-        drop = user_tower.id_drop_mask(len(bu), bu.device)
+        user_tower, item_tower, ranks = self.model.user_tower, self.model.item_tower, self.ranks
+        drop = user_tower.id_drop_mask(ranks.world * len(bu), bu.device)
+        drop = None if drop is None else ranks.local(drop)
         offset = self.pool(d.history, bu, bi) if self.pool is not None else None
         u = user_tower(_rows(d.users, bu), offset, drop)
-        v = self.embed_items(bi)
+        item_drop = item_tower.id_drop_mask(ranks.world * len(bi), bi.device)
+        v = item_tower(_rows(d.items, bi), None, None if item_drop is None else ranks.local(item_drop))
         loss = self.task.batch_loss(Batch(bu, bi, u, v, self.row_weights(rows, bi, drop), drop), self.embed_items)
         if self.ssl is not None:  # L_main + α·L_self over items drawn uniformly from the catalog
             loss = loss + self.ssl_weight * self.ssl.loss(self.model.item_tower, self.generator)
@@ -487,7 +537,8 @@ class TrainStep(nn.Module):
         if self.pos_weights is not None:
             w = w * self.pos_weights[items]
         if self.keep_p is not None:
-            w = w * (torch.rand(len(items), generator=self.generator) < self.keep_p[items.cpu()]).to(w)
+            keep = self.ranks.local(torch.rand(self.ranks.world * len(items), generator=self.generator))
+            w = w * (keep < self.keep_p[items.cpu()]).to(w)
         return w
 
 
