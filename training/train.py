@@ -39,9 +39,16 @@ from training.cold import calibrate_cold_start
 from training.config import ConfigError, TrainConfig
 from training.dataset import Dataset, read_dataset
 from training.ema import WeightAverage
-from training.evaluate import evaluate_model
+from training.evaluate import evaluate_model, history_metrics
 from training.features import TowerEncoder
-from training.model import HistoryPooling, TwoTowerModel, UserHistory, bake_history, build_history, history_bags
+from training.model import (
+    HistoryPooling,
+    TwoTowerModel,
+    UserHistory,
+    bake_history,
+    build_history,
+    history_bags,
+)
 from training.optim import TableOptimizer, choose_sparse_tables, keep_rows_gradient
 from training.samplers import keep_probability, positive_weights, recency_weights
 from training.split import Split, _id_sort_key, split_interactions
@@ -250,7 +257,7 @@ def _fit(data_dir: str | Path, models_dir: str | Path, cfg: TrainConfig, *, full
     # 5. evaluate and save -----------------------------------------------------------------
     check_finite(model, 0.0, "after history baking / cold-start calibration")
     train_seconds = round(time.time() - t_start, 2)
-    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
+    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test") | history_metrics(model, dataset, split)
     model.cpu()
     item_counts = {str(i): int(c) for i, c in zip(run.data.item_index, run.data.counts, strict=True) if c > 0}
     path = save_bundle(
