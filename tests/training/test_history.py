@@ -77,6 +77,23 @@ def _step(tiny_dataset, **over) -> tuple[TrainStep, TrainingData, pd.DataFrame]:
     return TrainStep(model, model.user_history, build_task(cfg, data.counts, data.pos_keys, gen, "cpu"), data, cfg, gen), data, train
 
 
+def _pooled_bags(step: TrainStep, rows, users, dropped) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (items, lengths) bags `TrainStep.history_input` hands to the pooling."""
+    captured: dict = {}
+    orig = step.pool.forward
+
+    def spy(items, lengths):
+        captured.update(items=items, lengths=lengths)
+        return orig(items, lengths)
+
+    step.pool.forward = spy
+    try:
+        step.history_input(rows, users, dropped)
+    finally:
+        step.pool.forward = orig
+    return captured["items"], captured["lengths"]
+
+
 @pytest.mark.parametrize("max_len", [None, 3])
 def test_no_training_row_sees_its_own_or_a_later_click(tiny_dataset, max_len) -> None:
     """The oracle: for every training row, the user's clicks sorted by (timestamp, item id) in
@@ -96,33 +113,20 @@ def test_no_training_row_sees_its_own_or_a_later_click(tiny_dataset, max_len) ->
     rows = torch.arange(len(train))
     ends = h.position[rows]
     for dropped in (torch.zeros(len(rows), dtype=torch.bool), torch.ones(len(rows), dtype=torch.bool)):
-        captured = {}
-        orig = step.pool.forward
-        step.pool.forward = lambda items, lengths: captured.update(items=items, lengths=lengths) or orig(items, lengths)
-        try:
-            step.history_input(rows, data.pair_users[rows], dropped)
-        finally:
-            step.pool.forward = orig
-        bags = torch.split(captured["items"], captured["lengths"].tolist())
-        for r, bag in enumerate(bags):
+        items, lengths = _pooled_bags(step, rows, data.pair_users[rows], dropped)
+        for r, bag in enumerate(torch.split(items, lengths.tolist())):
             prior = before[r]
             bag = bag.tolist()
             if dropped[0]:
                 assert bag == prior[: len(bag)] and len(bag) <= min(4, len(prior)), r
             else:
                 assert bag == (prior[-max_len:] if max_len and prior else prior), r
-        assert int(ends.sum()) >= int(captured["lengths"].sum())
+        assert int(ends.sum()) >= int(lengths.sum())
     # the cold prefixes cover every length 0..min(cap, clicks before) (a new user with 3 clicks is trained)
-    lengths = set()
+    seen: set[int] = set()
     for _ in range(20):
-        captured = {}
-        step.pool.forward = lambda items, lengths_: captured.update(lengths=lengths_) or orig(items, lengths_)
-        try:
-            step.history_input(rows, data.pair_users[rows], torch.ones(len(rows), dtype=torch.bool))
-        finally:
-            step.pool.forward = orig
-        lengths |= set(captured["lengths"].tolist())
-    assert lengths == set(range(min(4, max_len or 4) + 1))  # also capped by the history length
+        seen |= set(_pooled_bags(step, rows, data.pair_users[rows], torch.ones(len(rows), dtype=torch.bool))[1].tolist())
+    assert seen == set(range(min(4, max_len or 4) + 1))  # also capped by the history length
 
 
 def test_history_of_follows_the_split_order(tiny_dataset) -> None:
