@@ -164,6 +164,7 @@ class TrainConfig(StrictConfig):
     history_max_len: Width | None = 50  # pool each row's / request's most recent clicks only (EVAL.md warm_fresh sends 50)
     history_free_id: bool = False      # with user_history: also learn a free per-user embedding
     history_encoder: typing.Literal["mean", "recency"] = "mean"  # recency: learned weight per position from the newest (needs history_max_len)
+    cold_row_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of id-dropped rows (new users: features + first clicks) vs 1 + recency of the others
     history_cold_max_len: Annotated[int, Field(ge=0)] = 10  # id-dropped rows pool their user's first l clicks, l ~ U{0..min(this, earlier clicks)} (0: none)
     device: str = "auto"
     sparse_tables: bool | None = None  # id / history tables: sparse gradients + SparseAdam (null: tables >= 16,384 rows when weight_decay is 0; training/optim.py)

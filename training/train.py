@@ -472,6 +472,7 @@ class TrainStep(nn.Module):
         self.ssl_weight = cfg.ssl_weight
         self.generator = generator
         self.cold_history_len = cfg.history_cold_max_len
+        self.cold_row_weight = cfg.cold_row_weight
         device = data.pair_items.device
         # positive re-weighting (head clicks down, tail up) and head sub-sampling, per catalog row
         self.pos_weights = (
@@ -518,13 +519,16 @@ class TrainStep(nn.Module):
         return pool(*history_bags(h, users, starts, ends))
 
     def row_weights(self, rows: torch.Tensor, items: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
-        """Each row's loss weight: its interaction weight × recency (id-kept rows: cold users are
-        judged on all of their clicks) × positive re-weighting × head sub-sampling (dropped rows
-        still serve as in-batch negatives)."""
+        """Each row's loss weight: its interaction weight × recency on id-kept rows, or
+        `cold_row_weight` on id-dropped ones (new users are judged on all of their clicks, so no
+        recency there; the weight sets how much the new-user path counts against the warm one)
+        × positive re-weighting × head sub-sampling (dropped rows still serve as in-batch negatives)."""
         d = self.data
         w = d.weights[rows]
         if d.recency is not None:
-            w = w * (d.recency[rows] if dropped is None else torch.where(dropped, 1.0, d.recency[rows]))
+            w = w * (d.recency[rows] if dropped is None else torch.where(dropped, self.cold_row_weight, d.recency[rows]))
+        elif dropped is not None and self.cold_row_weight != 1.0:
+            w = w * torch.where(dropped, self.cold_row_weight, 1.0)
         if self.pos_weights is not None:
             w = w * self.pos_weights[items]
         if self.keep_p is not None:

@@ -101,3 +101,44 @@ def test_default_history_limit_is_at_least_100(index_root: Path) -> None:
     with serve(index_root) as c:
         assert c.post("/retrieve", json={"history": ["i1"] * 100, "k": 2}).status_code == 200
     assert Settings.model_fields["max_history"].default >= 100
+
+
+def test_retrieve_with_history_agrees_with_trainer_evaluate(index_root: Path, bundle_a: Path, tiny_dataset: Path) -> None:
+    """EVAL.md's request-time history protocols measured through POST /retrieve (user id,
+    features, `history`, the protocol's exclusions) give `trainer evaluate`'s figures
+    (`training.evaluate.history_metrics`) within 0.005."""
+    import pandas as pd
+
+    from training.dataset import read_dataset
+    from training.evaluate import history_metrics, ranking_metrics
+    from training.history_eval import history_protocols
+    from training.split import split_interactions
+
+    ds = read_dataset(tiny_dataset)
+    split = split_interactions(ds.interactions)
+    figures = history_metrics(load_bundle(bundle_a).model, ds, split)
+    item_ids = ds.items["item_id"].astype(str).tolist()
+    item_index = pd.Index(item_ids)
+    is_tail = ~item_index.isin(list(split.head_items))
+    specs = ds.schema.user
+    users = ds.users.set_index("user_id")
+
+    def features(uid: str) -> dict:
+        row = users.loc[uid]
+        return {k: (float(v) if specs[k].type == "continuous" else str(v)) for k, v in row.items() if k in specs and v != ""}
+
+    protocols = history_protocols(split, item_ids)
+    assert len(protocols["cold_m3"]) >= 5 and len(protocols["warm_fresh"]) >= 20
+    with serve(index_root) as c:
+        for name, p in protocols.items():
+            tops = np.full((len(p), 100), -1, dtype=np.int64)
+            for j, (uid, hist, ex) in enumerate(zip(p.user_ids, p.history, p.exclude, strict=True)):
+                body = {"user_id": uid, "features": features(uid), "history": hist, "k": 100,
+                        "exclude_item_ids": [item_ids[r] for r in ex]}
+                r = c.post("/retrieve", json=body)
+                assert r.status_code == 200, r.text
+                got = item_index.get_indexer([it["item_id"] for it in r.json()["items"]])
+                tops[j, : len(got)] = got
+            served = ranking_metrics(tops, p.relevant, is_tail, len(item_ids))
+            for m in ("recall@20", "recall@100", "ndcg@20"):
+                assert abs(served[m] - figures[f"{name}_{m}"]) <= 0.005, (name, m, served[m], figures[f"{name}_{m}"])
