@@ -35,6 +35,9 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+# recency weights learned when the history length is unbounded: distances beyond share the last one
+RECENCY_POSITIONS = 100
+
 __all__ = ["ConfigError", "HistoryConfig", "ModelConfig", "StrictConfig", "TrainConfig", "config_error"]
 
 
@@ -107,7 +110,8 @@ class HistoryConfig(StrictConfig):
 
     max_len: Width | None = None       # the most recent clicks pooled (None: all of them)
     alpha: Probability = 1.0           # pooled = weighted sum / n^alpha (1: a mean)
-    encoder: typing.Literal["mean", "recency"] = "mean"  # recency: a learned weight per position from the newest
+    encoder: typing.Literal["mean", "recency"] = "mean"  # recency: a learned weight per distance from the newest
+                                       # (max_len of them; without max_len RECENCY_POSITIONS, the last shared by older clicks)
     free_id: bool = False              # known users keep a free id row next to their history
 
 
@@ -163,7 +167,7 @@ class TrainConfig(StrictConfig):
     history_alpha: Probability = 1.0   # pooled = sum / n^alpha (1: mean, 0.5: FISM's usual choice)
     history_max_len: Width | None = 50  # pool each row's / request's most recent clicks only (EVAL.md warm_fresh sends 50)
     history_free_id: bool = False      # with user_history: also learn a free per-user embedding
-    history_encoder: typing.Literal["mean", "recency"] = "mean"  # recency: learned weight per position from the newest (needs history_max_len)
+    history_encoder: typing.Literal["mean", "recency"] = "recency"  # learned weight per distance from the newest click ; chosen on the nested validation over mean (docs/bench/history.md)
     cold_row_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of id-dropped rows (new users: features + first clicks) vs 1 + recency of the others
     history_cold_max_len: Annotated[int, Field(ge=0)] = 10  # id-dropped rows pool their user's first l clicks, l ~ U{0..min(this, earlier clicks)} (0: none)
     device: str = "auto"
@@ -263,8 +267,6 @@ class TrainConfig(StrictConfig):
             raise ValueError(f"sparse_tables=true with weight_decay={self.weight_decay}: SparseAdam has no weight decay (use null or false)")
         if self.history_free_id and not self.user_history:
             raise ValueError("history_free_id=true only applies with user_history=true")
-        if self.history_encoder == "recency" and self.history_max_len is None:
-            raise ValueError("history_encoder='recency' needs history_max_len (one learned weight per position)")
         if self.model.history is not None:
             raise ValueError("model.history is written by the trainer from user_history / history_*; set those instead")
         return self

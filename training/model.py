@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import ModelConfig
+from training.config import RECENCY_POSITIONS, ModelConfig
 from training.features import TowerEncoder
 from training.schema import FeatureSpec
 
@@ -313,7 +313,8 @@ class HistoryPooling(nn.Module):
     Pooled vector of a bag h_1..h_n (oldest first, at most `max_len`, the most recent):
     `sum_j w_j h_j / sum_j w_j * n^(1 - alpha)`, i.e. `sum / n^alpha` for the mean (w = 1). The
     `recency` encoder learns w_j = exp(a_d), one logit per distance d from the newest click
-    (initialised at 0: the mean), so recent clicks can count more. Row 0 of `emb` (an item
+    (initialised at 0: the mean), so recent clicks can count more; `max_len` logits, or without
+    a max_len `RECENCY_POSITIONS`, the last one shared by every older click. Row 0 of `emb` (an item
     unseen in training) is never pooled: callers drop such ids.
 
     Buffers the bundle carries for request-time histories (`TwoTowerModel.user_id_vectors`):
@@ -329,14 +330,13 @@ class HistoryPooling(nn.Module):
             raise ValueError(f"history alpha must be in [0, 1], got {alpha}")
         if encoder not in ("mean", "recency"):
             raise ValueError(f"history encoder must be 'mean' or 'recency', got {encoder!r}")
-        if encoder == "recency" and max_len is None:
-            raise ValueError("the recency history encoder needs a max_len (one weight per position)")
         if max_len is not None and max_len < 1:
             raise ValueError(f"history max_len must be >= 1, got {max_len}")
         self.alpha, self.encoder, self.max_len = alpha, encoder, max_len
         self.emb = nn.Embedding(n_items, dim)
         nn.init.normal_(self.emb.weight, std=0.05)
-        self.position_logits = nn.Parameter(torch.zeros(max_len)) if encoder == "recency" else None
+        positions = max_len or RECENCY_POSITIONS
+        self.position_logits = nn.Parameter(torch.zeros(positions)) if encoder == "recency" else None
         self.register_buffer("cold_id", torch.zeros(dim))
         self.register_buffer("free_id", torch.zeros(n_users, dim) if n_users is not None else None)
 
@@ -350,7 +350,7 @@ class HistoryPooling(nn.Module):
         if self.position_logits is not None and len(items):
             bag = torch.repeat_interleave(torch.arange(n, device=items.device), lengths)
             dist = (offsets + lengths - 1)[bag] - torch.arange(len(items), device=items.device)  # 0 = newest
-            weights = self.position_logits[dist].exp()
+            weights = self.position_logits[dist.clamp(max=len(self.position_logits) - 1)].exp()
             counts_w = torch.zeros(n, dtype=weights.dtype, device=items.device).index_add(0, bag, weights)
         sums = F.embedding_bag(items, self.emb.weight, offsets, mode="sum", per_sample_weights=weights, sparse=self.emb.sparse)
         denom = counts if weights is None else counts_w

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.config import ModelConfig
+from training.config import RECENCY_POSITIONS, ModelConfig
 from training.features import OOV, POPULARITY, FeatureError, TowerEncoder, Vocabulary
 
 if TYPE_CHECKING:
@@ -98,7 +98,8 @@ class NumpyHistory:
         self.cold_id = get("cold_id", (cfg.id_dim,))
         self.free_id = get("free_id", (n_users, cfg.id_dim)) if h.free_id else None
         # weights of distances 0 (newest) .. max_len - 1, as float32 like torch's exp
-        self.position_weights = np.exp(get("position_logits", (h.max_len,))) if h.encoder == "recency" else None
+        positions = h.max_len or RECENCY_POSITIONS
+        self.position_weights = np.exp(get("position_logits", (positions,))) if h.encoder == "recency" else None
         expected = {"user_history.emb.weight", "user_history.cold_id"} | (
             {"user_history.free_id"} if h.free_id else set()) | ({"user_history.position_logits"} if h.encoder == "recency" else set())
         unused = sorted(k for k in weights if k.startswith("user_history.") and k not in expected)
@@ -121,7 +122,10 @@ class NumpyHistory:
             if self.position_weights is None:
                 pooled = rows.sum(axis=0) * np.float32(n ** (1.0 - self.alpha) / n)
             else:
-                w = self.position_weights[:n][::-1]  # oldest first: distance n - 1 .. 0
+                pw = self.position_weights
+                if n > len(pw):  # distances beyond the learned ones share the last weight
+                    pw = np.concatenate([pw, np.repeat(pw[-1:], n - len(pw))])
+                w = pw[:n][::-1]  # oldest first: distance n - 1 .. 0
                 pooled = (w @ rows) * (np.float32(n ** (1.0 - self.alpha)) / np.float32(w.sum()))
             out += pooled
         return out

@@ -57,8 +57,6 @@ def test_mean_pooling_by_hand(alpha: float) -> None:
 def test_pooling_config_errors() -> None:
     with pytest.raises(ValueError, match="alpha"):
         HistoryPooling(3, 2, alpha=1.5)
-    with pytest.raises(ValueError, match="needs a max_len"):
-        HistoryPooling(3, 2, encoder="recency")
     with pytest.raises(ValueError, match="'mean' or 'recency'"):
         HistoryPooling(3, 2, encoder="attention")
 

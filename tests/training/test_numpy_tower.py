@@ -169,6 +169,7 @@ HISTORIES = {
     "mean": HistoryConfig(max_len=5),
     "recency": HistoryConfig(max_len=6, encoder="recency"),
     "fism_unbounded": HistoryConfig(max_len=None, alpha=0.5),
+    "recency_unbounded": HistoryConfig(max_len=None, encoder="recency"),
     "free_id": HistoryConfig(max_len=4, free_id=True, encoder="recency", alpha=0.0),
 }
 
