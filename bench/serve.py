@@ -924,11 +924,12 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
             f'"device": "ios", "interests": "t{n % 30}|t{n % 29}"}}, "k": {K}}}'
         ).encode()
 
-    n_items = int(json.loads((root / "index" / "current" / "manifest.json").read_text())["count"])
+    # history ids the served model knows (items with training clicks): every one is pooled
+    known_items = json.loads((root / "index" / "current" / "model" / "features.json").read_text())["item"]["ids"]
 
     def history_body(n: int) -> bytes:  # a cache miss that also sends 50 recent clicks (issue 18)
         body = miss_body(n)
-        clicks = ", ".join(f'"i{(n * 7919 + j * 104729) % n_items}"' for j in range(HISTORY_CLICKS))
+        clicks = ", ".join(f'"{known_items[(n * 7919 + j * 104729) % len(known_items)]}"' for j in range(HISTORY_CLICKS))
         return body[:-1] + f', "history": [{clicks}]}}'.encode()
 
     counter = [0]

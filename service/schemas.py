@@ -15,7 +15,7 @@ validation and the OpenAPI document state the same numbers.
 from __future__ import annotations
 
 import math
-import unicodedata
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -85,14 +85,19 @@ def _check_id(value: str) -> str:
     newline there is never a real id but a client bug or log injection, so it is a 422 naming the
     field and the character's position (not the value itself) instead of a silent 200.
     """
-    for i, ch in enumerate(value):
-        if unicodedata.category(ch) == "Cc":
-            raise PydanticCustomError(
-                "control_character",
-                "ids must not contain control characters (found U+{code} at position {pos})",
-                {"code": f"{ord(ch):04X}", "pos": i},
-            )
+    found = _CONTROL.search(value)  # one C-level scan: a request may carry 10,000 excluded + history ids
+    if found is not None:
+        raise PydanticCustomError(
+            "control_character",
+            "ids must not contain control characters (found U+{code} at position {pos})",
+            {"code": f"{ord(found.group()):04X}", "pos": found.start()},
+        )
     return value
+
+
+# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F (tests/service/test_history.py
+# holds the pattern to unicodedata over the whole code space)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def id_string(max_length: int) -> Any:
