@@ -112,6 +112,10 @@ VARIANTS: list[Variant] = [
     Variant("no_history", "history", {"user_history": False, "cold_logq_weight": None},
             "free user id embedding only, one logQ weight (the previous default)"),
     Variant("history_free_id", "history", {"history_free_id": True}, "pooled history + a free per-user embedding"),
+    # the request-time history input (issue 18): encoder, length, the new-user path
+    Variant("history_mean", "history", {"history_encoder": "mean"}, "mean pooling of the recent clicks (default: recency weights)"),
+    Variant("history_len_20", "history", {"history_max_len": 20}, "pool the 20 most recent clicks"),
+    Variant("history_no_cold_prefix", "history", {"history_cold_max_len": 0}, "id-dropped rows pool no history (features only)"),
     Variant("no_cold_logq", "cold", {"cold_logq_weight": None}, "id-dropped rows use the same logQ weight (1.0)"),
     Variant("cold_logq_2", "cold", {"cold_logq_weight": 2.0}, "id-dropped rows: logQ weight 2"),
     Variant("cold_logq_5", "cold", {"cold_logq_weight": 5.0}, "id-dropped rows: logQ weight 5"),
@@ -191,6 +195,11 @@ TARGETS = (
     Target("tail_recall@100", 0.40, ">="),
     Target("cold_recall@20", 0.15, ">="),
     Target("train_seconds", 120.0, "<"),
+    # issue 18: EVAL.md "Request-time history" (training/history_eval.py)
+    Target("cold_m1_recall@20", 0.15, ">="),
+    Target("cold_m5_recall@20", 0.19, ">="),
+    Target("cold_m10_recall@20", 0.20, ">="),
+    Target("warm_fresh_recall@20", 0.22, ">="),
 )
 
 
@@ -467,6 +476,12 @@ def run_matrix(
     fingerprint = dataset.fingerprint()
     out_dir.mkdir(parents=True, exist_ok=True)
     results["dataset"] = {"path": str(data_dir), "fingerprint": fingerprint, "split": split.summary()}
+    if results.get("history_anchors_fingerprint") != fingerprint:  # fold-in anchors: once per dataset
+        from training.history_eval import history_anchors, history_protocols
+
+        item_ids = dataset.items["item_id"].astype(str).tolist()
+        results["history_anchors"] = history_anchors(split, item_ids, history_protocols(split, item_ids))
+        results["history_anchors_fingerprint"] = fingerprint
     run = {"command": command, "started_at": _now(), "base_config": base, "epochs_override": epochs,
            "machine": machine_facts(), "loadavg_before": loadavg(), "variants": [v.name for v in variants],
            "trained": [], "cached": []}
@@ -772,6 +787,7 @@ def render_markdown(results: dict, variants: Sequence[Variant], png_name: str | 
               f"**{_f(m.get('ndcg@20'))}** | **{_f(m.get('tail_recall@100'))}** | **{_f(m.get('coverage@20'), 3)}** | "
               f"**{_f(m.get('cold_recall@20'))}** |"]
 
+    L += history_section(d, results.get("history_anchors") or {})
     L += ["", "### Targets (the `default` variant on test)", ""]
     if not d or "error" in d:
         L += ["The `default` variant has no result yet."]
@@ -824,6 +840,24 @@ def render_markdown(results: dict, variants: Sequence[Variant], png_name: str | 
         if png_name:
             L += ["", f"![recall@100 by item-popularity decile]({png_name})"]
     return "\n".join(L) + "\n"
+
+
+def history_section(d: dict | None, anchors: dict) -> list[str]:
+    """EVAL.md "Request-time history": the `default` variant's figures per protocol next to the
+    fold-in anchors (training/history_eval.py; EASE's λ grid-searched on the protocol itself)."""
+    from training.history_eval import PROTOCOLS
+
+    L = ["", "### Request-time history (EVAL.md; the `default` variant on test)", "",
+         "| protocol | users | recall@20 | ndcg@20 | recall@100 | tail_recall@100 | popularity r@20 | EASE fold-in r@20 "
+         "| item-kNN fold-in r@20 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    m = (d or {}).get("metrics", {}) if d and "error" not in d else {}
+    for name in PROTOCOLS:
+        a = anchors.get(name, {})
+        L.append(f"| {name} | {m.get(f'{name}_users', a.get('popularity', {}).get('users', '—'))} "
+                 f"| {_f(m.get(f'{name}_recall@20'))} | {_f(m.get(f'{name}_ndcg@20'))} | {_f(m.get(f'{name}_recall@100'))} "
+                 f"| {_f(m.get(f'{name}_tail_recall@100'))} | {_f(a.get('popularity', {}).get('recall@20'))} "
+                 f"| {_f(a.get('ease', {}).get('recall@20'))} | {_f(a.get('item_knn', {}).get('recall@20'))} |")
+    return L
 
 
 def write_markdown(path: Path, block: str) -> None:

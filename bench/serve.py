@@ -43,7 +43,8 @@ What it does (docs/bench/serve.md has the results and their reading):
    moves much less than req/s does.
 5. **`--in-process`**: no wrk, no sockets: the app behind uvicorn's HTTP protocol class in this
    process, fed raw requests through a fake transport, with a real redis-server; CPU µs per
-   request for healthz / retrieve_miss / retrieve_hit, rounds interleaved, min and median. The
+   request for healthz / retrieve_miss / retrieve_hit / retrieve_miss_history (a miss that also
+   sends 50 history ids: issue 18's +50 % CPU budget), rounds interleaved, min and median. The
    tool for comparing changes on a loaded machine (what the report's "where the time goes" uses).
    `--routes fastapi` registers the JSON POST routes as plain FastAPI routes (without
    service.jsonroute.JSONBodyRoute), `--env SERVICE_REDIS_CLIENT=redis-py` swaps the Redis client:
@@ -77,6 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 FEATURE_POOL = {"countries": 20, "devices": ["ios", "android", "web"], "interests": 30}
 K = 20
+HISTORY_CLICKS = 50  # --in-process retrieve_miss_history: clicks per request (EVAL.md warm_fresh sends 50)
 
 
 # ---- catalog ------------------------------------------------------------------------------------
@@ -922,6 +924,14 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
             f'"device": "ios", "interests": "t{n % 30}|t{n % 29}"}}, "k": {K}}}'
         ).encode()
 
+    # history ids the served model knows (items with training clicks): every one is pooled
+    known_items = json.loads((root / "index" / "current" / "model" / "features.json").read_text())["item"]["ids"]
+
+    def history_body(n: int) -> bytes:  # a cache miss that also sends 50 recent clicks (issue 18)
+        body = miss_body(n)
+        clicks = ", ".join(f'"{known_items[(n * 7919 + j * 104729) % len(known_items)]}"' for j in range(HISTORY_CLICKS))
+        return body[:-1] + f', "history": [{clicks}]}}'.encode()
+
     counter = [0]
 
     def requests(name: str, n: int) -> list[bytes]:
@@ -932,6 +942,8 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
                 out.append(_http_request("GET", "/healthz"))
             elif name == "retrieve_miss":
                 out.append(_http_request("POST", "/retrieve", miss_body(counter[0])))
+            elif name == "retrieve_miss_history":
+                out.append(_http_request("POST", "/retrieve", history_body(counter[0])))
             else:
                 out.append(_http_request("POST", "/retrieve", hit_bodies[counter[0] % len(hit_bodies)]))
         return out
@@ -987,7 +999,7 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
                 cpu1, redis1 = time.process_time(), _stat(redis.proc.pid)[1]
                 return (cpu1 - cpu0) / n * 1e6, (redis1 - redis0) / n * 1e6
 
-            names = ["healthz", "retrieve_miss", "retrieve_hit"]
+            names = ["healthz", "retrieve_miss", "retrieve_hit", "retrieve_miss_history"]
             for name in names:  # warm-up; fills the cache for the hit scenario
                 await one_round(name, max(600, len(hit_bodies)))
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
@@ -1022,9 +1034,13 @@ def in_process_costs(args: argparse.Namespace, root: Path, ef_value: int | None,
             "redis_cpu_us_median": round(statistics.median(v[1] for v in values), 1),
         }
     ceiling = results["healthz"]["server_cpu_us_median"]
-    for name in ("retrieve_miss", "retrieve_hit"):
+    for name in ("retrieve_miss", "retrieve_hit", "retrieve_miss_history"):
         r = results[name]
         r["x_healthz"] = round((r["server_cpu_us_median"] + r["redis_cpu_us_median"]) / ceiling, 2)
+    miss = results["retrieve_miss"]
+    results["retrieve_miss_history"]["x_retrieve_miss"] = round(
+        (results["retrieve_miss_history"]["server_cpu_us_median"] + results["retrieve_miss_history"]["redis_cpu_us_median"])
+        / (miss["server_cpu_us_median"] + miss["redis_cpu_us_median"]), 3)
     return {
         "ef_search": ef_value or "manifest",
         "http": args.http,

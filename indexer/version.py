@@ -564,7 +564,7 @@ def check_user_tower(bundle: BundleArrays, name: str) -> UserTower:
     (an architecture the numpy tower cannot run, non-finite or non-unit output, feature
     statistics that make the probe users invalid, e.g. NaN in features.json)."""
     try:
-        return UserTower(bundle.user_encoder, bundle.model_config, bundle.weights)
+        return UserTower(bundle.user_encoder, bundle.model_config, bundle.weights, bundle.item_encoder.ids)
     except (TowerError, FeatureError) as e:
         raise IndexVersionError(f"{name}: user tower unusable: {e}") from None
 

@@ -66,14 +66,28 @@ def features_digest(features: dict[str, object]) -> str:
     return hashlib.blake2b(canon.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def cache_key(prefix: str, model_version: str, user_id: str | None, features_hash: str) -> str:
-    """`prefix:uv1:<model_version>:<features hash>:<u+id | ->`.
+def history_digest(history: Sequence[int] | None) -> str | None:
+    """A hash of the history rows the tower *used* (`UserTower.encode_history`: unknown ids
+    dropped, cut to the model's length), None without a history. Rows are the model version's
+    own item codes; the key holds that version too, so equal digests mean equal inputs."""
+    if history is None:
+        return None
+    return hashlib.blake2b(np.asarray(history, dtype="<i8").tobytes(), digest_size=16).hexdigest()
+
+
+def cache_key(
+    prefix: str, model_version: str, user_id: str | None, features_hash: str, history_hash: str | None = None,
+) -> str:
+    """`prefix:uv1:<model_version>:<features hash>[:h<history hash>]:<u+id | ->`.
 
     The user id comes last so that the fixed-shape parts stay unambiguous whatever characters
-    an id contains; an absent id (`-`) and the empty id (`u`) are distinct keys.
+    an id contains; an absent id (`-`) and the empty id (`u`) are distinct keys. A request with a
+    history (even an empty one) gets the `h` part; one without keeps the key it had before, so
+    a vector is never shared between two histories, or between a history and none.
     """
     uid = "-" if user_id is None else "u" + user_id
-    return f"{prefix}:{KEY_SCHEMA}:{model_version}:{features_hash}:{uid}"
+    hist = "" if history_hash is None else f"h{history_hash}:"
+    return f"{prefix}:{KEY_SCHEMA}:{model_version}:{features_hash}:{hist}{uid}"
 
 
 def encode_vector(vector: np.ndarray) -> bytes:

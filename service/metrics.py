@@ -69,6 +69,16 @@ class ServiceMetrics:
         )
         for strategy in ("exact", "ann", "fallback"):
             self.filtered_queries.labels(strategy)
+        self.history_ids = Counter(
+            "service_history_ids",
+            "Item ids received in request histories, by outcome: used (pooled by the user tower), ignored "
+            "(unknown to the served version, e.g. fresh since training; never an error), beyond (older than the "
+            "model's history length).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("used", "ignored", "beyond"):
+            self.history_ids.labels(outcome)
         self.index_items = Gauge("service_index_items", "Items in the served index.", registry=r)
         self.ready = Gauge("service_ready", "1 while a verified version is loaded.", registry=r)
         self.reloads = Counter(

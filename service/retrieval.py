@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from indexer.attributes import Condition, FilterError
 from indexer.topk import Allowed, Query
 from indexer.version import ServedVersion
-from service.cache import VectorCache, cache_key, features_digest
+from service.cache import VectorCache, cache_key, features_digest, history_digest
 from service.metrics import ServiceMetrics
 from service.observability import request_context
 from service.schemas import BatchRetrieveRequest, EmbedRequest, RetrieveRequest, SimilarRequest
@@ -59,8 +59,21 @@ class NonFiniteVectorError(RuntimeError):
     """The tower produced a vector FAISS must not see (NaN/inf or wrong dimension)."""
 
 
-def validate_user(version: ServedVersion, user_id: str | None, features: dict, loc_prefix: tuple = ("body",)) -> UserRecord:
-    """A `UserRecord` with features normalized by the version's tower, or RequestFieldError."""
+def validate_user(
+    version: ServedVersion, user_id: str | None, features: dict, loc_prefix: tuple = ("body",),
+    history: Sequence[str] | None = None, metrics: ServiceMetrics | None = None,
+) -> UserRecord:
+    """A `UserRecord` with features normalized by the version's tower and the request history
+    as the rows that tower pools (ids unknown to this version ignored and counted), or
+    RequestFieldError."""
+    codes, unknown = version.tower.encode_history(history)
+    if metrics is not None and history is not None:
+        used = 0 if codes is None else len(codes)
+        metrics.history_ids.labels("used").inc(used)
+        if unknown:
+            metrics.history_ids.labels("ignored").inc(unknown)
+        if len(history) - unknown - used:
+            metrics.history_ids.labels("beyond").inc(len(history) - unknown - used)
     try:
         normalized = version.tower.validate(features)
     except FeatureError as e:
@@ -68,7 +81,7 @@ def validate_user(version: ServedVersion, user_id: str | None, features: dict, l
         head, _, name = e.field.partition(".")
         loc = (*loc_prefix, head, name) if name else (*loc_prefix, head)
         raise RequestFieldError(loc, e.message, "feature_error") from None
-    return UserRecord(user_id, normalized)
+    return UserRecord(user_id, normalized, codes)
 
 
 async def user_vectors(
@@ -82,7 +95,9 @@ async def user_vectors(
     only ever reused with the model that computed it.
     """
     prefix, model_version, dim = settings.cache_prefix, version.model_version, version.dim
-    keys = [cache_key(prefix, model_version, r.user_id, features_digest(r.features)) for r in records]
+    keys = [
+        cache_key(prefix, model_version, r.user_id, features_digest(r.features), history_digest(r.history)) for r in records
+    ]
     cached = await cache.get_many(keys, dim)
     flags = [v is not None for v in cached]
     missing = [i for i, v in enumerate(cached) if v is None]
@@ -190,7 +205,7 @@ async def retrieve(
     version: ServedVersion, cache: VectorCache, settings: Settings, body: RetrieveRequest,
     metrics: ServiceMetrics | None = None,
 ) -> dict:
-    record = validate_user(version, body.user_id, body.features)
+    record = validate_user(version, body.user_id, body.features, history=body.history, metrics=metrics)
     allowed = allowed_rows(version, body.filter)
     vecs, cached = await user_vectors(version, cache, settings, [record])
     query = Query(body.k, frozenset(body.exclude_item_ids), allowed)
@@ -206,7 +221,8 @@ async def retrieve_batch(
     """All requests against one version, one cache read, one index search (each request's own
     filter, evaluated against that version)."""
     records = [
-        validate_user(version, r.user_id, r.features, ("body", "requests", i)) for i, r in enumerate(body.requests)
+        validate_user(version, r.user_id, r.features, ("body", "requests", i), r.history, metrics)
+        for i, r in enumerate(body.requests)
     ]
     allowed = [allowed_rows(version, r.filter, ("body", "requests", i)) for i, r in enumerate(body.requests)]
     vecs, cached = await user_vectors(version, cache, settings, records)
@@ -236,8 +252,10 @@ async def similar(
     return result_body(version, items, False)
 
 
-async def embed(version: ServedVersion, cache: VectorCache, settings: Settings, body: EmbedRequest) -> dict:
-    record = validate_user(version, body.user_id, body.features)
+async def embed(
+    version: ServedVersion, cache: VectorCache, settings: Settings, body: EmbedRequest, metrics: ServiceMetrics | None = None,
+) -> dict:
+    record = validate_user(version, body.user_id, body.features, history=body.history, metrics=metrics)
     vecs, cached = await user_vectors(version, cache, settings, [record])
     _note(version, cached)
     return {"vector": vecs[0].tolist(), "model_version": version.model_version, "cached": cached[0]}

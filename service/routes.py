@@ -123,7 +123,7 @@ def register_routes(router: FastAPI, models: RequestModels) -> None:
     )
     async def embed(body: EmbedBody, served: ServedDep) -> Response:  # type: ignore[valid-type]
         """The L2-normalized user vector (same cache, same tower as /retrieve)."""
-        return FastJSONResponse(await retrieval.embed(served.version, served.cache, served.settings, body))
+        return FastJSONResponse(await retrieval.embed(served.version, served.cache, served.settings, body, served.metrics))
 
     @router.get("/healthz", response_model=HealthResponse, summary="Liveness")
     async def healthz() -> Response:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     )
     max_features: int = Field(256, ge=0, description="Most entries in `features`.")
     max_id_length: int = Field(512, ge=1, description="Longest user or item id accepted.")
+    max_history: int = Field(
+        100, ge=0, description="Most item ids in a request's `history` (a longer list is a 422 at `body.history`, never cut); "
+        "the user tower uses the most recent ones up to the model's history length.",
+    )
     max_filter_attributes: int = Field(32, ge=1, description="Most attributes in one request's `filter`.")
     max_filter_values: int = Field(
         1000, ge=1, description="Most values one filter condition may list (`in`, `not_in`, `any`, `all`)."

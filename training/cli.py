@@ -85,14 +85,17 @@ def _run(args: argparse.Namespace) -> None:
     elif args.cmd == "evaluate":
         from training.bundle import load_bundle
         from training.dataset import read_dataset
-        from training.evaluate import evaluate_model
+        from training.evaluate import evaluate_model, history_metrics
         from training.split import split_interactions
 
         bundle = load_bundle(args.model)
         dataset = read_dataset(args.data)
         for warning in check_bundle_matches_dataset(bundle, dataset):
             _warn(args)(warning)
-        metrics = evaluate_model(bundle.model, dataset, split_interactions(dataset.interactions))
+        split = split_interactions(dataset.interactions)
+        metrics = evaluate_model(bundle.model, dataset, split)
+        # EVAL.md "Request-time history": cold_mM / warm_fresh keys and their fold-in anchors
+        metrics |= history_metrics(bundle.model, dataset, split, anchors=True)
         print(json.dumps(metrics, sort_keys=True))
     elif args.cmd == "export":
         from training.export import export_bundle

@@ -35,7 +35,11 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-__all__ = ["ConfigError", "ModelConfig", "StrictConfig", "TrainConfig", "config_error"]
+# recency weights learned when the history length is unbounded: distances beyond share the last one
+RECENCY_POSITIONS = 100
+
+__all__ = ["ConfigError", "HistoryConfig", "ModelConfig", "StrictConfig", "TrainConfig", "config_error"]
+
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 _DEVICE = re.compile(r"^(auto|(cpu|cuda|mps)(:\d+)?)$")
@@ -97,6 +101,20 @@ class StrictConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+class HistoryConfig(StrictConfig):
+    """How the user tower pools a click history (`training.model.HistoryPooling`), as a bundle
+    records it. Derived by the trainer from `TrainConfig`'s `user_history` / `history_*` fields
+    (`TrainConfig.model_config_with_history`), never set by hand: one place to configure it."""
+
+    LABEL: ClassVar[str] = "history"
+
+    max_len: Width | None = None       # the most recent clicks pooled (None: all of them)
+    alpha: Probability = 1.0           # pooled = weighted sum / n^alpha (1: a mean)
+    encoder: typing.Literal["mean", "recency"] = "mean"  # recency: a learned weight per distance from the newest
+                                       # (max_len of them; without max_len RECENCY_POSITIONS, the last shared by older clicks)
+    free_id: bool = False              # known users keep a free id row next to their history
+
+
 class ModelConfig(StrictConfig):
     """Architecture hyper-parameters (stored in the bundle's config.json)."""
 
@@ -112,6 +130,9 @@ class ModelConfig(StrictConfig):
     user_id_dropout: Rate = 0.3
     item_id_dropout: Rate = 0.1
     temperature: Annotated[float, Field(gt=0)] = 0.03  # training only: logits = cos / temperature (docs/results)
+    # request-time history input of the user tower; None: the bundle has none (history baked only).
+    # Written by the trainer from TrainConfig (user_history, history_*), see HistoryConfig.
+    history: HistoryConfig | None = None
 
 
 class TrainConfig(StrictConfig):
@@ -144,8 +165,11 @@ class TrainConfig(StrictConfig):
     eval_max_users: Width | None = 5000  # validation users sampled per epoch (big datasets)
     user_history: bool = True          # user id vector += pooled embeddings of the user's clicked items
     history_alpha: Probability = 1.0   # pooled = sum / n^alpha (1: mean, 0.5: FISM's usual choice)
-    history_max_len: Width | None = None  # keep each user's most recent items only
+    history_max_len: Width | None = 50  # pool each row's / request's most recent clicks only (EVAL.md warm_fresh sends 50)
     history_free_id: bool = False      # with user_history: also learn a free per-user embedding
+    history_encoder: typing.Literal["mean", "recency"] = "recency"  # learned weight per distance from the newest click ; chosen on the nested validation over mean (docs/bench/history.md)
+    cold_row_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of id-dropped rows (new users: features + first clicks) vs 1 + recency of the others
+    history_cold_max_len: Annotated[int, Field(ge=0)] = 10  # id-dropped rows pool their user's first l clicks, l ~ U{0..min(this, earlier clicks)} (0: none)
     device: str = "auto"
     sparse_tables: bool | None = None  # id / history tables: sparse gradients + SparseAdam (null: tables >= 16,384 rows when weight_decay is 0; training/optim.py)
     deterministic: bool = True         # torch deterministic algorithms during fit (same seed, same model)
@@ -243,7 +267,17 @@ class TrainConfig(StrictConfig):
             raise ValueError(f"sparse_tables=true with weight_decay={self.weight_decay}: SparseAdam has no weight decay (use null or false)")
         if self.history_free_id and not self.user_history:
             raise ValueError("history_free_id=true only applies with user_history=true")
+        if self.model.history is not None:
+            raise ValueError("model.history is written by the trainer from user_history / history_*; set those instead")
         return self
+
+    def model_config_with_history(self) -> ModelConfig:
+        """The model config a bundle records: `model` plus the history input from the history_* fields."""
+        if not self.user_history:
+            return self.model
+        history = HistoryConfig(max_len=self.history_max_len, alpha=self.history_alpha, encoder=self.history_encoder,
+                                free_id=self.history_free_id)
+        return self.model.model_copy(update={"history": history})
 
 
 def _one_of(value: str, choices: tuple[str, ...]) -> str:

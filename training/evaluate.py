@@ -154,3 +154,40 @@ def evaluate_model(
         names = METRICS + (tuple(f"cold_{m}" for m in METRICS) if include_cold else ())
         metrics = {m: metrics.get(m) for m in names}
     return {k: None if v is None else round(v, 4) for k, v in metrics.items()}
+
+
+def history_metrics(model, dataset: Dataset, split: Split, *, item_vecs: np.ndarray | None = None,
+                    anchors: bool = False) -> dict:
+    """EVAL.md §"Request-time history" figures of `model` (`training.history_eval`'s protocols):
+    flat keys `<protocol>_<metric>` (`cold_m5_recall@20`, `warm_fresh_recall@20`, ...; None for
+    a protocol without users) and, with `anchors`, `history_anchors`: {protocol: {anchor:
+    metrics}} for the popularity / EASE / item-kNN fold-ins. The model embeds each user with the
+    protocol's request history through `embed_user_table(..., histories=)`, the torch twin of
+    what the service computes for a request with `history`."""
+    from training.history_eval import (
+        PROTOCOLS,
+        evaluate_history,
+        history_anchors,
+        history_protocols,
+    )
+
+    items = dataset.items
+    item_ids = items["item_id"].astype(str).tolist()
+    if item_vecs is None:
+        item_vecs = model.embed_items(items)
+    protocols = history_protocols(split, item_ids)
+    is_tail = ~pd.Index(item_ids).isin(list(split.head_items))
+
+    def user_vectors(user_ids, histories):
+        return model.embed_user_table(list(user_ids), user_features(dataset, list(user_ids)), histories=histories)
+
+    res = evaluate_history(user_vectors, item_vecs, protocols, is_tail)
+    out: dict = {}
+    for name in PROTOCOLS:
+        got = res.get(name, {})
+        for m in METRICS:
+            out[f"{name}_{m}"] = got.get(m)
+        out[f"{name}_users"] = got.get("users", 0)
+    if anchors:
+        out["history_anchors"] = history_anchors(split, item_ids, protocols)
+    return out

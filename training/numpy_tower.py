@@ -34,15 +34,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.config import ModelConfig
-from training.features import POPULARITY, FeatureError, TowerEncoder
+from training.config import RECENCY_POSITIONS, ModelConfig
+from training.features import OOV, POPULARITY, FeatureError, TowerEncoder, Vocabulary
 
 if TYPE_CHECKING:
     from training.model import TwoTowerModel
 
 FAST_PATH_TOLERANCE = 1e-5
 
-__all__ = ["FAST_PATH_TOLERANCE", "NumpyTower", "TowerError", "UserRecord", "UserTower", "mlp_layout"]
+__all__ = [
+    "FAST_PATH_TOLERANCE", "NumpyHistory", "NumpyTower", "TowerError", "UserRecord", "UserTower", "encode_history", "mlp_layout",
+]
 
 
 class TowerError(RuntimeError):
@@ -51,10 +53,82 @@ class TowerError(RuntimeError):
 
 @dataclass(frozen=True)
 class UserRecord:
-    """A validated user: id (None = absent) and normalized feature values (no nulls)."""
+    """A validated user: id (None = absent), normalized feature values (no nulls) and the
+    request's history as history-table rows (`encode_history`; None: no history sent)."""
 
     user_id: str | None
     features: dict[str, object]
+    history: tuple[int, ...] | None = None
+
+
+def encode_history(items: Vocabulary, item_ids: Sequence[str], max_len: int | None) -> tuple[tuple[int, ...], int]:
+    """(history-table rows of the ids the tower uses, how many ids were unknown).
+
+    The rows are the item tower's id codes (`items`); ids unseen in training have no trained
+    history embedding and are dropped (counted); of the rest the most recent `max_len` are kept,
+    oldest first. The torch tower (`TwoTowerModel.history_codes`) encodes with this too.
+    """
+    codes = [items.encode_one(i) for i in item_ids]
+    known = tuple(c for c in codes if c != OOV)
+    unknown = len(codes) - len(known)
+    if max_len is not None and len(known) > max_len:
+        known = known[len(known) - max_len :]
+    return known, unknown
+
+
+class NumpyHistory:
+    """`training.model.HistoryPooling` and `TwoTowerModel.user_id_vectors` in numpy: the id slot
+    of a user who sent a history. Weights by state-dict name under `user_history.`."""
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], n_items: int, n_users: int) -> None:
+        h = cfg.history
+        if h is None:
+            raise NotImplementedError("the model config has no history input")
+        def get(name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+            key = "user_history." + name
+            if key not in weights:
+                raise NotImplementedError(f"the weights have no {key!r}")
+            arr = np.ascontiguousarray(weights[key], dtype=np.float32)
+            if shape is not None and arr.shape != shape:
+                raise NotImplementedError(f"{key!r} has shape {arr.shape}, expected {shape}")
+            return arr
+
+        self.max_len, self.alpha = h.max_len, float(h.alpha)
+        self.emb = get("emb.weight", (n_items, cfg.id_dim))
+        self.cold_id = get("cold_id", (cfg.id_dim,))
+        self.free_id = get("free_id", (n_users, cfg.id_dim)) if h.free_id else None
+        # weights of distances 0 (newest) .. max_len - 1, as float32 like torch's exp
+        positions = h.max_len or RECENCY_POSITIONS
+        self.position_weights = np.exp(get("position_logits", (positions,))) if h.encoder == "recency" else None
+        expected = {"user_history.emb.weight", "user_history.cold_id"} | (
+            {"user_history.free_id"} if h.free_id else set()) | ({"user_history.position_logits"} if h.encoder == "recency" else set())
+        unused = sorted(k for k in weights if k.startswith("user_history.") and k not in expected)
+        if unused:
+            raise NotImplementedError(f"weights {unused} have no place in the numpy history pooling")
+
+    def id_vector(self, row: int, codes: tuple[int, ...]) -> np.ndarray:
+        """The id slot (id_dim,) float32 for user id row `row` (0 = OOV) with history `codes`."""
+        if self.max_len is not None and len(codes) > self.max_len:
+            codes = codes[len(codes) - self.max_len :]
+        if row == 0:
+            out = self.cold_id.copy()
+        elif self.free_id is not None:
+            out = self.free_id[row].copy()
+        else:
+            out = np.zeros_like(self.cold_id)
+        n = len(codes)
+        if n:
+            rows = self.emb.take(codes, axis=0)
+            if self.position_weights is None:
+                pooled = rows.sum(axis=0) * np.float32(n ** (1.0 - self.alpha) / n)
+            else:
+                pw = self.position_weights
+                if n > len(pw):  # distances beyond the learned ones share the last weight
+                    pw = np.concatenate([pw, np.repeat(pw[-1:], n - len(pw))])
+                w = pw[:n][::-1]  # oldest first: distance n - 1 .. 0
+                pooled = (w @ rows) * (np.float32(n ** (1.0 - self.alpha)) / np.float32(w.sum()))
+            out += pooled
+        return out
 
 
 @dataclass(frozen=True)
@@ -140,15 +214,16 @@ class NumpyTower:
             width = w.shape[1]
         self.dim = self._layers[-1].weight_t.shape[1]
 
-    def embed_one(self, record: UserRecord) -> np.ndarray:
-        """The unit vector (float32, (dim,)) of one validated record."""
+    def embed_one(self, record: UserRecord, history: NumpyHistory | None = None) -> np.ndarray:
+        """The unit vector (float32, (dim,)) of one validated record (its history pooled by
+        `history`; without one, or without a history in the record, the saved id row)."""
         enc = self._enc
         feats = record.features
         x = np.empty(self.width, dtype=np.float32)
         uid = record.user_id
         row = 0 if uid is None else enc.ids.encode_one(uid)
         w = self._id.shape[1]
-        x[:w] = self._id[row]
+        x[:w] = self._id[row] if history is None or record.history is None else history.id_vector(row, record.history)
         pos = w
         for name, vocab, tab in self._cat:
             value = feats.get(name)
@@ -201,11 +276,21 @@ class UserTower:
     records is not finite unit vectors of the configured dimension.
     """
 
-    def __init__(self, encoder: TowerEncoder, cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self, encoder: TowerEncoder, cfg: ModelConfig, weights: Mapping[str, np.ndarray], items: Vocabulary | None = None,
+    ) -> None:
+        """`items`: the item tower's id vocabulary, which maps request history ids to history rows;
+        needed when the model has a history input (`cfg.history`), else histories are ignored."""
         self.encoder = encoder
         self.dim = int(cfg.embedding_dim)
+        self.items = items
+        self.history: NumpyHistory | None = None
         try:
             self.fast = NumpyTower(encoder, cfg, weights, "user_tower.")
+            if cfg.history is not None:
+                if items is None:
+                    raise NotImplementedError("a history input needs the item id vocabulary (pass items=)")
+                self.history = NumpyHistory(cfg, weights, items.size, encoder.ids.size)
         except (NotImplementedError, AttributeError, KeyError, TypeError, IndexError) as e:
             raise TowerError(f"the numpy user tower cannot run this architecture: {e}") from None
         if self.fast.dim != self.dim:
@@ -215,7 +300,21 @@ class UserTower:
     @classmethod
     def from_model(cls, model: TwoTowerModel) -> UserTower:
         """The numpy tower of a torch model (its current weights, copied)."""
-        return cls(model.user_encoder, model.cfg, model_weights(model))
+        return cls(model.user_encoder, model.cfg, model_weights(model), model.item_encoder.ids)
+
+    @property
+    def history_len(self) -> int | None:
+        """The most recent history ids the tower pools (None: all; 0: no history input)."""
+        return 0 if self.history is None else self.history.max_len
+
+    def encode_history(self, item_ids: Sequence[str] | None) -> tuple[tuple[int, ...] | None, int]:
+        """(the history rows this tower pools, how many ids it ignored as unknown) of a request
+        history; (None, 0) without one. A tower without a history input ignores every id."""
+        if item_ids is None:
+            return None, 0
+        if self.history is None or self.items is None:
+            return None, len(item_ids)
+        return encode_history(self.items, item_ids, self.history.max_len)
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self, features: dict[str, object]) -> dict[str, object]:
@@ -235,7 +334,7 @@ class UserTower:
     # ---- embedding ----------------------------------------------------------------------------
     def embed(self, records: Sequence[UserRecord]) -> np.ndarray:
         """(n, dim) float32 unit rows, one row computed per record (see module docstring)."""
-        rows = [self.fast.embed_one(rec) for rec in records]
+        rows = [self.fast.embed_one(rec, self.history) for rec in records]
         if len(rows) == 1 and rows[0].dtype == np.float32 and rows[0].shape == (self.dim,):
             return rows[0].reshape(1, self.dim)  # the request path's case: the row as a (1, dim) view, no copy
         out = np.empty((len(records), self.dim), dtype=np.float32)
@@ -246,7 +345,7 @@ class UserTower:
     # ---- checks -------------------------------------------------------------------------------
     def _check(self) -> None:
         """Refuse a tower with non-finite or non-unit output on the probe records."""
-        got = self.embed(probe_records(self.encoder))
+        got = self.embed(probe_records(self.encoder, self.items if self.history is not None else None))
         if not np.isfinite(got).all():
             raise TowerError("user tower produces non-finite vectors")
         norms = np.linalg.norm(got, axis=1)
@@ -256,8 +355,12 @@ class UserTower:
     def check_against(self, model: TwoTowerModel, tolerance: float = FAST_PATH_TOLERANCE) -> float:
         """Max abs difference to the torch reference on the probe records; TowerError above
         `tolerance` (the service would serve other vectors than the model the index was built with)."""
-        probes = probe_records(self.encoder)
-        ref = model.embed_users([{"user_id": r.user_id, "features": dict(r.features)} for r in probes])
+        probes = probe_records(self.encoder, self.items if self.history is not None else None)
+        ref = model.embed_users([
+            {"user_id": r.user_id, "features": dict(r.features),
+             **({} if r.history is None else {"history": [self.items.tokens[c - 1] for c in r.history]})}
+            for r in probes
+        ])
         if ref.shape != (len(probes), self.dim):
             raise TowerError(f"torch user tower returns shape {ref.shape}, expected ({len(probes)}, {self.dim})")
         diff = float(np.abs(self.embed(probes) - ref).max())
@@ -266,9 +369,11 @@ class UserTower:
         return diff
 
 
-def probe_records(enc: TowerEncoder) -> list[UserRecord]:
+def probe_records(enc: TowerEncoder, items: Vocabulary | None = None) -> list[UserRecord]:
     """Records that exercise every input of the tower: the OOV user, a known id with typical
-    values, unseen tokens and extreme continuous values (both signs)."""
+    values, unseen tokens and extreme continuous values (both signs); with `items` (a tower with
+    a history input) also histories: empty, short, and longer than any max_len, for a known and
+    an unknown user."""
     known_id = enc.ids.tokens[0] if enc.ids.tokens else None
     typical: dict[str, Any] = {}
     extreme: dict[str, Any] = {}
@@ -285,9 +390,21 @@ def probe_records(enc: TowerEncoder) -> list[UserRecord]:
             st = enc.stats[name]
             typical[name] = float(st.mean)
             extreme[name] = 1e300
-    return [
+    records = [
         UserRecord(None, {}),
         UserRecord(known_id, typical),
         UserRecord("\x00unknown-user", extreme),
         UserRecord(known_id, {k: (-v if isinstance(v, float) else v) for k, v in extreme.items()}),
     ]
+    if items is not None and items.tokens:
+        codes = range(1, items.size)
+        short = tuple(codes[:3])
+        long = tuple(codes[i % len(codes)] for i in range(0, 7 * 61, 7))  # 61 ids, repeats on tiny vocabularies
+        records += [
+            UserRecord(None, {}, ()),
+            UserRecord(None, typical, short),
+            UserRecord(known_id, typical, short),
+            UserRecord(known_id, {}, long),
+            UserRecord("\x00unknown-user", {}, long),
+        ]
+    return records

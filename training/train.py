@@ -40,12 +40,19 @@ from training.config import ConfigError, TrainConfig
 from training.dataset import Dataset, read_dataset
 from training.distributed import Ranks, current, rank_batch_size
 from training.ema import WeightAverage
-from training.evaluate import evaluate_model
+from training.evaluate import evaluate_model, history_metrics
 from training.features import TowerEncoder
-from training.model import HistoryPooling, TwoTowerModel, UserHistory, bake_history, build_history
+from training.model import (
+    HistoryPooling,
+    TwoTowerModel,
+    UserHistory,
+    bake_history,
+    build_history,
+    history_bags,
+)
 from training.optim import TableOptimizer, choose_sparse_tables, keep_rows_gradient
 from training.samplers import keep_probability, positive_weights, recency_weights
-from training.split import Split, split_interactions
+from training.split import Split, _id_sort_key, split_interactions
 from training.ssl import SSLTask
 from training.task import Batch, RetrievalTask, build_task
 
@@ -248,11 +255,17 @@ def _finish(
     known = clicked if full else split.train
     known_u, known_i = run.data.user_index.get_indexer(known["user_id"]), run.data.item_index.get_indexer(known["item_id"])
     if pool is not None:
+        # What a request-time history sits next to (HistoryPooling): the OOV row as training
+        # left it (the calibration below refits it for features-only users) and, with
+        # history_free_id, the free rows before the bake.
+        with torch.no_grad():
+            pool.cold_id.copy_(model.user_tower.id_emb.weight[0])
+            if pool.free_id is not None:
+                pool.free_id.copy_(model.user_tower.id_emb.weight)
         # Bake the pooled history into the id embeddings for good: test users are ranked with
-        # everything they clicked in `train` (fit + val), as the EVAL.md baselines are.
-        final = build_history(
-            known_u, known_i, known["timestamp"].to_numpy(), len(run.data.user_index), len(run.data.item_index), cfg.history_max_len,
-        ).to(device)
+        # their most recent clicks in `train` (fit + val), as the EVAL.md baselines are, and a
+        # request without a history gets exactly this.
+        final = history_of(known, run.data, device)
         bake_history(model.user_tower, run.data.users["id"], pool.pooled_all(final))
     if cfg.cold_calibration_steps:
         # Users unseen in training are served by the OOV id row; fit it to what the cold-start
@@ -266,7 +279,7 @@ def _finish(
     # 5. evaluate and save -----------------------------------------------------------------
     check_finite(model, 0.0, "after history baking / cold-start calibration")
     train_seconds = round(time.time() - t_start, 2)
-    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test")
+    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test") | history_metrics(model, dataset, split)
     model.cpu()
     item_counts = {str(i): int(c) for i, c in zip(run.data.item_index, run.data.counts, strict=True) if c > 0}
     path = save_bundle(
@@ -312,7 +325,7 @@ def _train(
 
     # 2. encoders, model, the encoded tables ------------------------------------------------
     user_enc, item_enc = fit_encoders(dataset, train, cfg)
-    model = TwoTowerModel(cfg.model, user_enc, item_enc).to(device)
+    model = TwoTowerModel(cfg.model_config_with_history(), user_enc, item_enc).to(device)
     data = TrainingData.encode(dataset, train, user_enc, item_enc, cfg, device)
     bounds = batch_bounds(len(train) // ranks.world, rank_batch_size(cfg.batch_size, ranks))  # per rank
     if ranks.world > 1:  # different data or config on one rank: a clear error now, not a hang in a collective
@@ -320,11 +333,9 @@ def _train(
             "rows": len(train), "users": len(data.user_index), "items": data.n_items, "batches": len(bounds),
             "clicks": int(data.counts.sum()), "fingerprint": dataset.fingerprint(), "config": repr(cfg.to_dict()),
         })
-    pool = None
-    if cfg.user_history:  # user id vector = free embedding + pooled clicked items (leave-one-out)
-        pool = HistoryPooling(data.n_items, cfg.model.id_dim, cfg.history_alpha).to(device)
-        if not cfg.history_free_id:  # known users are their history alone; only the OOV row learns
-            freeze_known_user_ids(model)
+    pool = model.user_history  # user id vector = free embedding + pooled clicks before the row (causal)
+    if pool is not None and not cfg.history_free_id:  # known users are their history alone; only the OOV row learns
+        freeze_known_user_ids(model)
     gen = torch.Generator().manual_seed(cfg.seed)  # negatives / keep-probability / SSL draws (CPU)
     task = build_task(cfg, data.counts, data.pos_keys, gen, device, ranks=ranks)
     ssl = None
@@ -433,7 +444,7 @@ class TrainingData:
     recency: torch.Tensor | None
     counts: np.ndarray
     pos_keys: torch.Tensor
-    history: UserHistory | None      # with user_history: each user's clicked items
+    history: UserHistory | None      # with user_history: each user's clicks in EVAL.md order (row r: position[r])
 
     @property
     def n_items(self) -> int:
@@ -457,13 +468,20 @@ class TrainingData:
         n_items = len(item_index)
         counts = np.bincount(pair_i, minlength=n_items).astype(np.float64)
         pos_keys = torch.from_numpy(np.unique(pair_u.astype(np.int64) * n_items + pair_i)).to(device)
-        history = None
+        data = cls(user_index, item_index, users, items, torch.from_numpy(pair_u).to(device),
+                   torch.from_numpy(pair_i).to(device), weights, recency, counts, pos_keys, None)
         if cfg.user_history:
-            history = build_history(
-                pair_u, pair_i, train["timestamp"].to_numpy(), len(user_index), n_items, cfg.history_max_len
-            ).to(device)
-        return cls(user_index, item_index, users, items, torch.from_numpy(pair_u).to(device),
-                   torch.from_numpy(pair_i).to(device), weights, recency, counts, pos_keys, history)
+            data.history = history_of(train, data, device)
+        return data
+
+
+def history_of(clicks: pd.DataFrame, data: TrainingData, device: torch.device) -> UserHistory:
+    """The click sequences of `clicks` (user_id, item_id, timestamp rows) over `data`'s user
+    table, as history-table rows (item id codes), in EVAL.md order: timestamp, then item id."""
+    users = data.user_index.get_indexer(clicks["user_id"])
+    items = data.items["id"].cpu().numpy()[data.item_index.get_indexer(clicks["item_id"])]
+    keys = _id_sort_key(clicks["item_id"].reset_index(drop=True)).to_numpy()
+    return build_history(users, items, clicks["timestamp"].to_numpy(), len(data.user_index), keys).to(device)
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -501,6 +519,8 @@ class TrainStep(nn.Module):
         self.ssl_weight = cfg.ssl_weight
         self.generator = generator
         self.ranks = task.ranks
+        self.cold_history_len = cfg.history_cold_max_len
+        self.cold_row_weight = cfg.cold_row_weight
         device = data.pair_items.device
         # positive re-weighting (head clicks down, tail up) and head sub-sampling, per catalog row
         self.pos_weights = (
@@ -517,7 +537,7 @@ class TrainStep(nn.Module):
         user_tower, item_tower, ranks = self.model.user_tower, self.model.item_tower, self.ranks
         drop = user_tower.id_drop_mask(ranks.world * len(bu), bu.device)
         drop = None if drop is None else ranks.local(drop)
-        offset = self.pool(d.history, bu, bi) if self.pool is not None else None
+        offset = self.history_input(rows, bu, drop) if self.pool is not None else None
         u = user_tower(_rows(d.users, bu), offset, drop)
         item_drop = item_tower.id_drop_mask(ranks.world * len(bi), bi.device)
         v = item_tower(_rows(d.items, bi), None, None if item_drop is None else ranks.local(item_drop))
@@ -526,14 +546,40 @@ class TrainStep(nn.Module):
             loss = loss + self.ssl_weight * self.ssl.loss(self.model.item_tower, self.generator)
         return loss
 
+    def history_input(self, rows: torch.Tensor, users: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+        """(n, id_dim) pooled causal history of each training row: only clicks strictly before
+        the row (EVAL.md order), so the model never sees its target or a later click, exactly as
+        a client's history at request time.
+
+        A row that keeps its user id pools the user's most recent `history_max_len` clicks before
+        it (a warm user's serving input). A row whose id is dropped stands for a new user: it
+        pools the user's *first* l clicks, l drawn uniformly from 0..min(history_cold_max_len,
+        clicks before the row), the EVAL.md cold_mM request (l = 0: features only).
+        """
+        h, pool = self.data.history, self.pool
+        ends = h.position[rows]
+        starts = (ends - pool.max_len).clamp(min=0) if pool.max_len is not None else torch.zeros_like(ends)
+        if dropped is not None:
+            cap = ends.clamp(max=self.cold_history_len)
+            draw = self.ranks.local(torch.rand(self.ranks.world * len(rows), generator=self.generator))  # the global batch's draw
+            cold_len = (draw.to(cap.device) * (cap + 1).to(torch.float32)).long()
+            if pool.max_len is not None:
+                cold_len = cold_len.clamp(max=pool.max_len)
+            starts = torch.where(dropped, torch.zeros_like(starts), starts)
+            ends = torch.where(dropped, cold_len, ends)
+        return pool(*history_bags(h, users, starts, ends))
+
     def row_weights(self, rows: torch.Tensor, items: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
-        """Each row's loss weight: its interaction weight × recency (id-kept rows: cold users are
-        judged on all of their clicks) × positive re-weighting × head sub-sampling (dropped rows
-        still serve as in-batch negatives)."""
+        """Each row's loss weight: its interaction weight × recency on id-kept rows, or
+        `cold_row_weight` on id-dropped ones (new users are judged on all of their clicks, so no
+        recency there; the weight sets how much the new-user path counts against the warm one)
+        × positive re-weighting × head sub-sampling (dropped rows still serve as in-batch negatives)."""
         d = self.data
         w = d.weights[rows]
         if d.recency is not None:
-            w = w * (d.recency[rows] if dropped is None else torch.where(dropped, 1.0, d.recency[rows]))
+            w = w * (d.recency[rows] if dropped is None else torch.where(dropped, self.cold_row_weight, d.recency[rows]))
+        elif dropped is not None and self.cold_row_weight != 1.0:
+            w = w * torch.where(dropped, self.cold_row_weight, 1.0)
         if self.pos_weights is not None:
             w = w * self.pos_weights[items]
         if self.keep_p is not None:

@@ -21,6 +21,10 @@ USERS = [
     {"user_id": "u7"},
     {"features": {"age": 65, "device": "android", "interests": ["t2"]}},
     {"user_id": "nobody", "features": {"country": "k3"}},
+    # request-time histories (issue 18): the scores stay plain cosines of the /embed vector
+    {"user_id": "u1", "features": FEATURES, "history": ["i3", "i1", "i4"]},
+    {"features": {"country": "k3"}, "history": ["i2", "not-in-the-catalog", "i9"]},
+    {"user_id": "u7", "history": []},
 ]
 
 

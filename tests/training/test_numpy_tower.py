@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from training.bundle import load_bundle, read_bundle_arrays
-from training.config import ModelConfig
+from training.config import HistoryConfig, ModelConfig
 from training.features import TowerEncoder
 from training.model import TwoTowerModel
 from training.numpy_tower import (
@@ -62,8 +62,8 @@ def test_the_tower_read_without_torch_is_the_torch_models(tiny_bundle_path: Path
     assert set(arrays.weights) == set(model.state_dict())
     for k, v in model.state_dict().items():
         assert arrays.weights[k].dtype == np.float32 and np.array_equal(arrays.weights[k], v.numpy()), k
-    numpy_only = UserTower(arrays.user_encoder, arrays.model_config, arrays.weights)
-    records = probe_records(arrays.user_encoder) + [UserRecord("u1", numpy_only.validate(FEATURES))]
+    numpy_only = UserTower(arrays.user_encoder, arrays.model_config, arrays.weights, arrays.item_encoder.ids)
+    records = probe_records(arrays.user_encoder, arrays.item_encoder.ids) + [UserRecord("u1", numpy_only.validate(FEATURES))]
     assert numpy_only.embed(records).tobytes() == UserTower.from_model(model).embed(records).tobytes()
 
 
@@ -163,3 +163,71 @@ def test_check_against_refuses_a_tower_that_differs_from_torch() -> None:
     tower = UserTower(model.user_encoder, model.cfg, weights)
     with pytest.raises(TowerError, match="differs from the torch tower by"):
         tower.check_against(model)
+
+
+HISTORIES = {
+    "mean": HistoryConfig(max_len=5),
+    "recency": HistoryConfig(max_len=6, encoder="recency"),
+    "fism_unbounded": HistoryConfig(max_len=None, alpha=0.5),
+    "recency_unbounded": HistoryConfig(max_len=None, encoder="recency"),
+    "free_id": HistoryConfig(max_len=4, free_id=True, encoder="recency", alpha=0.0),
+}
+
+
+@pytest.mark.parametrize("arch", ["default", "deep", "linear"])
+@pytest.mark.parametrize("history", list(HISTORIES))
+def test_numpy_history_equals_the_torch_history(arch: str, history: str) -> None:
+    """(features, id, history) -> vector: `NumpyHistory` + `NumpyTower` against
+    `TwoTowerModel.user_id_vectors` on known and unknown users, empty / short / over-long
+    histories, unknown and repeated history ids, and no history at all (the saved id row)."""
+    model = _model(ARCHITECTURES[arch].model_copy(update={"history": HISTORIES[history]}))
+    with torch.no_grad():  # non-trivial pooling buffers and position weights
+        model.user_history.cold_id.normal_()
+        if model.user_history.free_id is not None:
+            model.user_history.free_id.normal_()
+    tower = UserTower.from_model(model)
+    assert tower.history is not None and tower.history_len == HISTORIES[history].max_len
+    assert tower.check_against(model) <= FAST_PATH_TOLERANCE
+    rng = np.random.default_rng(2)
+    items = [f"i{i}" for i in range(20)] + ["fresh", "i3"]
+    raw = []
+    for _ in range(60):
+        hist = None if rng.random() < 0.2 else list(rng.choice(items, rng.integers(0, 12)))
+        raw.append({"user_id": rng.choice([None, "u3", "u150", "nobody"]), "features": {"country": "fr", "age": 30.0},
+                    **({} if hist is None else {"history": hist})})
+    records = []
+    for r in raw:
+        codes, unknown = tower.encode_history(r.get("history"))
+        if "history" in r:
+            assert unknown == r["history"].count("fresh")
+            assert len(codes) == min(len(r["history"]) - unknown, HISTORIES[history].max_len or 99)
+        records.append(UserRecord(r["user_id"], tower.validate(r["features"]), codes))
+    got = tower.embed(records)
+    want = model.embed_users(raw)
+    assert np.abs(got - want).max() <= FAST_PATH_TOLERANCE
+    # the history changes the vector, except where there is none: then it is the id row's vector
+    plain = model.embed_users([{k: v for k, v in r.items() if k != "history"} for r in raw])
+    for r, g, p in zip(raw, got, plain, strict=True):
+        if "history" not in r:
+            assert np.abs(g - p).max() <= FAST_PATH_TOLERANCE
+    assert np.abs(got - plain).max() > 1e-3
+
+
+def test_history_pooling_by_hand() -> None:
+    """The oracle: mean pooling is sum / n^alpha of the item rows; recency weights exp(logit of
+    the distance from the newest) normalised to sum 1, times n^(1 - alpha)."""
+    model = _model(ARCHITECTURES["default"].model_copy(update={"history": HistoryConfig(max_len=3, encoder="recency", alpha=0.5)}))
+    pool = model.user_history
+    with torch.no_grad():
+        pool.position_logits.copy_(torch.tensor([0.0, np.log(2.0), np.log(3.0)]))
+    e = pool.emb.weight.detach()
+    got = pool(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([2, 3, 0]))
+    # bag 1: items 1, 2 (oldest first): distances 1, 0 -> weights 2, 1
+    want1 = (2 * e[1] + 1 * e[2]) / 3 * 2**0.5
+    # bag 2: items 3, 4, 5: distances 2, 1, 0 -> weights 3, 2, 1
+    want2 = (3 * e[3] + 2 * e[4] + 1 * e[5]) / 6 * 3**0.5
+    torch.testing.assert_close(got, torch.stack([want1, want2, torch.zeros_like(want1)]))
+    # no history item ever pools as OOV: unknown ids are dropped before, the cut keeps the newest
+    tower = UserTower.from_model(model)
+    codes, unknown = tower.encode_history(["i1", "nope", "i2", "i3", "i4"])
+    assert unknown == 1 and codes == tuple(model.item_encoder.ids.encode_one(i) for i in ["i2", "i3", "i4"])

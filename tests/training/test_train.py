@@ -129,6 +129,10 @@ def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
         ({"objective": "listwise", "negative_sampler": "mixture", "mixture_easy": "in_batch", "batch_size": 1}, "need batches of >= 2"),
         ({"objective": "listwise", "frequency": "streaming"}, "frequency='streaming' estimates the in-batch softmax's logQ"),
         ({"user_history": False, "history_free_id": True}, "history_free_id=true only applies with user_history=true"),
+        ({"history_encoder": "attention"}, r"history_encoder='attention' must be one of \['mean', 'recency'\]"),
+        ({"history_cold_max_len": -1}, r"history_cold_max_len=-1 must be >= 0"),
+        ({"cold_row_weight": 0.0}, r"cold_row_weight=0.0 must be > 0"),
+        ({"model": {"history": {"max_len": 5}}}, "model.history is written by the trainer"),
     ],
 )
 def test_config_checks_types_and_ranges(over: dict, message: str, tmp_path: Path) -> None:
