@@ -52,6 +52,7 @@ from training.samplers import NegativeSampler, build_sampler
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
+LOG_TINY = -87.0  # e^-87 ≈ 1.6e-38: about the smallest normal float32
 NEG_INF = -1e9  # finite "minus infinity": keeps softmax gradients NaN-free when a row is all masked
 
 
@@ -80,6 +81,7 @@ def in_batch_softmax_loss(
     neg_ids: torch.Tensor | None = None,
     neg_log_q: torch.Tensor | None = None,
     neg_mask: torch.Tensor | None = None,
+    mask_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean (weighted) cross-entropy of cos/τ − log q over the batch, positives on the diagonal.
 
@@ -92,7 +94,9 @@ def in_batch_softmax_loss(
     M more candidates shared by every row (e.g. drawn uniformly from the catalog), appended as
     columns after the N in-batch ones; `neg_log_q` (M,) is their correction (required with
     `log_q`), `neg_mask` (N, M) more of their logits to drop. A column equal to the row's
-    positive is always masked (an accidental hit).
+    positive is always masked (an accidental hit). `mask_pairs` (rows, columns): more logits
+    to drop given as index pairs into the (N, N + M) logits (what `known_positive_pairs` gives),
+    the cheap form of `extra_mask` / `neg_mask` for a real batch.
     """
     if user.shape != item.shape:
         raise ValueError(f"user {tuple(user.shape)} and item {tuple(item.shape)} batches must have equal shapes")
@@ -106,30 +110,84 @@ def in_batch_softmax_loss(
         cand, cand_ids = torch.cat([item, neg_item]), torch.cat([item_ids, neg_ids])
         if log_q is not None:
             log_q = torch.cat([log_q, neg_log_q])
+    n = len(item_ids)
+    if neg_mask is not None and (neg_item is None or neg_mask.shape != (n, len(neg_ids))):
+        raise ValueError(f"neg_mask {tuple(neg_mask.shape)} needs neg_item and shape ({n}, M)")
     # logits_ij = <u_i, c_j> / τ − s_i · log q_j as ONE matrix product of width d + 1: the
     # (N, N + M) matrix is the step's largest tensor, and the division, the outer product and
     # the subtraction done on it separately (forward and backward) were most of a step's time.
     scaled = user / temperature
     if log_q is not None:
         s = torch.ones_like(log_q[: len(user)]) if row_logq_scale is None else row_logq_scale.to(user.dtype)
-        logits = torch.cat([scaled, -s.unsqueeze(1)], 1) @ torch.cat([cand, log_q.to(cand.dtype).unsqueeze(1)], 1).T
+        a, c = torch.cat([scaled, -s.unsqueeze(1)], 1), torch.cat([cand, log_q.to(cand.dtype).unsqueeze(1)], 1)
     else:
-        logits = scaled @ cand.T
-    n = len(item_ids)
-    mask = item_ids.unsqueeze(1) == cand_ids.unsqueeze(0)
+        a, c = scaled, cand
+    # The masked logits as (row, column) pairs, not an (N, N + M) bool matrix: a batch has a
+    # few thousand of them among its ~2M logits, and every dense pass over that matrix counts.
+    parts = [equal_pairs(item_ids, cand_ids)]
+    if mask_pairs is not None:
+        parts.append(mask_pairs)
     if extra_mask is not None:
-        mask[:, :n] |= extra_mask
-    mask[:, :n].fill_diagonal_(False)
+        parts.append(tuple(extra_mask.nonzero().T))
     if neg_mask is not None:
-        if neg_item is None or neg_mask.shape != (n, len(neg_ids)):
-            raise ValueError(f"neg_mask {tuple(neg_mask.shape)} needs neg_item and shape ({n}, M)")
-        mask[:, n:] |= neg_mask
-    logits = logits.masked_fill_(mask, NEG_INF)  # in place: the product's backward needs only its inputs
-    # cross-entropy with the positives on the diagonal: log Σ_j exp(logit_ij) − logit_ii
-    losses = torch.logsumexp(logits, 1) - logits.diagonal()
+        r, k = neg_mask.nonzero().T
+        parts.append((r, k + n))
+    rows, cols = (torch.cat([p[i].long() for p in parts]) for i in (0, 1))
+    off_diagonal = rows != cols  # the positive is never masked
+    losses = SoftmaxCrossEntropy.apply(a, c, rows[off_diagonal], cols[off_diagonal])
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+class SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-row −log softmax(a cᵀ with the masked logits at NEG_INF)[i, i]: the in-batch softmax's
+    cross-entropy with the positives on the diagonal, from the two factors of its logits.
+
+    One autograd node instead of the product, the mask, the log-sum-exp and the diagonal each
+    keeping their own (N, N + M) tensors and passes: forward is the product, the masked entries
+    written in place, one fused `log_softmax`; backward is one `exp` of it (the softmax P),
+    P_ii − 1 on the diagonal, and the two products (P ∘ g) c and (P ∘ g)ᵀ a with the row
+    weights g applied to the thin factors. A masked logit has P = 0 exactly, so its gradient is
+    zero, as with `masked_fill`. Tested against the autograd of the plain formula.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = a @ c.T
+        if len(rows):
+            logits.index_put_((rows, cols), torch.tensor(NEG_INF, dtype=logits.dtype, device=logits.device))
+        log_p = torch.log_softmax(logits, 1)
+        del logits
+        ctx.save_for_backward(a, c, log_p, rows, cols)
+        return -log_p.diagonal()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        a, c, log_p, rows, cols = ctx.saved_tensors
+        # exp of a very negative float (a masked logit, or a subnormal result below e^-87) takes
+        # a slow path, up to 10x the whole pass on this CPU: floor at e^-87 (a normal float;
+        # the error is < 1.2e-38 per entry), then put the masked entries' exact zeros back
+        p = log_p.clamp(min=LOG_TINY).exp_()
+        if len(rows):
+            p.index_put_((rows, cols), torch.zeros((), dtype=p.dtype, device=p.device))
+        p.diagonal().sub_(1.0)  # d(lse_i − logit_ii)/d logit_ij = P_ij − [i = j]
+        g = grad.unsqueeze(1)
+        grad_a = (p @ c) * g if ctx.needs_input_grad[0] else None
+        grad_c = p.T @ (a * g) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_c, None, None
+
+
+def equal_pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (i, j) with a[i] == b[j], as two int64 index tensors ordered by i then j: a sort of
+    `b` and two binary searches per element of `a`, O((|a| + |b|) log |b| + pairs), no |a|×|b| matrix."""
+    b_sorted, order = torch.sort(b, stable=True)
+    lo = torch.searchsorted(b_sorted, a)
+    count = torch.searchsorted(b_sorted, a, right=True) - lo
+    rows = torch.repeat_interleave(torch.arange(len(a), device=a.device), count)
+    first = torch.cumsum(count, 0) - count
+    cols = order[lo[rows] + torch.arange(len(rows), device=a.device) - first[rows]]
+    return rows, cols
 
 
 def mixed_log_q(log_p: torch.Tensor, batch_size: int, n_uniform: int, n_items: int) -> torch.Tensor:
@@ -177,25 +235,48 @@ def known_positive_mask(
 def _shared_candidates_mask(
     user_idx: torch.Tensor, cand_ids: torch.Tensor, pos_keys: torch.Tensor, n_items: int
 ) -> torch.Tensor | None:
-    """`known_positive_mask` for one candidate list shared by all rows, by gathering each
-    distinct user's positives (a contiguous run of the sorted keys); None when that would touch
-    more keys than the (N, M) mask has cells, where the per-cell search is cheaper."""
+    """`known_positive_mask` for one candidate list shared by all rows (`known_positive_pairs`
+    as a matrix); None where that gathers more keys than the mask has cells."""
+    pairs = known_positive_pairs(user_idx, cand_ids, pos_keys, n_items)
+    if pairs is None:
+        return None
+    mask = torch.zeros(len(user_idx), len(cand_ids), dtype=torch.bool, device=cand_ids.device)
+    mask[pairs] = True
+    return mask
+
+
+def known_positive_pairs(
+    user_idx: torch.Tensor, cand_ids: torch.Tensor, pos_keys: torch.Tensor, n_items: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The True cells of `known_positive_mask(user_idx, cand_ids, ...)` for one candidate list
+    shared by all rows, as (rows, columns) index tensors, without the (N, M) matrix.
+
+    Each distinct user's positives are a contiguous run of the sorted keys: they are gathered
+    once per user, matched against the candidates (`equal_pairs`), and each hit is repeated
+    for every row of that user. None when the batch's users have more clicks than the mask has
+    cells (then a per-cell search is cheaper).
+    """
     users, user_of_row = torch.unique(user_idx.long(), return_inverse=True)
-    cands, cand_of_col = torch.unique(cand_ids.long(), return_inverse=True)
     base = users * n_items
     start = torch.searchsorted(pos_keys, base)
     length = torch.searchsorted(pos_keys, base + n_items) - start
     total = int(length.sum())
     if total > len(user_idx) * len(cand_ids):
         return None
-    which = torch.repeat_interleave(torch.arange(len(users), device=users.device), length)
-    offset = torch.arange(total, device=users.device) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+    device = users.device
+    which = torch.repeat_interleave(torch.arange(len(users), device=device), length)
+    offset = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
     items = pos_keys[start[which] + offset] - base[which]
-    col = torch.searchsorted(cands, items).clamp(max=len(cands) - 1)
-    hit = cands[col] == items
-    small = torch.zeros(len(users), len(cands), dtype=torch.bool, device=users.device)
-    small[which[hit], col[hit]] = True
-    return small[user_of_row][:, cand_of_col]
+    hit, col = equal_pairs(items, cand_ids.long())
+    hit_user = which[hit]
+    # every row of the hit's user: the rows grouped by user, each hit repeated per row
+    row_order = torch.sort(user_of_row, stable=True).indices
+    per_user = torch.bincount(user_of_row, minlength=len(users))
+    first_row = torch.cumsum(per_user, 0) - per_user
+    repeat = per_user[hit_user]
+    k = torch.repeat_interleave(torch.arange(len(hit_user), device=device), repeat)
+    within = torch.arange(len(k), device=device) - (torch.cumsum(repeat, 0) - repeat)[k]
+    return row_order[first_row[hit_user[k]] + within], col[k]
 
 
 def sampled_hit_mask(
@@ -554,6 +635,7 @@ class RetrievalTask:
         neg_ids: torch.Tensor | None = None,
         neg_log_q: torch.Tensor | None = None,
         neg_mask: torch.Tensor | None = None,
+        mask_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """In-batch softmax loss. `id_dropped` (N,) bool marks rows whose user id was dropped to
         OOV (features only); with `cold_logq_weight` set their logQ term uses that weight.
@@ -570,6 +652,7 @@ class RetrievalTask:
         return in_batch_softmax_loss(
             user, item, item_ids, temperature=self.temperature, log_q=lq, extra_mask=extra_mask, weights=weights,
             row_logq_scale=scale, neg_item=neg_item, neg_ids=neg_ids, neg_log_q=nlq, neg_mask=neg_mask,
+            mask_pairs=mask_pairs,
         )
 
 

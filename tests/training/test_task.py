@@ -273,3 +273,71 @@ def test_cold_logq_weight_applies_to_id_dropped_rows_only() -> None:
     assert task(u, v, ids, lq, id_dropped=torch.tensor([False, False])).item() == pytest.approx(plain.item(), rel=1e-9)
     assert RetrievalTask(temperature=0.5)(u, v, ids, lq, id_dropped=dropped).item() == pytest.approx(plain.item(), rel=1e-9)
     assert want.item() != pytest.approx(plain.item(), rel=1e-6)
+
+
+def _reference_in_batch_loss(u, v, ids, tau, lq, scale, w, neg, neg_ids, neg_lq, extra, neg_mask):
+    """The plain formula: dense logits, a dense bool mask, masked_fill, logsumexp (autograd)."""
+    cand, cand_ids, q = torch.cat([v, neg]), torch.cat([ids, neg_ids]), torch.cat([lq, neg_lq])
+    logits = u @ cand.T / tau - scale.unsqueeze(1) * q.unsqueeze(0)
+    n = len(ids)
+    mask = ids.unsqueeze(1) == cand_ids.unsqueeze(0)
+    mask[:, :n] |= extra
+    mask[:, n:] |= neg_mask
+    mask[:, :n].fill_diagonal_(False)
+    logits = logits.masked_fill(mask, -1e9)
+    losses = torch.logsumexp(logits, 1) - logits.diagonal()
+    return (losses * w).sum() / w.sum()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("as_pairs", [False, True])
+def test_fused_softmax_loss_and_gradients_match_the_reference(seed: int, as_pairs: bool) -> None:
+    """The fused node (sparse mask pairs, log_softmax, hand-written backward) against autograd of
+    the dense formula: loss and gradients of the user, item and mixed-negative vectors, with
+    repeated ids (accidental hits), extra / negative masks given dense or as pairs, row weights
+    and per-row logQ scales."""
+    g = torch.Generator().manual_seed(seed)
+    n, m, d = 9, 5, 4
+    u0 = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    v0 = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    neg0 = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
+    ids, neg_ids = torch.randint(6, (n,), generator=g), torch.randint(6, (m,), generator=g)
+    lq, neg_lq = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
+    scale, w = torch.rand(n, generator=g, dtype=torch.float64) * 3, torch.rand(n, generator=g, dtype=torch.float64)
+    extra, neg_mask = torch.rand(n, n, generator=g) < 0.2, torch.rand(n, m, generator=g) < 0.2
+    grads = []
+    for fused in (True, False):
+        u, v, neg = (x.clone().requires_grad_() for x in (u0, v0, neg0))
+        if not fused:
+            loss = _reference_in_batch_loss(u, v, ids, 0.3, lq, scale, w, neg, neg_ids, neg_lq, extra, neg_mask)
+        elif as_pairs:
+            r1, c1 = extra.nonzero().T
+            r2, c2 = neg_mask.nonzero().T
+            pairs = (torch.cat([r1, r2]), torch.cat([c1, c2 + n]))
+            loss = in_batch_softmax_loss(u, v, ids, temperature=0.3, log_q=lq, weights=w, row_logq_scale=scale,
+                                         neg_item=neg, neg_ids=neg_ids, neg_log_q=neg_lq, mask_pairs=pairs)
+        else:
+            loss = in_batch_softmax_loss(u, v, ids, temperature=0.3, log_q=lq, extra_mask=extra, weights=w,
+                                         row_logq_scale=scale, neg_item=neg, neg_ids=neg_ids, neg_log_q=neg_lq,
+                                         neg_mask=neg_mask)
+        loss.backward()
+        grads.append([loss.detach(), u.grad, v.grad, neg.grad])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_equal_pairs_and_known_positive_pairs_against_a_set_oracle(seed: int) -> None:
+    from training.task import equal_pairs, known_positive_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(5, (11,), generator=g), torch.randint(5, (7,), generator=g)
+    rows, cols = equal_pairs(a, b)
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(i, j) for i in range(11) for j in range(7) if a[i] == b[j]]
+    n_users, n_items = 6, 8
+    clicks = {(int(x), int(y)) for x, y in zip(torch.randint(n_users - 1, (20,), generator=g), torch.randint(n_items, (20,), generator=g), strict=True)}
+    pos_keys = torch.tensor(sorted(x * n_items + y for x, y in clicks), dtype=torch.int64)
+    users, cands = torch.randint(n_users, (10,), generator=g), torch.randint(n_items, (12,), generator=g)
+    rows, cols = known_positive_pairs(users, cands, pos_keys, n_items)
+    want = [(i, j) for i in range(10) for j in range(12) if (int(users[i]), int(cands[j])) in clicks]
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == want
