@@ -471,7 +471,7 @@ class RedisCache:
 def make_redis_client(url: str, settings: Settings) -> RedisClient:
     """The built-in client for `redis://` (unless SERVICE_REDIS_CLIENT=redis-py), else redis-py."""
     kind = settings.redis_client
-    if urlsplit(url).scheme == CLUSTER_SCHEME:  # a cluster: slot-aware reads (service/redis_client.py)
+    if urlsplit(url).scheme == CLUSTER_SCHEME:  # a cluster: slot-aware reads (ClusterRedis above)
         return ClusterRedis(url, connect_timeout_s=settings.redis_connect_timeout_s, timeout_s=settings.redis_timeout_s,
                             max_connections=settings.redis_max_connections)
     if kind == "builtin" or (kind == "auto" and urlsplit(url).scheme == "redis"):

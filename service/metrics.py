@@ -20,6 +20,15 @@ LATENCY_BUCKETS = (
 )
 
 
+def labelled_counter(name: str, doc: str, label: str, values: tuple[str, ...], registry: CollectorRegistry) -> Counter:
+    """A counter with one label whose every value is exported from the start (at 0): a rate
+    query over a series that appears only at its first event misses that event."""
+    counter = Counter(name, doc, [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter
+
+
 class ServiceMetrics:
     """All metrics of the service, registered in a private registry."""
 
@@ -60,35 +69,28 @@ class ServiceMetrics:
             ["model_version", "index_version"],
             registry=r,
         )
-        self.filtered_queries = Counter(
+        self.filtered_queries = labelled_counter(
             "service_filtered_queries",
             "Filtered retrievals by the strategy that answered them: exact (scan of the allowed rows), "
             "ann (index search with an id selector), fallback (an ANN answer came back short; exact scan).",
-            ["strategy"],
-            registry=r,
+            "strategy", ("exact", "ann", "fallback"), r,
         )
-        for strategy in ("exact", "ann", "fallback"):
-            self.filtered_queries.labels(strategy)
-        self.history_ids = Counter(
+        self.history_ids = labelled_counter(
             "service_history_ids",
             "Item ids received in request histories, by outcome: used (pooled by the user tower), ignored "
             "(unknown to the served version, e.g. fresh since training; never an error), beyond (older than the "
             "model's history length).",
-            ["outcome"],
-            registry=r,
+            "outcome", ("used", "ignored", "beyond"), r,
         )
-        for outcome in ("used", "ignored", "beyond"):
-            self.history_ids.labels(outcome)
         self.index_items = Gauge("service_index_items", "Items in the served index.", registry=r)
         self.ready = Gauge("service_ready", "1 while a verified version is loaded.", registry=r)
-        self.reloads = Counter(
-            "service_reloads", "Attempts to load a new index version, by result (success/failure).", ["result"], registry=r
+        self.reloads = labelled_counter(
+            "service_reloads", "Attempts to load a new index version, by result (success/failure).", "result",
+            ("success", "failure"), r,
         )
         self.last_reload = Gauge(
             "service_last_reload_timestamp_seconds", "Unix time of the last successful swap.", registry=r
         )
-        for result in ("success", "failure"):
-            self.reloads.labels(result)
 
     def set_version(self, model_version: str, index_version: str, items: int, when: float) -> None:
         """Publish a freshly swapped-in version (replacing the previous pair's series)."""
