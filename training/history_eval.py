@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from training.evaluate import KS, ranking_metrics, topk_excluding
-from training.split import Split, _id_sort_key
+from training.split import Split, id_sort_key
 
 COLD_REVEALED = (1, 3, 5, 10)
 FRESH_HISTORY = 50  # warm_fresh: the request history is the user's last 50 clicks
@@ -69,7 +69,7 @@ class HistoryProtocol:
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
     """Rows sorted by user, then (timestamp, item id) with EVAL.md's id ordering."""
     return (
-        df.assign(_u=_id_sort_key(df["user_id"]), _i=_id_sort_key(df["item_id"]))
+        df.assign(_u=id_sort_key(df["user_id"]), _i=id_sort_key(df["item_id"]))
         .sort_values(["_u", "timestamp", "_i"], kind="stable")
         .drop(columns=["_u", "_i"])
         .reset_index(drop=True)

@@ -34,7 +34,7 @@ def is_cold_user(user_id: str) -> bool:
     return zlib.crc32(s.encode()) % 10 == 0
 
 
-def _id_sort_key(ids: pd.Series) -> pd.Series:
+def id_sort_key(ids: pd.Series) -> pd.Series:
     """Ids that all are integers sort numerically (as in EVAL.md's reference); else as text.
 
     "Integer" is `is_integer_id`: '1e3' or '1.0' are text, as they are for the cold rule.
@@ -109,7 +109,7 @@ def split_interactions(interactions: pd.DataFrame) -> Split:
     cold = df[cold_mask].reset_index(drop=True)
     warm = df[~cold_mask]
     warm = (
-        warm.assign(_u=_id_sort_key(warm["user_id"]), _i=_id_sort_key(warm["item_id"]))
+        warm.assign(_u=id_sort_key(warm["user_id"]), _i=id_sort_key(warm["item_id"]))
         .sort_values(["_u", "timestamp", "_i"], kind="stable")
         .drop(columns=["_u", "_i"])
         .reset_index(drop=True)

@@ -52,7 +52,7 @@ from training.model import (
 )
 from training.optim import TableOptimizer, choose_sparse_tables, keep_rows_gradient
 from training.samplers import keep_probability, positive_weights, recency_weights
-from training.split import Split, _id_sort_key, split_interactions
+from training.split import Split, id_sort_key, split_interactions
 from training.ssl import SSLTask
 from training.task import Batch, RetrievalTask, build_task
 
@@ -480,7 +480,7 @@ def history_of(clicks: pd.DataFrame, data: TrainingData, device: torch.device) -
     table, as history-table rows (item id codes), in EVAL.md order: timestamp, then item id."""
     users = data.user_index.get_indexer(clicks["user_id"])
     items = data.items["id"].cpu().numpy()[data.item_index.get_indexer(clicks["item_id"])]
-    keys = _id_sort_key(clicks["item_id"].reset_index(drop=True)).to_numpy()
+    keys = id_sort_key(clicks["item_id"].reset_index(drop=True)).to_numpy()
     return build_history(users, items, clicks["timestamp"].to_numpy(), len(data.user_index), keys).to(device)
 
 

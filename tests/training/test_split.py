@@ -9,7 +9,7 @@ import pytest
 
 from training.dataset import read_dataset
 from training.prepare import prepare_movielens_100k
-from training.split import _id_sort_key, head_items, is_cold_user, split_interactions
+from training.split import head_items, id_sort_key, is_cold_user, split_interactions
 
 
 def test_cold_rule() -> None:
@@ -43,7 +43,7 @@ def test_cold_rule_is_total_and_ascii(user_id: str, integer: bool) -> None:
 )
 def test_id_sort_key_is_total_and_exact(ids: list[str], order: list[str]) -> None:
     s = pd.Series(ids)
-    assert list(s.iloc[_id_sort_key(s).sort_values(kind="stable").index]) == order
+    assert list(s.iloc[id_sort_key(s).sort_values(kind="stable").index]) == order
 
 
 def test_split_rules_by_hand() -> None:
