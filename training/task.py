@@ -539,7 +539,11 @@ class RetrievalTask:
         n_mixed, n_items = self.mixed_negatives, self.n_items
         neg = torch.randint(n_items, (n_mixed,), generator=self.generator).to(device) if n_mixed else None
         cands = all_bi if neg is None else torch.cat([all_bi, neg])
-        known = known_positive_mask(bu, cands, self.pos_keys, n_items) if self.mask_user_positives else None
+        known = None  # the user's other clicks among the candidates, as (row, column) pairs
+        if self.mask_user_positives and len(self.pos_keys):
+            known = known_positive_pairs(bu, cands, self.pos_keys, n_items)
+            if known is None:  # heavy users: the per-cell search
+                known = tuple(known_positive_mask(bu, cands, self.pos_keys, n_items).nonzero().T)
         lq = self.log_q_items[all_bi]
         if self.stream is not None:
             self.stream.update(all_bi.cpu().numpy())
@@ -551,30 +555,27 @@ class RetrievalTask:
                 nlq = torch.from_numpy(self.stream.log_q(neg.cpu().numpy(), n_batch)).float().to(device)
             lq, nlq = (mixed_log_q(x, n_batch, n_mixed, n_items) for x in (lq, nlq))
         if ranks.world == 1:
-            extra = None if known is None else known[:, : len(bi)]
-            mns = {}
-            if neg is not None:
-                mns = {
-                    "neg_item": embed_items(neg), "neg_ids": neg, "neg_log_q": nlq,
-                    "neg_mask": None if known is None else known[:, len(bi) :],
-                }
-            return self(batch.user_vecs, batch.item_vecs, bi, lq, extra_mask=extra, weights=batch.weights,
-                        id_dropped=batch.user_dropped, **mns)
+            mns = {} if neg is None else {"neg_item": embed_items(neg), "neg_ids": neg, "neg_log_q": nlq}
+            return self(batch.user_vecs, batch.item_vecs, bi, lq, weights=batch.weights,
+                        id_dropped=batch.user_dropped, mask_pairs=known, **mns)
         # W ranks: the rank's own positives stay the in-batch block (its diagonal holds the
         # positives); the other ranks' positives join the uniform items as shared candidates —
-        # the same logits as the one-process row, in another column order.
+        # the same logits as the one-process row, in another column order (`column` maps a
+        # candidate's place in `cands` to its logit column, for the mask pairs).
         own = ranks.local(torch.arange(n_batch, device=device))
         other = ranks.others(len(bi), device)
+        column = torch.empty(len(cands), dtype=torch.long, device=device)
+        column[own] = torch.arange(len(bi), device=device)
+        column[other] = len(bi) + torch.arange(len(other), device=device)
+        column[n_batch:] = len(bi) + len(other) + torch.arange(len(cands) - n_batch, device=device)
         shared_vecs = ranks.gather(batch.item_vecs)[other]
         shared_ids, shared_lq = all_bi[other], lq[other]
-        shared_mask = None if known is None else known[:, other]
         if neg is not None:
             shared_vecs, shared_ids = torch.cat([shared_vecs, embed_items(neg)]), torch.cat([shared_ids, neg])
             shared_lq = torch.cat([shared_lq, nlq])
-            shared_mask = None if known is None else torch.cat([shared_mask, known[:, n_batch:]], 1)
-        loss = self(batch.user_vecs, batch.item_vecs, bi, lq[own], extra_mask=None if known is None else known[:, own],
-                    weights=batch.weights, id_dropped=batch.user_dropped, neg_item=shared_vecs, neg_ids=shared_ids,
-                    neg_log_q=shared_lq, neg_mask=shared_mask)
+        loss = self(batch.user_vecs, batch.item_vecs, bi, lq[own], weights=batch.weights, id_dropped=batch.user_dropped,
+                    neg_item=shared_vecs, neg_ids=shared_ids, neg_log_q=shared_lq,
+                    mask_pairs=None if known is None else (known[0], column[known[1]]))
         return ranks.scale_loss(loss, batch.weights, len(bi))
 
     def _sampled_batch_loss(self, batch: Batch, embed_items: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
