@@ -93,9 +93,10 @@ def _run(args: argparse.Namespace) -> None:
         for warning in check_bundle_matches_dataset(bundle, dataset):
             _warn(args)(warning)
         split = split_interactions(dataset.interactions)
-        metrics = evaluate_model(bundle.model, dataset, split)
+        item_vecs = bundle.model.embed_items(dataset.items)  # once, for both evaluations
+        metrics = evaluate_model(bundle.model, dataset, split, item_vecs=item_vecs)
         # EVAL.md "Request-time history": cold_mM / warm_fresh keys and their fold-in anchors
-        metrics |= history_metrics(bundle.model, dataset, split, anchors=True)
+        metrics |= history_metrics(bundle.model, dataset, split, item_vecs=item_vecs, anchors=True)
         print(json.dumps(metrics, sort_keys=True))
     elif args.cmd == "export":
         from training.export import export_bundle

@@ -279,7 +279,11 @@ def _finish(
     # 5. evaluate and save -----------------------------------------------------------------
     check_finite(model, 0.0, "after history baking / cold-start calibration")
     train_seconds = round(time.time() - t_start, 2)
-    metrics = {} if full else evaluate_model(model, dataset, split, truth_part="test") | history_metrics(model, dataset, split)
+    metrics = {}
+    if not full:  # one embedding of the catalog for both evaluations
+        item_vecs = model.embed_items(dataset.items)
+        metrics = evaluate_model(model, dataset, split, truth_part="test", item_vecs=item_vecs)
+        metrics |= history_metrics(model, dataset, split, item_vecs=item_vecs)
     model.cpu()
     item_counts = {str(i): int(c) for i, c in zip(run.data.item_index, run.data.counts, strict=True) if c > 0}
     path = save_bundle(
