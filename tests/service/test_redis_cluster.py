@@ -5,10 +5,8 @@ slot-aware read has to get around."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,49 +14,35 @@ import pytest
 from service.cache import ClusterRedis, make_redis_client
 from service.redis_client import FastRedis, RedisReplyError
 from service.settings import Settings
-
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+from tests.service.conftest import RedisServer, free_port
 
 # different users' keys hash to different slots (the fixture asks the server's CLUSTER KEYSLOT)
 KEYS = [f"tt:m1:user:{i}" for i in range(20)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A one-node Redis Cluster owning all 16384 slots, on a free loopback port."""
     d: Path = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-    def cli(*args: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=5).stdout
-
+    # the cluster bus listens on --cluster-port, by default port + 10000: a free ephemeral port above
+    # 55535 would leave it out of range and redis-server refuses to start, so name a free one
+    server = RedisServer(d, extra=["--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                                   "--cluster-port", str(free_port())])
+    server.start()
+    admin = server.client()
     try:
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         deadline = time.monotonic() + 10
-        while "PONG" not in cli("PING"):
-            if time.monotonic() > deadline:
-                pytest.fail("redis-server in cluster mode did not start")
-            time.sleep(0.05)
-        cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
-        while "cluster_state:ok" not in cli("CLUSTER", "INFO"):
+        while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
             if time.monotonic() > deadline:
                 pytest.fail("one-node cluster did not reach cluster_state:ok")
             time.sleep(0.05)
-        slots = {cli("CLUSTER", "KEYSLOT", k).strip() for k in KEYS}
+        slots = {int(admin.execute_command("CLUSTER", "KEYSLOT", k)) for k in KEYS}
         assert len(slots) > 1  # the keys really are spread over slots
-        yield port
+        yield server.port
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        admin.close()
+        server.stop()
 
 
 def _settings(url: str) -> Settings:
