@@ -10,7 +10,9 @@ proposes candidate rows:
 * **exact scores**: the candidates are re-scored against their catalog rows (each score in
   float64 on its own, then rounded to float32: a score is a function of (query, item) only,
   never of which other rows were fetched), and ordered by score, ties by catalog row — so the
-  ANN only chooses candidates and a quantized index still returns true cosines;
+  ANN only chooses candidates and a quantized index still returns true cosines (a refine index
+  with lossy codes is asked for more candidates than k, `faiss_index.rescore_fetch`; a large
+  version's rows are read with pread rather than mapped, `FileRows`);
 * **never short**: an approximate backend can come back short (HNSW pads with -1 when its
   candidate list runs dry, an IVF whose probed lists are nearly empty); the query is then
   answered by the exact scan, so a result never has fewer items than promised, a -1 row or a
