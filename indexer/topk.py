@@ -261,6 +261,13 @@ class TopK:
     def __len__(self) -> int:
         return self.count
 
+    def vectors(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """float32 (len(rows), d): catalog rows by number, read the way re-scoring reads them
+        (`rescore_rows`: pread for a large version), so a check or a `/similar` lookup does not
+        map pages into the worker's RSS either (at 10M items the load-time smoke test alone
+        mapped 560 MiB of embeddings.npy through the memory map, docs/bench/memory.md)."""
+        return np.asarray(self.rescore_rows.take(np.asarray(rows, dtype=np.int64), axis=0), dtype=np.float32)
+
     @property
     def live_count(self) -> int:
         """Items a query can return (the catalog size; a `DeltaTopK` leaves tombstones out)."""
