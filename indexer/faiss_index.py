@@ -314,8 +314,9 @@ AUTO_NLIST_MIN, AUTO_NLIST_MAX = 256, 8192
 # SQ8's error reorders the cut-off); PQ32 + RFlat holds more than IVF-Flat (296 bytes). So
 # IVF-Flat, the fastest, stays while its memory is affordable: a 2 GB serving worker (issue 20)
 # holds its 264 bytes + the id column up to ~5M items. Above, the SQ8-refined index: at 10M
-# items its 1.0 GB of codes + the id column fit a worker in 2 GB where the fp16-refined 1.6 GB
-# did not (docs/bench/memory.md). Memory-mapping the index (`read_index(mmap=True)`) shares
+# items one serving worker maps 1,435 MiB (its 994 MiB of codes, the id column, the interpreter)
+# at served recall@100 0.959, against 2,046 MiB with the fp16 refine (docs/bench/memory_10m.md).
+# Memory-mapping the index (`read_index(mmap=True)`) shares
 # its pages between the workers of a machine, see docs/scale.md.
 AUTO_REFINE_MIN: int | None = 5_000_000
 AUTO_REFINE_DIMS_PER_CODE = 2  # PQ sub-quantizers of 2 dimensions, 8 bits each: d/2 bytes a vector
