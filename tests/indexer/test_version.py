@@ -13,7 +13,7 @@ import pytest
 from indexer import faiss_index as fi
 from indexer import itemids as idc
 from indexer import store
-from indexer.topk import Query
+from indexer.topk import Allowed, Query
 from indexer.version import ID_COLUMN_KEY, IndexVersionError, load_version
 from tests.indexer.conftest import clustered
 from training.artifacts import file_hashes
@@ -128,8 +128,9 @@ def _mapped_kib(path: Path) -> int:
 @pytest.mark.parametrize("factory", ["IVF16,SQ8", "IVF16,PQ8x8,Refine(SQfp16)"])
 def test_a_large_version_reads_its_rows_without_mapping_them(tmp_path, tiny_bundle_path, monkeypatch, factory):
     """Above PREAD_MIN_BYTES the load-time checks (the smoke test, the row alignment of a lossy
-    index), the re-scoring and a /similar lookup read embeddings.npy rows with pread: none of its
-    pages is mapped into the worker (at 10M items the smoke test alone mapped 560 MiB)."""
+    index), the re-scoring and a /similar lookup read embeddings.npy rows with pread, and the
+    bulk exact scans unmap what they read: none of its pages stays mapped into the worker (at
+    10M items the smoke test alone mapped 560 MiB)."""
     import indexer.topk as topk_mod
 
     monkeypatch.setattr(topk_mod, "PREAD_MIN_BYTES", 0)
@@ -141,7 +142,15 @@ def test_a_large_version_reads_its_rows_without_mapping_them(tmp_path, tiny_bund
     got = version.topk.top_k(queries, [Query(10)] * len(queries))
     read = version.topk.vectors([3, 0])
     assert _mapped_kib(emb_file) == 0, "serving mapped rows of embeddings.npy"
+    # a filter scanned exactly and the exact scan read through the map, and unmap what they read
+    allowed = Allowed.from_rows(np.arange(0, N, 3), N)
+    scanned = version.topk.exact_allowed_candidates(queries[0], 10, allowed)
+    exact = version.topk.exact_candidates(queries[:2], 10)
+    assert _mapped_kib(emb_file) == 0, "an exact scan left rows of embeddings.npy mapped"
     np.testing.assert_array_equal(read, np.asarray(version.embeddings[[3, 0]]))
+    scores = np.asarray(version.embeddings) @ queries[0]
+    assert set(scanned.tolist()) == set(np.arange(0, N, 3)[np.argsort(-scores[::3])[:10]].tolist())
+    np.testing.assert_array_equal(np.sort(exact[1]), np.sort(np.argsort(-(np.asarray(version.embeddings) @ queries[1]))[:10]))
     # and the answers are the ones the memory map gives
     monkeypatch.setattr(topk_mod, "PREAD_MIN_BYTES", 1 << 62)
     assert load_version(path).topk.top_k(queries, [Query(10)] * len(queries)) == got
