@@ -49,14 +49,19 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """sha256 over the dataset files, so a bundle records exactly what it was trained on."""
-        h = hashlib.sha256()
-        for p in sorted(self.path.iterdir()):
-            if p.is_file() and p.suffix in (".csv", ".parquet", ".json"):
-                h.update(p.name.encode())
-                with open(p, "rb") as f:
-                    while block := f.read(1 << 20):
-                        h.update(block)
-        return h.hexdigest()
+        return fingerprint(self.path)
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over a dataset directory's .csv / .parquet / .json files (names and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.is_file() and p.suffix in (".csv", ".parquet", ".json"):
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()
 
 
 def _find(path: Path, stem: str, required: bool) -> Path | None:
