@@ -333,9 +333,9 @@ def _interaction_columns(p: Path, df: pd.DataFrame, row0: int = 0) -> dict[str, 
             f"{p.name}: {_line(p, row0 + i)}, column 'timestamp': {df['timestamp'].iloc[i]!r} is not an integer number "
             "of seconds (finite, within the int64 range)"
         )
-    out = {
-        "user_id": df["user_id"].to_numpy(),
-        "item_id": df["item_id"].to_numpy(),
+    out = {  # ids stay Series: a coder factorizes them without a Python string per row
+        "user_id": df["user_id"],
+        "item_id": df["item_id"],
         "timestamp": ts.to_numpy(dtype=np.int64),
     }
     if "weight" in df.columns:
@@ -374,7 +374,8 @@ def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> 
     path = Path(path)
     p = _find(path, "interactions", required=True)
     df = _read_table(p, used=list(INTERACTION_COLUMNS))
-    out = pd.DataFrame(_interaction_columns(p, df))
+    cols = _interaction_columns(p, df)
+    out = pd.DataFrame(cols | {"user_id": cols["user_id"].to_numpy(), "item_id": cols["item_id"].to_numpy()})
     if "weight" in df.columns and not (out["weight"] > 0).any():
         raise DatasetError(f"{p.name}: column 'weight': every weight is 0; nothing to train on")
     if catalog_ids is not None:
@@ -413,7 +414,7 @@ class IdCoder:
 
     def encode(self, values: pd.Series | np.ndarray) -> np.ndarray:
         """Codes of `values` (new ids are added), int32 while the vocabulary fits, else int64."""
-        codes, uniques = pd.factorize(pd.Series(values, dtype=object))
+        codes, uniques = pd.factorize(values if isinstance(values, pd.Series) else pd.Series(values, dtype=object))
         uniques = np.asarray(uniques, dtype=object)
         pos = self._known.get_indexer(uniques) if len(self._known) else np.full(len(uniques), -1, dtype=np.int64)
         miss = np.flatnonzero(pos < 0)
