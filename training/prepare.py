@@ -329,9 +329,13 @@ def prepare_synthetic(
     items < n_interactions, and in practice when the few users' popularity-weighted choices
     keep landing on pairs they already have (each round's yield of new pairs shrinks).
 
-    Size and memory: 10M items with 20,000 users and 100,000 clicks took 97 s and 4.4 GB peak
-    RSS (docs/bench/train.md); the frames hold Python strings (~100 B per id), so 100M
-    interactions would need well over 20 GB here and was not attempted.
+    Size and memory (docs/bench/train.md, "Synthetic generator"): the clicks stay int64 arrays
+    and interactions.csv is written in chunks, so memory grows ~8 B a click (the pair keys; ~3x
+    that while they are de-duplicated) instead of two Python strings a click: 10M items with 1M
+    users and 10M clicks peaked at 4.0 GiB. Time is the click draw (48 popularity-drawn
+    candidates a click, each a binary search in the catalog-sized CDF and a gather of its latent
+    vector): that run took 19 min on the shared 2-core VM, so 100M clicks at 10M items would take
+    hours; that target is not met.
     """
     out = _output_dir(out)
     items, users, (u, i, ts) = synthetic_tables(n_users, n_items, n_interactions, seed)
