@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--items", type=int, default=1000)
     syn.add_argument("--interactions", type=int, default=60000)
     syn.add_argument("--seed", type=int, default=0)
+    sh = prep_sub.add_parser(
+        "shards", help="write integer-coded Parquet shards of a dataset's training rows (each torchrun rank reads its own)"
+    )
+    sh.add_argument("--data", required=True, help="dataset directory")
+    sh.add_argument("--out", required=True, help="shards directory to create")
+    sh.add_argument("--shards", type=int, required=True, help="number of shards (a multiple of the ranks that read them)")
+    sh.add_argument("--rows", default="full", choices=["full", "train", "fit"],
+                    help="which rows: every click (fit --full), fit + val, or the tuning rows (EVAL.md)")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the row-to-shard assignment")
 
     f = sub.add_parser("fit", help="train a model; prints the bundle path as the last stdout line")
     f.add_argument("--data", required=True, help="dataset directory")
@@ -66,6 +75,10 @@ def _run(args: argparse.Namespace) -> None:
 
         if args.source == "movielens-100k":
             out = prepare_movielens_100k(args.src, args.out)
+        elif args.source == "shards":
+            from training.shards import write_shards
+
+            out = write_shards(args.data, args.out, args.shards, rows=args.rows, seed=args.seed)
         else:
             out = prepare_synthetic(args.out, args.users, args.items, args.interactions, args.seed, warn=_warn(args))
         print(out)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +49,19 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """sha256 over the dataset files, so a bundle records exactly what it was trained on."""
-        h = hashlib.sha256()
-        for p in sorted(self.path.iterdir()):
-            if p.is_file() and p.suffix in (".csv", ".parquet", ".json"):
-                h.update(p.name.encode())
-                with open(p, "rb") as f:
-                    while block := f.read(1 << 20):
-                        h.update(block)
-        return h.hexdigest()
+        return fingerprint(self.path)
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over a dataset directory's .csv / .parquet / .json files (names and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.is_file() and p.suffix in (".csv", ".parquet", ".json"):
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()
 
 
 def _find(path: Path, stem: str, required: bool) -> Path | None:
@@ -78,10 +83,7 @@ def _read_table(p: Path, separators: Mapping[str, str] | None = None, used: Coll
     """
     try:
         if p.suffix == ".parquet":
-            df = pd.read_parquet(p)
-            df = _join_list_cells(p, df, separators or {}, used)
-            df = _datetimes_as_seconds(df)
-            return df.astype(object).where(df.notna(), "").astype(str)
+            return _parquet_text(p, pd.read_parquet(p), separators or {}, used)
         df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False)
     except UnicodeDecodeError as e:
         raise DatasetError(f"{p.name}: {_bad_utf8_where(p, e)}") from None
@@ -89,6 +91,13 @@ def _read_table(p: Path, separators: Mapping[str, str] | None = None, used: Coll
         raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
     _check_row_shapes(p)
     return df
+
+
+def _parquet_text(p: Path, df: pd.DataFrame, separators: Mapping[str, str], used: Collection[str]) -> pd.DataFrame:
+    """A Parquet frame (or one record batch of it) as the str columns a CSV read gives."""
+    df = _join_list_cells(p, df, separators, used)
+    df = _datetimes_as_seconds(df)
+    return df.astype(object).where(df.notna(), "").astype(str)
 
 
 def first_invalid_utf8(p: Path) -> tuple[int, int] | None:
@@ -298,13 +307,22 @@ def read_users(path: str | Path, schema: Schema) -> pd.DataFrame | None:
     return _read_entities(p, "user_id", schema.user)
 
 
-def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> pd.DataFrame:
-    path = Path(path)
-    p = _find(path, "interactions", required=True)
-    df = _read_table(p, used=["user_id", "item_id", "timestamp", "weight", "clicked"])
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp", "weight", "clicked")
+
+
+def _interaction_columns(p: Path, df: pd.DataFrame, row0: int = 0) -> dict[str, np.ndarray]:
+    """Validate rows `row0 ...` of interactions (str columns, '' missing) → typed columns.
+
+    Shared by the in-memory reader (one chunk: the whole file) and the streaming, integer-coding
+    one (`read_interactions_coded`, chunk by chunk), so both accept and reject exactly the same
+    files with the same messages. Checks that need every row (all weights 0, unknown items) are
+    the callers'.
+    """
     _require_columns(p, df, ["user_id", "item_id", "timestamp"])
-    _check_ids(p, df, "user_id")
-    _check_ids(p, df, "item_id")
+    for col in ("user_id", "item_id"):
+        empty = np.flatnonzero(df[col].str.strip().to_numpy() == "")
+        if len(empty):
+            raise DatasetError(f"{p.name}: {_line(p, row0 + int(empty[0]))}, column '{col}': empty id")
     ts = pd.to_numeric(df["timestamp"], errors="coerce")
     tsf = ts.to_numpy(dtype=np.float64, na_value=np.nan)
     # 'inf' and '1e25' parse as numbers but would cast to int64's minimum: a silent wrong order
@@ -312,23 +330,23 @@ def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> 
     if len(bad):
         i = int(bad[0])
         raise DatasetError(
-            f"{p.name}: {_line(p, i)}, column 'timestamp': {df['timestamp'].iloc[i]!r} is not an integer number "
+            f"{p.name}: {_line(p, row0 + i)}, column 'timestamp': {df['timestamp'].iloc[i]!r} is not an integer number "
             "of seconds (finite, within the int64 range)"
         )
-    out = pd.DataFrame({
-        "user_id": df["user_id"].to_numpy(),
-        "item_id": df["item_id"].to_numpy(),
+    out = {  # ids stay Series: a coder factorizes them without a Python string per row
+        "user_id": df["user_id"],
+        "item_id": df["item_id"],
         "timestamp": ts.to_numpy(dtype=np.int64),
-    })
+    }
     if "weight" in df.columns:
         w = pd.to_numeric(df["weight"].where(df["weight"] != "", "1"), errors="coerce").to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
         if len(bad):
             i = int(bad[0])
-            raise DatasetError(f"{p.name}: {_line(p, i)}, column 'weight': {df['weight'].iloc[i]!r} is not a finite non-negative number")
+            raise DatasetError(
+                f"{p.name}: {_line(p, row0 + i)}, column 'weight': {df['weight'].iloc[i]!r} is not a finite non-negative number"
+            )
         out["weight"] = w.astype(np.float32)
-        if not (w > 0).any():
-            raise DatasetError(f"{p.name}: column 'weight': every weight is 0; nothing to train on")
     else:
         out["weight"] = np.ones(len(df), dtype=np.float32)
     if "clicked" in df.columns:
@@ -336,21 +354,322 @@ def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> 
         ok = c.isin(["1", "0", "true", "false", ""])
         if not ok.all():
             i = int(np.flatnonzero(~ok.to_numpy())[0])
-            raise DatasetError(f"{p.name}: {_line(p, i)}, column 'clicked': {df['clicked'].iloc[i]!r} is not 0/1/true/false")
+            raise DatasetError(
+                f"{p.name}: {_line(p, row0 + i)}, column 'clicked': {df['clicked'].iloc[i]!r} is not 0/1/true/false"
+            )
         out["clicked"] = ~c.isin(["0", "false"]).to_numpy()
     else:
         out["clicked"] = np.ones(len(df), dtype=bool)
+    return out
+
+
+def _unknown_items_error(p: Path, first_row: int, item: str, count: int) -> DatasetError:
+    return DatasetError(
+        f"{p.name}: {_line(p, first_row)}, column 'item_id': {item!r} is not in items "
+        f"({count} row(s) reference items missing from the catalog)"
+    )
+
+
+def read_interactions(path: str | Path, catalog_ids: pd.Index | None = None) -> pd.DataFrame:
+    path = Path(path)
+    p = _find(path, "interactions", required=True)
+    df = _read_table(p, used=list(INTERACTION_COLUMNS))
+    cols = _interaction_columns(p, df)
+    out = pd.DataFrame(cols | {"user_id": cols["user_id"].to_numpy(), "item_id": cols["item_id"].to_numpy()})
+    if "weight" in df.columns and not (out["weight"] > 0).any():
+        raise DatasetError(f"{p.name}: column 'weight': every weight is 0; nothing to train on")
     if catalog_ids is not None:
         unknown = np.flatnonzero(~out["item_id"].isin(catalog_ids).to_numpy())
         if len(unknown):
             i = int(unknown[0])
-            raise DatasetError(
-                f"{p.name}: {_line(p, i)}, column 'item_id': {out['item_id'].iloc[i]!r} is not in items "
-                f"({len(unknown)} row(s) reference items missing from the catalog)"
-            )
+            raise _unknown_items_error(p, i, out["item_id"].iloc[i], len(unknown))
     if len(out) == 0:
         raise DatasetError(f"{p.name}: no interactions")
     return out
+
+
+class IdCoder:
+    """Growing id → integer code map: the ids given up front (users.csv or the catalog, in file
+    order) are codes 0..n-1, every other id gets the next code at its first appearance.
+
+    So codes are the order of `pd.unique(known ∪ ids in file order)`: exactly the user-table rows
+    (`training.train.user_table`) and the catalog rows + retired items of `read_dataset`. The
+    known ids are looked up through one pandas hash index (built once, C), the others through a
+    dict; a chunk costs a `pd.factorize` plus a Python step per *new* id of the chunk, and memory
+    is O(distinct ids), never O(rows).
+    """
+
+    def __init__(self, known: pd.Index | Collection[str] = ()) -> None:
+        self._known = known if isinstance(known, pd.Index) else pd.Index(np.asarray(list(known), dtype=object))
+        if not self._known.is_unique:
+            raise ValueError("IdCoder: the known ids must be unique")
+        self._extra: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._known) + len(self._extra)
+
+    @property
+    def n_known(self) -> int:
+        return len(self._known)
+
+    def encode(self, values: pd.Series | np.ndarray) -> np.ndarray:
+        """Codes of `values` (new ids are added), int32 while the vocabulary fits, else int64."""
+        codes, uniques = pd.factorize(values if isinstance(values, pd.Series) else pd.Series(values, dtype=object))
+        uniques = np.asarray(uniques, dtype=object)
+        pos = self._known.get_indexer(uniques) if len(self._known) else np.full(len(uniques), -1, dtype=np.int64)
+        miss = np.flatnonzero(pos < 0)
+        if len(miss):
+            extra, base = self._extra, len(self._known)
+            pos[miss] = [base + extra.setdefault(u, len(extra)) for u in uniques[miss]]  # len() before insertion
+        dtype = np.int32 if len(self) < 2**31 else np.int64
+        return pos.astype(dtype)[codes]
+
+    def ids(self) -> np.ndarray:
+        """code → id (object array of str)."""
+        out = np.empty(len(self), dtype=object)
+        out[: len(self._known)] = self._known.to_numpy(dtype=object)
+        out[len(self._known):] = list(self._extra)
+        return out
+
+
+@dataclass
+class CodedInteractions:
+    """interactions.csv / .parquet as integer-coded columns, one entry per row in file order.
+
+    `user` / `item` are codes into `user_ids` / `item_ids` (int32 below 2^31 distinct ids):
+    `item_ids` is the catalog in items.csv order (`n_catalog` of them), then the retired items
+    (clicked, no longer in items.csv) in first-click order, as `read_dataset` orders `items`;
+    `user_ids` is users.csv's ids, then the other users in first-click order (`user_table`).
+    21 bytes a row (4 + 4 + 8 + 4 + 1), against ~150 for the str frame of `read_interactions`.
+    """
+
+    user: np.ndarray          # int32 (int64 beyond 2^31 ids)
+    item: np.ndarray
+    timestamp: np.ndarray     # int64 seconds
+    weight: np.ndarray        # float32
+    clicked: np.ndarray       # bool
+    user_ids: np.ndarray      # object str, code → id
+    item_ids: np.ndarray
+    n_catalog: int
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.user, self.item, self.timestamp, self.weight, self.clicked))
+
+    @property
+    def retired_items(self) -> tuple[str, ...]:
+        return tuple(self.item_ids[self.n_catalog:].tolist())
+
+    def frame(self, rows: np.ndarray | slice = slice(None)) -> pd.DataFrame:
+        """The rows as `read_interactions` returns them (str ids): for tests and small slices."""
+        return pd.DataFrame({
+            "user_id": self.user_ids[self.user[rows]],
+            "item_id": self.item_ids[self.item[rows]],
+            "timestamp": self.timestamp[rows],
+            "weight": self.weight[rows],
+            "clicked": self.clicked[rows],
+        })
+
+
+CHUNK_ROWS = 1 << 20
+
+
+def _interaction_chunks(p: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """interactions.csv / .parquet as str frames of at most `chunk_rows` rows, only the columns
+    the reader uses (extra columns are never materialized)."""
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            f = pq.ParquetFile(p)
+            cols = [c for c in f.schema_arrow.names if c in INTERACTION_COLUMNS]
+            for batch in f.iter_batches(batch_size=chunk_rows, columns=cols):
+                yield _parquet_text(p, batch.to_pandas(), {}, INTERACTION_COLUMNS)
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
+        return
+    try:
+        reader = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, chunksize=chunk_rows,
+                             usecols=lambda c: c in INTERACTION_COLUMNS)
+        with reader:
+            yield from reader
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{p.name}: {_bad_utf8_where(p, e)}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
+        raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
+
+
+def read_interactions_coded(
+    path: str | Path, items: pd.Index | Collection[str], users: pd.Index | Collection[str] = (), *,
+    allow_retired: bool = True, chunk_rows: int = CHUNK_ROWS,
+) -> CodedInteractions:
+    """Stream interactions in chunks of `chunk_rows`, validating each exactly as
+    `read_interactions` does and integer-coding its ids as it goes (`IdCoder`): peak memory is
+    the coded columns (21 bytes a row; 29 while the last column's chunks are joined) plus one
+    chunk of text, not a frame of strings. `items`: the catalog ids (items.csv order); `users`: users.csv's ids, if any.
+    """
+    path = Path(path)
+    p = _find(path, "interactions", required=True)
+    if p.suffix == ".csv":
+        _check_row_shapes(p)  # the same pass as the in-memory reader: short rows, shifted columns
+    item_coder, user_coder = IdCoder(items), IdCoder(users)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "timestamp", "weight", "clicked")}
+    n, has_weight = 0, False
+    for df in _interaction_chunks(p, chunk_rows):
+        c = _interaction_columns(p, df, n)
+        has_weight |= "weight" in df.columns
+        cols["user"].append(user_coder.encode(c["user_id"]))
+        cols["item"].append(item_coder.encode(c["item_id"]))
+        for k in ("timestamp", "weight", "clicked"):
+            cols[k].append(c[k])
+        n += len(df)
+        del df, c
+    if n == 0:
+        raise DatasetError(f"{p.name}: no interactions")
+    out = {}
+    for k in list(cols):  # column by column, freeing its chunks: the peak is the chunks + one column
+        parts = cols.pop(k)
+        out[k] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        del parts
+    if has_weight and not (out["weight"] > 0).any():
+        raise DatasetError(f"{p.name}: column 'weight': every weight is 0; nothing to train on")
+    item_ids = item_coder.ids()
+    if not allow_retired and len(item_ids) > item_coder.n_known:
+        gone = out["item"] >= item_coder.n_known
+        i = int(np.argmax(gone))
+        raise _unknown_items_error(p, i, item_ids[out["item"][i]], int(gone.sum()))
+    return CodedInteractions(
+        user=out["user"], item=out["item"], timestamp=out["timestamp"], weight=out["weight"], clicked=out["clicked"],
+        user_ids=user_coder.ids(), item_ids=item_ids, n_catalog=item_coder.n_known,
+    )
+
+
+def _read_id_column(p: Path, id_col: str) -> pd.Index:
+    """Only the id column of items / users (.csv or .parquet), with `_read_entities`' id checks
+    (present, non-empty, unique): what integer-coding needs, without the feature columns."""
+    try:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.ParquetFile(p).schema_arrow.names
+            df = _parquet_text(p, pd.read_parquet(p, columns=[c for c in names if c == id_col]), {}, [id_col])
+        else:
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, usecols=lambda c: c == id_col)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{p.name}: {_bad_utf8_where(p, e)}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
+        raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
+    _require_columns(p, df, [id_col])
+    _check_ids(p, df, id_col)
+    dup = df[id_col].duplicated(keep="first").to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise DatasetError(f"{p.name}: {_line(p, i)}, column '{id_col}': duplicate id {df[id_col].iloc[i]!r}")
+    return pd.Index(df[id_col].to_numpy(dtype=object))
+
+
+def read_coded(path: str | Path, *, allow_retired: bool = True, chunk_rows: int = CHUNK_ROWS) -> CodedInteractions:
+    """A dataset directory's interactions, integer-coded against its catalog and users.csv ids
+    (`read_interactions_coded`); only the id columns of items / users are read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: not a dataset directory")
+    items = _read_id_column(_find(path, "items", required=True), "item_id")
+    if len(items) == 0:
+        raise DatasetError(f"{_find(path, 'items', required=True).name}: the catalog is empty")
+    users_file = _find(path, "users", required=False)
+    users = _read_id_column(users_file, "user_id") if users_file is not None else pd.Index([], dtype=object)
+    return read_interactions_coded(path, items, users, allow_retired=allow_retired, chunk_rows=chunk_rows)
+
+
+@dataclass
+class CodedSplit:
+    """The EVAL.md partitions of `CodedInteractions` as row positions (int32 below 2^31 rows),
+    each in the row
+    order of the frames of `training.split.split_interactions` (warm rows by user, timestamp,
+    item id; cold rows in file order), so `coded.frame(split.fit)` equals `split_interactions(...).fit`.
+    """
+
+    train: np.ndarray
+    fit: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    cold: np.ndarray
+
+
+def _sort_ranks(ids: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Dense rank of each code's id under `split.id_sort_key`, decided over the codes `present`
+    (as the split decides integer vs text over the warm rows' ids); equal keys ('01', '1') tie."""
+    from training.split import id_sort_key
+
+    rank = np.zeros(len(ids), dtype=np.int32 if len(ids) < 2**31 else np.int64)
+    key = id_sort_key(pd.Series(ids[present], dtype=object)).to_numpy()
+    rank[present] = np.unique(key, return_inverse=True)[1].reshape(-1)
+    return rank
+
+
+def _tail_rows(users: np.ndarray, frac: float) -> np.ndarray:
+    """True for each user's last ceil(frac * n) rows of `users` (codes, rows in split order;
+    one user's rows need not be contiguous when two ids tie in the sort key)."""
+    n = len(users)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
+    if len(starts) == np.count_nonzero(np.bincount(users)):
+        # each user's rows are one run (the usual case): mark [end - n_last, end) of each run
+        # with +1/-1 and a running sum, 2 bytes a row instead of sorting
+        sizes = np.diff(np.r_[starts, n])
+        end = starts + sizes
+        mark = np.zeros(n + 1, dtype=np.int8)
+        np.add.at(mark, end - np.ceil(sizes * frac - 1e-9).astype(np.int64), 1)
+        np.add.at(mark, end, -1)
+        return np.cumsum(mark[:n], dtype=np.int8) > 0
+    order = np.argsort(users, kind="stable")
+    u = users[order]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    n_last = np.ceil(sizes * frac - 1e-9).astype(np.int64)
+    # position of each sorted row from its group's end: the last n_last of each group are the tail
+    end = np.repeat(starts + sizes, sizes)
+    tail_sorted = (end - np.arange(n)) <= np.repeat(n_last, sizes)
+    out = np.empty(n, dtype=bool)
+    out[order] = tail_sorted
+    return out
+
+
+def split_coded(coded: CodedInteractions) -> CodedSplit:
+    """`training.split.split_interactions` on integer-coded rows: the same rules (cold users by
+    `is_cold_user` over the distinct ids, warm rows by user, timestamp, item id; the tails of
+    each user's rows), in numpy over the codes. Peak memory is a few int64 arrays over the
+    clicked rows (lexsort and the tail masks), not a sorted copy of a str frame."""
+    from training.split import is_cold_user
+
+    clicked = np.flatnonzero(coded.clicked)
+    if len(coded) < 2**31:
+        clicked = clicked.astype(np.int32)  # positions: half the memory of every array below
+    cold_user = np.fromiter((is_cold_user(u) for u in coded.user_ids), dtype=bool, count=len(coded.user_ids))
+    is_cold = cold_user[coded.user[clicked]]
+    cold = clicked[is_cold]
+    warm = clicked[~is_cold]
+    del clicked, is_cold
+    wu, wi = coded.user[warm], coded.item[warm]
+    seen_u = np.zeros(len(coded.user_ids), dtype=bool)
+    seen_u[wu] = True
+    seen_i = np.zeros(len(coded.item_ids), dtype=bool)
+    seen_i[wi] = True
+    order = np.lexsort((_sort_ranks(coded.item_ids, seen_i)[wi], coded.timestamp[warm],
+                        _sort_ranks(coded.user_ids, seen_u)[wu]))  # last key first: user, time, item
+    del wu, wi
+    warm = warm[order]  # keeps warm's dtype
+    del order
+    is_test = _tail_rows(coded.user[warm], 0.2)
+    test, train = warm[is_test], warm[~is_test]
+    del warm, is_test
+    is_val = _tail_rows(coded.user[train], 0.1)
+    return CodedSplit(train=train, fit=train[~is_val], val=train[is_val], test=test, cold=cold)
 
 
 def read_dataset(path: str | Path, *, allow_retired: bool = True) -> Dataset:

@@ -43,12 +43,15 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
+
+if TYPE_CHECKING:
+    from training.shards import RankRows
 
 __all__ = [
     "ONE_PROCESS", "RankFailedError", "Ranks", "ShardMismatchError", "current", "rank_batch_size", "session", "start",
@@ -113,6 +116,19 @@ class Ranks:
         """Positions, in the global batch of W·n_local rows, of the rows of every other rank."""
         every = torch.arange(self.world * n_local, device=device)
         return every[(every < self.rank * n_local) | (every >= (self.rank + 1) * n_local)]
+
+    def read_shards(self, path: str | os.PathLike[str]) -> RankRows:
+        """This rank's rows of an integer-coded shards directory (`trainer prepare shards`):
+        only its shards are read (training/shards.py), and the ranks are checked to have read
+        the same directory (fingerprint, rows each) before any collective depends on it."""
+        from training.shards import read_rank_shards
+
+        rows = read_rank_shards(path, self.rank, self.world)
+        self.check_same("the training shards", {
+            "fingerprint": rows.manifest["dataset_fingerprint"], "shards": len(rows.manifest["shard_rows"]),
+            "rows": len(rows), "seed": rows.manifest["seed"], "which": rows.manifest["rows"],
+        })
+        return rows
 
     # ---- collectives ---------------------------------------------------------------------
     def gather(self, t: torch.Tensor) -> torch.Tensor:

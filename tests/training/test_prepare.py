@@ -45,3 +45,29 @@ def test_bad_source_fails_naming_it(
         prepare_movielens_100k(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temp directory left behind
+
+
+def test_synthetic_csv_is_what_pandas_writes_of_the_frames(tmp_path: Path) -> None:
+    """The chunked Arrow writer of interactions.csv gives exactly the bytes `to_csv` gives of the
+    str frame (chunk smaller than the data: several chunks)."""
+    import numpy as np
+
+    from training.prepare import _write_interactions_csv, generate_synthetic, synthetic_tables
+
+    frames = generate_synthetic(120, 40, 3000, seed=4)
+    frames["interactions"].to_csv(tmp_path / "want.csv", index=False)
+    _, _, (u, i, ts) = synthetic_tables(120, 40, 3000, seed=4)
+    _write_interactions_csv(tmp_path / "got.csv", u, i, ts, chunk=700)
+    assert (tmp_path / "got.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+    assert len(np.unique(u * 40 + i)) == len(u)  # distinct (user, item) pairs
+
+
+def test_join_tags_is_the_first_occurrence_join() -> None:
+    import numpy as np
+
+    from training.prepare import _join_tags
+
+    rng = np.random.default_rng(0)
+    pick, k = rng.integers(0, 4, size=(500, 3)), rng.integers(1, 4, size=500)
+    want = ["|".join(dict.fromkeys(f"t{t}" for t in row[:n])) for row, n in zip(pick, k, strict=True)]
+    assert list(_join_tags(pick, k)) == want
