@@ -14,6 +14,7 @@ enough to leave the event loop for a worker thread.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,6 +85,37 @@ def validate_user(
     return UserRecord(user_id, normalized, codes)
 
 
+# per served version: history-table row (the item vocabulary code) -> index row, -1 for an item
+# the index does not hold, -2 not looked up yet; filled lazily, so a version loads no faster or
+# slower and a request pays one id lookup per item the first time any request sends it
+_HISTORY_ROWS: weakref.WeakKeyDictionary[ServedVersion, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def history_item_vectors(version: ServedVersion, codes: Sequence[int]) -> np.ndarray:
+    """(m, d) float32: the version's index vectors of the history rows `codes` the tower pooled
+    (oldest first; an item missing from the index is skipped), what `HistoryFoldIn` folds in.
+    `training.evaluate.history_item_vectors` is the same selection over the trainer's catalog."""
+    table = _HISTORY_ROWS.get(version)
+    items = version.tower.items
+    if table is None:
+        table = _HISTORY_ROWS.setdefault(version, np.full(items.size, -2, dtype=np.int64))
+    c = np.asarray(codes, dtype=np.int64)
+    rows = table[c]
+    for j in np.flatnonzero(rows == -2):  # benign race: every thread writes the same value
+        row = version.topk.rows.get(items.tokens[int(c[j]) - 1])
+        rows[j] = table[c[j]] = -1 if row is None else row
+    return version.topk.vectors(rows[rows >= 0])
+
+
+def fold_in_history(version: ServedVersion, records: Sequence[UserRecord], vecs: np.ndarray) -> np.ndarray:
+    """The tower's vectors with each record's history folded in (the bundle's `HistoryFoldIn`
+    rule; records without a history, or a bundle without the rule, unchanged)."""
+    rule = version.tower.fold_in
+    if rule is None or all(r.history is None for r in records):
+        return vecs
+    return rule.apply(vecs, [None if r.history is None else history_item_vectors(version, r.history) for r in records])
+
+
 async def user_vectors(
     version: ServedVersion, cache: VectorCache, settings: Settings, records: Sequence[UserRecord]
 ) -> tuple[np.ndarray, list[bool]]:
@@ -103,7 +135,8 @@ async def user_vectors(
     missing = [i for i, v in enumerate(cached) if v is None]
     computed = None
     if missing:
-        computed = version.tower.embed(records if len(missing) == len(records) else [records[i] for i in missing])
+        todo = records if len(missing) == len(records) else [records[i] for i in missing]
+        computed = fold_in_history(version, todo, version.tower.embed(todo))
         if computed.shape != (len(missing), dim):
             raise NonFiniteVectorError(f"user tower returned shape {computed.shape}, index dimension is {dim}")
         if not np.isfinite(computed).all():

@@ -113,6 +113,12 @@ class HistoryConfig(StrictConfig):
     encoder: typing.Literal["mean", "recency"] = "mean"  # recency: a learned weight per distance from the newest
                                        # (max_len of them; without max_len RECENCY_POSITIONS, the last shared by older clicks)
     free_id: bool = False              # known users keep a free id row next to their history
+    # after the tower: u' = normalize(u + fold_in_weight * m / (m + fold_in_half) * normalize(sum_j w_j v_j)),
+    # v_j the catalog vectors of the m history items pooled, w_j = fold_in_recency ** (distance from the
+    # newest); 0 = off (training.numpy_tower.HistoryFoldIn, applied by the service and trainer evaluate alike)
+    fold_in_weight: Annotated[float, Field(ge=0)] = 0.0
+    fold_in_half: Annotated[float, Field(ge=0)] = 0.0
+    fold_in_recency: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class ModelConfig(StrictConfig):
@@ -169,6 +175,9 @@ class TrainConfig(StrictConfig):
     history_free_id: bool = False      # with user_history: also learn a free per-user embedding
     history_encoder: typing.Literal["mean", "recency"] = "recency"  # learned weight per distance from the newest click ; chosen on the nested validation over mean (docs/bench/history.md)
     cold_row_weight: Annotated[float, Field(gt=0)] = 1.0  # loss weight of id-dropped rows (new users: features + first clicks) vs 1 + recency of the others
+    history_fold_in_weight: Annotated[float, Field(ge=0)] = 1.0  # chosen on the nested validation (docs/bench/history.md); request histories: + this x the pooled catalog vectors of the clicks, after the tower (HistoryConfig.fold_in_*)
+    history_fold_in_half: Annotated[float, Field(ge=0)] = 1.0  # ... times m / (m + this) for m pooled clicks
+    history_fold_in_recency: Annotated[float, Field(gt=0, le=1)] = 0.8  # ... each click weighted this ** (distance from the newest)
     history_cold_max_len: Annotated[int, Field(ge=0)] = 10  # id-dropped rows pool their user's first l clicks, l ~ U{0..min(this, earlier clicks)} (0: none)
     device: str = "auto"
     sparse_tables: bool | None = None  # id / history tables: sparse gradients + SparseAdam (null: tables >= 16,384 rows when weight_decay is 0; training/optim.py)
@@ -276,7 +285,8 @@ class TrainConfig(StrictConfig):
         if not self.user_history:
             return self.model
         history = HistoryConfig(max_len=self.history_max_len, alpha=self.history_alpha, encoder=self.history_encoder,
-                                free_id=self.history_free_id)
+                                free_id=self.history_free_id, fold_in_weight=self.history_fold_in_weight,
+                                fold_in_half=self.history_fold_in_half, fold_in_recency=self.history_fold_in_recency)
         return self.model.model_copy(update={"history": history})
 
 

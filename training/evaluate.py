@@ -156,6 +156,23 @@ def evaluate_model(
     return {k: None if v is None else round(v, 4) for k, v in metrics.items()}
 
 
+def history_item_vectors(model, histories, catalog: pd.Index, item_vecs: np.ndarray) -> list[np.ndarray | None]:
+    """Per request history (None: none sent) the catalog vectors (m, d) of the items the user tower
+    pools (`model.history_codes`: known items, the most recent `max_len`, oldest first; an item
+    missing from the catalog has no vector and is skipped): what `HistoryFoldIn` folds in, the
+    rows the service reads from its index for the same request."""
+    tokens = model.item_encoder.ids.tokens
+    out: list[np.ndarray | None] = []
+    for h in histories:
+        codes = model.history_codes(h)
+        if codes is None:
+            out.append(None)
+            continue
+        rows = catalog.get_indexer([tokens[c - 1] for c in codes]) if codes else np.empty(0, np.int64)
+        out.append(item_vecs[rows[rows >= 0]])
+    return out
+
+
 def history_metrics(model, dataset: Dataset, split: Split, *, item_vecs: np.ndarray | None = None,
                     anchors: bool = False) -> dict:
     """EVAL.md §"Request-time history" figures of `model` (`training.history_eval`'s protocols):
@@ -163,13 +180,15 @@ def history_metrics(model, dataset: Dataset, split: Split, *, item_vecs: np.ndar
     a protocol without users) and, with `anchors`, `history_anchors`: {protocol: {anchor:
     metrics}} for the popularity / EASE / item-kNN fold-ins. The model embeds each user with the
     protocol's request history through `embed_user_table(..., histories=)`, the torch twin of
-    what the service computes for a request with `history`."""
+    what the service computes for a request with `history`, then folds the history's catalog
+    vectors in with the bundle's `HistoryFoldIn` rule, as the service does."""
     from training.history_eval import (
         PROTOCOLS,
         evaluate_history,
         history_anchors,
         history_protocols,
     )
+    from training.numpy_tower import HistoryFoldIn
 
     items = dataset.items
     item_ids = items["item_id"].astype(str).tolist()
@@ -178,8 +197,14 @@ def history_metrics(model, dataset: Dataset, split: Split, *, item_vecs: np.ndar
     protocols = history_protocols(split, item_ids)
     is_tail = ~pd.Index(item_ids).isin(list(split.head_items))
 
+    fold_in = HistoryFoldIn.from_config(model.cfg)
+    catalog = pd.Index(item_ids)
+
     def user_vectors(user_ids, histories):
-        return model.embed_user_table(list(user_ids), user_features(dataset, list(user_ids)), histories=histories)
+        vecs = model.embed_user_table(list(user_ids), user_features(dataset, list(user_ids)), histories=histories)
+        if fold_in is None:
+            return vecs
+        return fold_in.apply(vecs, history_item_vectors(model, histories, catalog, item_vecs))
 
     res = evaluate_history(user_vectors, item_vecs, protocols, is_tail)
     out: dict = {}

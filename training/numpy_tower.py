@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 FAST_PATH_TOLERANCE = 1e-5
 
 __all__ = [
-    "FAST_PATH_TOLERANCE", "NumpyHistory", "NumpyTower", "TowerError", "UserRecord", "UserTower", "encode_history", "mlp_layout",
+    "FAST_PATH_TOLERANCE", "HistoryFoldIn", "NumpyHistory", "NumpyTower", "TowerError", "UserRecord", "UserTower", "encode_history", "mlp_layout",
 ]
 
 
@@ -128,6 +128,69 @@ class NumpyHistory:
                 w = pw[:n][::-1]  # oldest first: distance n - 1 .. 0
                 pooled = (w @ rows) * (np.float32(n ** (1.0 - self.alpha)) / np.float32(w.sum()))
             out += pooled
+        return out
+
+
+@dataclass(frozen=True)
+class HistoryFoldIn:
+    """The request history folded into the user vector in retrieval space, after the tower.
+
+    u' = normalize(u + b * m / (m + c) * normalize(sum_j r^(m-1-j) v_j)), where u is the tower's
+    unit vector, v_1..v_m the catalog vectors (the item tower's unit outputs, the rows the index
+    holds) of the history items the tower pooled (`encode_history`'s rows, oldest first), b =
+    `weight`, c = `half` and r = `recency`. It is an item-kNN over the index added to the tower:
+    the user moves towards the items they just clicked, more so the more clicks are known. The
+    tower's own history path learns this poorly for users with few clicks (cold_mM, issue 18);
+    the fold-in needs no training, so its constants are chosen on the nested validation
+    (docs/bench/history.md) and recorded in the bundle's `model.history`.
+
+    One implementation for every path: the service (`service.retrieval`, over the version's index
+    rows) and `trainer evaluate`'s history protocols (`training.evaluate.history_metrics`, over the
+    catalog vectors it ranks) both call `apply`. The output is a unit vector, so scores stay plain
+    cosines (invariant 1).
+    """
+
+    weight: float
+    half: float
+    recency: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> HistoryFoldIn | None:
+        """The rule a model config records (None: no history input, or a fold-in weight of 0)."""
+        h = cfg.history
+        if h is None or h.fold_in_weight == 0:
+            return None
+        return cls(float(h.fold_in_weight), float(h.fold_in_half), float(h.fold_in_recency))
+
+    def apply_one(self, user: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The folded unit vector (float32, (d,)) of one tower vector `user` (d,) and its history's
+        catalog vectors `items` (m, d), oldest first; m = 0 returns `user` unchanged."""
+        m = len(items)
+        if m == 0:
+            return user
+        if items.ndim != 2 or items.shape[1] != user.shape[0]:
+            raise ValueError(f"history item vectors have shape {items.shape}, the user vector {user.shape}")
+        if self.recency == 1.0:
+            pooled = items.sum(axis=0, dtype=np.float32)
+        else:
+            w = np.power(np.float32(self.recency), np.arange(m - 1, -1, -1, dtype=np.float32))
+            pooled = w @ items
+        norm = math.sqrt(float(np.dot(pooled, pooled)))
+        if norm <= 1e-12:
+            return user
+        beta = self.weight * m / (m + self.half)
+        out = user + np.float32(beta / norm) * pooled
+        out /= max(math.sqrt(float(np.dot(out, out))), 1e-12)
+        return out.astype(np.float32, copy=False)
+
+    def apply(self, users: np.ndarray, items: Sequence[np.ndarray | None]) -> np.ndarray:
+        """(n, d) float32: `apply_one` row by row (None: no history sent, the row unchanged)."""
+        if len(items) != len(users):
+            raise ValueError(f"{len(items)} histories for {len(users)} user vectors")
+        out = np.array(users, dtype=np.float32, copy=True)
+        for i, v in enumerate(items):
+            if v is not None:
+                out[i] = self.apply_one(out[i], np.asarray(v, dtype=np.float32))
         return out
 
 
@@ -285,6 +348,7 @@ class UserTower:
         self.dim = int(cfg.embedding_dim)
         self.items = items
         self.history: NumpyHistory | None = None
+        self.fold_in = HistoryFoldIn.from_config(cfg)
         try:
             self.fast = NumpyTower(encoder, cfg, weights, "user_tower.")
             if cfg.history is not None:

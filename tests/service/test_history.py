@@ -28,10 +28,21 @@ def _metric(client, outcome: str) -> float:  # noqa: ANN001
     return float(m.group(1))
 
 
-def test_history_is_pooled_as_the_torch_model_pools_it(index_root: Path, bundle_a: Path) -> None:
+def test_history_is_pooled_as_the_torch_model_pools_it(index_root: Path, bundle_a: Path, tiny_dataset: Path) -> None:
     """/embed and /retrieve with `history` give the vector of the bundle's torch model for the
-    same (id, features, history); without `history` exactly the vector of before."""
+    same (id, features, history), with the history's catalog vectors folded in by the bundle's
+    `HistoryFoldIn` (as `trainer evaluate` does); without `history` exactly the vector of before."""
+    import pandas as pd
+
+    from training.dataset import read_dataset
+    from training.evaluate import history_item_vectors
+    from training.numpy_tower import HistoryFoldIn
+
     model = load_bundle(bundle_a).model
+    rule = HistoryFoldIn.from_config(model.cfg)
+    assert rule is not None  # the default config folds the history in
+    items = read_dataset(tiny_dataset).items
+    catalog, item_vecs = pd.Index(items["item_id"].astype(str)), model.embed_items(items)
     bodies = [
         {"user_id": "u1", "features": FEATURES},
         {"user_id": "u1", "features": FEATURES, "history": ["i3", "i1", "i4"]},
@@ -39,7 +50,7 @@ def test_history_is_pooled_as_the_torch_model_pools_it(index_root: Path, bundle_
         {"user_id": "nobody", "history": ["i2", "fresh-item", "i9"]},
         {"history": [f"i{j}" for j in range(80)]},  # longer than the model's history length: the newest count
     ]
-    want = model.embed_users(bodies)
+    want = rule.apply(model.embed_users(bodies), history_item_vectors(model, [b.get("history") for b in bodies], catalog, item_vecs))
     with serve(index_root) as c:
         for body, ref in zip(bodies, want, strict=True):
             got, _ = _vec(c, body)

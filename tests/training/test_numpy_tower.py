@@ -231,3 +231,24 @@ def test_history_pooling_by_hand() -> None:
     tower = UserTower.from_model(model)
     codes, unknown = tower.encode_history(["i1", "nope", "i2", "i3", "i4"])
     assert unknown == 1 and codes == tuple(model.item_encoder.ids.encode_one(i) for i in ["i2", "i3", "i4"])
+
+
+def test_history_fold_in_matches_its_formula() -> None:
+    """HistoryFoldIn (the service's and trainer evaluate's one rule) against the formula written
+    out: u' = normalize(u + b m/(m+c) normalize(sum_j r^(m-1-j) v_j)); no history: u unchanged."""
+    from training.numpy_tower import HistoryFoldIn
+
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(3, 8)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    hist = [rng.normal(size=(4, 8)).astype(np.float32), None, np.empty((0, 8), np.float32)]
+    b, c, r = 1.5, 2.0, 0.7
+    got = HistoryFoldIn(b, c, r).apply(users, hist)
+    w = r ** np.arange(3, -1, -1)
+    pooled = w @ hist[0].astype(np.float64)
+    want = users[0] + b * 4 / (4 + c) * pooled / np.linalg.norm(pooled)
+    np.testing.assert_allclose(got[0], want / np.linalg.norm(want), atol=1e-6)
+    np.testing.assert_array_equal(got[1:], users[1:])
+    assert got.dtype == np.float32
+    with pytest.raises(ValueError, match="2 histories for 3"):
+        HistoryFoldIn(b, c, r).apply(users, hist[:2])
