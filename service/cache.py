@@ -66,13 +66,20 @@ def features_digest(features: dict[str, object]) -> str:
     return hashlib.blake2b(canon.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def history_digest(history: Sequence[int] | None) -> str | None:
+def history_digest(history: Sequence[int] | None, vectors_version: str | None = None) -> str | None:
     """A hash of the history rows the tower *used* (`UserTower.encode_history`: unknown ids
     dropped, cut to the model's length), None without a history. Rows are the model version's
-    own item codes; the key holds that version too, so equal digests mean equal inputs."""
+    own item codes; the key holds that version too, so equal digests mean equal inputs.
+
+    `vectors_version`: the index version whose item vectors the history is folded in with
+    (`HistoryFoldIn`), hashed in too: an `indexer update` re-embeds changed items under the same
+    model version, so the same clicks can give another user vector in the next index version."""
     if history is None:
         return None
-    return hashlib.blake2b(np.asarray(history, dtype="<i8").tobytes(), digest_size=16).hexdigest()
+    h = hashlib.blake2b(np.asarray(history, dtype="<i8").tobytes(), digest_size=16)
+    if vectors_version is not None:
+        h.update(b"\0" + vectors_version.encode("utf-8"))
+    return h.hexdigest()
 
 
 def cache_key(

@@ -127,8 +127,10 @@ async def user_vectors(
     only ever reused with the model that computed it.
     """
     prefix, model_version, dim = settings.cache_prefix, version.model_version, version.dim
+    folded_with = version.index_version if version.tower.fold_in is not None else None  # fold_in_history's vectors
     keys = [
-        cache_key(prefix, model_version, r.user_id, features_digest(r.features), history_digest(r.history)) for r in records
+        cache_key(prefix, model_version, r.user_id, features_digest(r.features), history_digest(r.history, folded_with))
+        for r in records
     ]
     cached = await cache.get_many(keys, dim)
     flags = [v is not None for v in cached]

@@ -17,6 +17,7 @@ from service.cache import (
     decode_vector,
     encode_vector,
     features_digest,
+    history_digest,
 )
 from service.metrics import ServiceMetrics
 from service.redis_client import (
@@ -67,6 +68,15 @@ def test_cache_key_separates_model_versions_and_ids() -> None:
     }
     assert len(keys) == 5
     assert "m2" in cache_key("tt", "m2", "42", h)
+
+
+def test_history_digest_separates_histories_and_the_vectors_they_fold_in_with() -> None:
+    digests = [
+        history_digest(None), history_digest([]), history_digest([3, 5]), history_digest([5, 3]),
+        history_digest([3, 5], "v1"), history_digest([3, 5], "v2"),
+    ]
+    assert digests[0] is None and len(set(digests[1:])) == 5
+    assert history_digest([3, 5], "v1") == history_digest(np.array([3, 5]), "v1")
 
 
 def test_decode_vector_rejects_anything_but_a_unit_float32_vector() -> None:
