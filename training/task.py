@@ -52,7 +52,6 @@ from training.samplers import NegativeSampler, build_sampler
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
-LOG_TINY = -87.0  # e^-87 ≈ 1.6e-38: about the smallest normal float32
 NEG_INF = -1e9  # finite "minus infinity": keeps softmax gradients NaN-free when a row is all masked
 
 
@@ -165,10 +164,13 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         a, c, log_p, rows, cols = ctx.saved_tensors
-        # exp of a very negative float (a masked logit, or a subnormal result below e^-87) takes
-        # a slow path, up to 10x the whole pass on this CPU: floor at e^-87 (a normal float;
-        # the error is < 1.2e-38 per entry), then put the masked entries' exact zeros back
-        p = log_p.clamp(min=LOG_TINY).exp_()
+        # P = exp(log_p), computed as softmax(log_p) (the same P: each row of exp(log_p) already
+        # sums to 1). torch's fused softmax kernel is one vectorized pass and handles the very
+        # negative entries (masked logits, results below e^-87) without the slow scalar path
+        # that `exp` takes on them; the former `log_p.clamp(min=-87.0).exp_()` was two passes
+        # and, with the scalar clamp, ~20 % of a 1M-item step (torch.profiler, issue 19). The
+        # masked entries' exact zeros are put back after.
+        p = torch.softmax(log_p, 1)
         if len(rows):
             p.index_put_((rows, cols), torch.zeros((), dtype=p.dtype, device=p.device))
         p.diagonal().sub_(1.0)  # d(lse_i − logit_ii)/d logit_ij = P_ij − [i = j]
