@@ -35,7 +35,15 @@ and doubles as the test oracle; `FaissTopK` proposes candidates from a FAISS ind
   restricted to them through the same selector mechanism as a filter (`restrict`), so the
   filter guarantee carries over unchanged: exactly `min(k, |allowed ∩ live − excluded|)` items.
   The ANN strategy asks the base index for candidates among its live allowed rows (a bitmap
-  selector) and scans the allowed delta rows exactly; `finish` merges both by exact cosine.
+  selector) and the delta segment for its best allowed rows; `finish` merges both by exact
+  cosine. The delta's cost follows the base's (docs/bench/update_1m.md): a small delta (up to
+  `DELTA_EXACT_MAX_ROWS`) is scanned exactly; a larger one over an IVF base is searched through
+  an IVF-Flat over the delta rows built on the *base's* coarse quantizer (same centroids, same
+  nprobe: ~ delta/base of the base's cost, at the base's recall; an exact scan of a 5 % delta
+  cost 10x the base search). The delta is then approximate like the base, which the recall gate
+  of `indexer update` measures on the merged result. An unfiltered query excludes the
+  tombstones by over-fetching from the base without a selector and dropping them
+  (`TOMBSTONE_OVERFETCH_MAX_FRACTION`), redone with the selector if too many were dropped.
 
 Two entry points: `top_k(vecs, queries)` (a k and an exclusion set per query: the request path)
 and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queries: tools, tests).
@@ -80,6 +88,18 @@ HNSW_FILTER_EF_PER_K = 2.0
 FILTER_MAX_EF_SEARCH = 4096
 
 STRATEGIES = ("exact", "ann", "fallback")
+
+# A live catalog's delta segment (`DeltaTopK`): scanned exactly up to this many rows; above,
+# over an IVF base, searched through an IVF-Flat on the base's coarse quantizer. Measured at 1M
+# items, IVF2048 nprobe 6, d 64, one thread (docs/bench/update_1m.md, 2026-12-03): the exact scan
+# costs ~0.02 µs a row (10k rows ~0.2 ms, 50k ~0.9 ms), the delta IVF search ~0.03-0.05 ms at
+# any delta size (its coarse step is the base's: 2048 centroids), so they cross near 2k rows.
+DELTA_EXACT_MAX_ROWS = 2_000
+# Unfiltered queries over a delta catalog: with tombstones at most this share of the base, the
+# base is searched without a selector for fetch + margin rows (the tombstones expected among
+# them, twice, + 8) and the tombstoned ones dropped; if fewer than fetch live rows remain the
+# query is redone with the bitmap selector (never short). Above it: the selector directly.
+TOMBSTONE_OVERFETCH_MAX_FRACTION = 0.10
 
 
 class Allowed:
@@ -525,11 +545,26 @@ class DeltaTopK(TopK):
     at 1M items a copy cost 0.6-0.8 s per load and 256 MB per served version — and the base
     files stay untouched). A tombstoned row keeps its id in `item_ids` but is never returned: it
     is not in `live`, and `rows` (id -> row) maps each live id to its one live row.
+
+    The delta segment is searched like the base (`delta_index`, module docstring): above
+    `delta_exact_max_rows` rows over an IVF base, an IVF-Flat over the delta rows on the base's
+    coarse quantizer, built here (at load: ~0.01 s per 1,000 rows, off the request path);
+    otherwise (a small delta, a Flat or HNSW base) an exact scan. `tombstone_overfetch` (per
+    instance: the benchmark compares both) chooses how an unfiltered query leaves tombstones out.
     """
 
     selector_search = True
+    tombstone_overfetch = True
 
-    def __init__(self, base: FaissTopK, delta_embeddings: np.ndarray, delta_ids: Sequence[str], tombstones: np.ndarray) -> None:
+    def __init__(
+        self,
+        base: FaissTopK,
+        delta_embeddings: np.ndarray,
+        delta_ids: Sequence[str],
+        tombstones: np.ndarray,
+        *,
+        delta_exact_max_rows: int | None = None,
+    ) -> None:
         nb = base.count
         tomb = np.asarray(tombstones)
         if tomb.dtype != np.bool_ or tomb.shape != (nb,):
@@ -563,6 +598,9 @@ class DeltaTopK(TopK):
             raise ValueError(f"{len(rows)} live ids for {live.count} live rows: delta item ids must be unique")
         live.within = live  # type: ignore[attr-defined]
         self.live = live
+        self.delta_exact_max_rows = DELTA_EXACT_MAX_ROWS if delta_exact_max_rows is None else int(delta_exact_max_rows)
+        self.delta_index = _delta_ivf(base, self.delta_embeddings) if self.delta_count > self.delta_exact_max_rows else None
+        self.delta_nprobe = base.ivf_nprobe or 1
 
     @property
     def live_count(self) -> int:
@@ -618,17 +656,73 @@ class DeltaTopK(TopK):
 
     def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
         """The base index's candidates among its allowed live rows (a bitmap selector, as for a
-        filter) and the best allowed delta rows by an exact scan; `finish` merges them."""
+        filter; an unfiltered query over-fetches instead, `_base_live_candidates`) and the best
+        allowed delta rows (`_delta_candidates`); `finish` merges them."""
         base_part, delta_rows = self._split(allowed)
         parts = []
         if base_part.count:
-            rows = self.base.allowed_candidates(vec, min(fetch, base_part.count), base_part)
+            base_fetch = min(fetch, base_part.count)
+            rows = self._base_live_candidates(vec, base_fetch) if allowed is self.live else None
+            if rows is None:
+                rows = self.base.allowed_candidates(vec, base_fetch, base_part)
             parts.append(rows[rows >= 0])
         if len(delta_rows):
-            parts.append(self._scan_delta(vec, fetch, delta_rows))
+            parts.append(self._delta_candidates(vec, fetch, delta_rows, allowed))
         if not parts:
             return np.zeros(0, dtype=np.int64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _base_live_candidates(self, vec: np.ndarray, fetch: int) -> np.ndarray | None:
+        """At least `fetch` live base rows from one unfiltered base search (no selector): the
+        base is asked for `fetch` + twice the tombstones expected among them + 8, and the
+        tombstoned rows dropped. None when that path does not apply (over-fetching disabled, too
+        many tombstones, a fetch that large) or came back with fewer than `fetch` live rows: the
+        caller then searches with the bitmap selector, so a result is never short.
+
+        A FAISS selector is checked for every vector scanned (IVF: every row of every probed
+        list) and the bitmap's 1/selectivity raises nprobe (6 -> 7 at 1-5 % tombstones); a few
+        extra rows of one plain search cost less (docs/bench/update_1m.md)."""
+        nb, dead = self.base_count, self.tombstone_count
+        if not self.tombstone_overfetch or dead > TOMBSTONE_OVERFETCH_MAX_FRACTION * nb:
+            return None
+        ask = min(nb, fetch + (8 + 2 * math.ceil(fetch * dead / nb) if dead else 0))
+        if self.base.needs_exact(ask):
+            return None
+        rows = self.base.candidates(vec[None, :], ask)[0]
+        rows = rows[rows >= 0]
+        if dead:
+            rows = rows[self.live.mask[rows]]
+        return rows if len(rows) >= fetch else None
+
+    def _delta_candidates(self, vec: np.ndarray, fetch: int, rows: np.ndarray, allowed: Allowed) -> np.ndarray:
+        """The best `fetch` of the allowed delta `rows`: from the delta IVF (all delta rows
+        allowed, or a bitmap selector over them with nprobe raised by 1 / their share, as for a
+        base filter), else — no delta index, few allowed rows, or an IVF answer short of
+        min(fetch, allowed) (a large k) — by the exact scan."""
+        index = self.delta_index
+        if index is None or len(rows) <= self.delta_exact_max_rows:
+            return self._scan_delta(vec, fetch, rows)
+        want = min(fetch, len(rows))
+        nd = self.delta_count
+        if len(rows) == nd:
+            params = faiss.SearchParametersIVF(nprobe=self.delta_nprobe)
+            bitmap = None
+        else:
+            bitmap = allowed.__dict__.get("_delta_bitmap")
+            if bitmap is None:
+                mask = np.zeros(nd, dtype=bool)
+                mask[rows - self.base_count] = True
+                bitmap = np.packbits(mask, bitorder="little")
+                allowed.__dict__["_delta_bitmap"] = bitmap
+            sel = faiss.IDSelectorBitmap(nd, faiss.swig_ptr(bitmap))
+            nprobe = min(int(index.nlist), math.ceil(self.delta_nprobe * nd / len(rows)))
+            params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+        _, found = index.search(vec[None, :], want, params=params)
+        del bitmap  # kept alive through the search: the selector points into it
+        found = found[0]
+        if (found < 0).any():
+            return self._scan_delta(vec, fetch, rows)
+        return found + self.base_count
 
     def _scan_delta(self, vec: np.ndarray, fetch: int, rows: np.ndarray) -> np.ndarray:
         """The `fetch` best of the delta `rows` (plus ties) by exact score; the whole delta
@@ -641,6 +735,33 @@ class DeltaTopK(TopK):
             return rows
         kth = np.partition(scores, len(rows) - fetch)[len(rows) - fetch]
         return rows[scores >= kth]
+
+
+def _delta_ivf(base: FaissTopK, delta: np.ndarray) -> faiss.IndexIVFFlat | None:
+    """An IVF-Flat over the `delta` rows (ids 0..nd-1) sharing the coarse quantizer of the base's
+    IVF (plain or behind a refinement; None for any other base: Flat, HNSW, a pre-transform).
+
+    The same centroids put a delta row in the list its neighbours in the base occupy, so one
+    nprobe serves both segments with the base's recall, and the delta search costs its share of
+    the lists. The lists are assigned by one BLAS product with the centroids (exact argmax,
+    blocks of 8,192 rows) and filled through `add_core`: FAISS's own `add` runs the quantizer row
+    by row below its BLAS threshold (128,000 queries in this build)."""
+    outer = faiss.downcast_index(base.index)
+    inner = faiss.downcast_index(outer.base_index) if isinstance(outer, faiss.IndexRefine) else outer
+    if not isinstance(inner, faiss.IndexIVF) or inner.metric_type != faiss.METRIC_INNER_PRODUCT or inner.d != delta.shape[1]:
+        return None
+    quantizer = inner.quantizer
+    nlist = int(inner.nlist)
+    centroids = quantizer.reconstruct_n(0, nlist)
+    assign = np.concatenate([
+        np.argmax(delta[s : s + 8192] @ centroids.T, axis=1) for s in range(0, len(delta), 8192)
+    ]).astype(np.int64) if len(delta) else np.zeros(0, dtype=np.int64)
+    index = faiss.IndexIVFFlat(quantizer, int(inner.d), nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference to quantizer
+    index.nprobe = int(inner.nprobe)
+    x = np.ascontiguousarray(delta, dtype=np.float32)
+    index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
+    index.referenced_objects.append(base.index)  # the quantizer's owner lives as long as this index
+    return index
 
 
 class _DeltaIds(Sequence[str]):
