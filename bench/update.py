@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import json
 import logging
 import os
@@ -158,13 +159,13 @@ def freshness(root: Path, base: pd.DataFrame, log) -> dict:  # noqa: ANN001
     return res
 
 
-def topk_latency(version, queries: np.ndarray) -> dict:  # noqa: ANN001
+def topk_latency(topk, queries: np.ndarray) -> dict:  # noqa: ANN001
     from indexer.topk import Query
 
     times = []
     for i in range(len(queries)):
         t = time.perf_counter()
-        version.topk.top_k(queries[i : i + 1], [Query(K)])
+        topk.top_k(queries[i : i + 1], [Query(K)])
         times.append(time.perf_counter() - t)
     t = np.array(times) * 1e3
     return {"p50_ms": round(float(np.percentile(t, 50)), 3), "p99_ms": round(float(np.percentile(t, 99)), 3),
@@ -173,7 +174,7 @@ def topk_latency(version, queries: np.ndarray) -> dict:  # noqa: ANN001
 
 def delta_cost(root: Path, base: pd.DataFrame, n_queries: int, log) -> list[dict]:  # noqa: ANN001
     from indexer import faiss_index as fi
-    from indexer.topk import recall_against_exact
+    from indexer.topk import DeltaTopK, recall_against_exact
     from indexer.version import load_version
     from training.numpy_tower import UserRecord
 
@@ -188,15 +189,39 @@ def delta_cost(root: Path, base: pd.DataFrame, n_queries: int, log) -> list[dict
         versions[share] = load_version(root / "index" / "current")
     rng = np.random.default_rng(0)
     q = versions[0.0].tower.embed([UserRecord(f"u{int(i)}", {}) for i in rng.choice(5_000, n_queries, replace=False)])
-    for _ in range(2):  # interleaved rounds: the machine is shared
-        for share, v in versions.items():
-            r = {"delta": share, "round": _, **topk_latency(v, q)}
-            rows.append(r)
-            log(f"delta {share:.0%}: {r}")
+    # the served search (`default`: the delta IVF above DELTA_EXACT_MAX_ROWS, tombstones by
+    # over-fetch) next to the other three combinations over the same delta, the first of which
+    # (`exact+selector`) is the search before the delta index (2026-12-02)
+    topks: dict[tuple[float, str], object] = {}
+    builds: dict[float, float] = {}
     for share, v in versions.items():
-        rec = recall_against_exact(v.topk, q[:100], K)
-        rows.append({"delta": share, "recall@20_vs_exact": round(rec, 4), "live": v.count,
+        topks[(share, "default")] = v.topk
+        if not isinstance(v.topk, DeltaTopK):
+            continue
+        t = v.topk
+        args = (t.base, t.delta_embeddings, t.item_ids.delta, ~t.live.mask[: t.base_count])
+        t0 = time.perf_counter()
+        ivf = DeltaTopK(*args, delta_exact_max_rows=0)
+        builds[share] = round(time.perf_counter() - t0, 3)
+        exact = DeltaTopK(*args, delta_exact_max_rows=1 << 62)
+        for name, topk, over in (("exact+selector", exact, False), ("exact+overfetch", exact, True),
+                                 ("ivf+selector", ivf, False), ("ivf+overfetch", ivf, True)):
+            clone = copy.copy(topk)
+            clone.tombstone_overfetch = over
+            topks[(share, name)] = clone
+    for rnd in range(2):  # interleaved rounds: the machine is shared
+        for (share, name), topk in topks.items():
+            r = {"delta": share, "variant": name, "round": rnd, **topk_latency(topk, q)}
+            rows.append(r)
+            log(f"delta {share:.0%} {name}: {r}")
+    for (share, name), topk in topks.items():
+        rec = recall_against_exact(topk, q[:200], K)
+        v = versions[share]
+        rows.append({"delta": share, "variant": name, "recall@20_vs_exact": round(rec, 4), "live": v.count,
                      "delta_rows": (v.manifest.get("delta") or {}).get("delta_rows", 0)})
+    for share, s in builds.items():
+        rows.append({"delta": share, "delta_index_build_s": s})
+    del topks
     names = {share: v.index_version for share, v in versions.items()}
     del versions
     try:
@@ -290,9 +315,11 @@ def under_updates(root: Path, base: pd.DataFrame, load_s: float, log) -> dict:  
 
 def render(report: dict) -> str:
     f, d, u = report["freshness"], report["delta_cost"], report["under_updates"]
-    lat = [r for r in d if "p99_ms" in r and not r.get("http")]
+    every = [r for r in d if "p99_ms" in r and not r.get("http")]
+    lat = [r for r in every if r.get("variant", "default") == "default"]
     http = [r for r in d if r.get("http")]
     rec = [r for r in d if "recall@20_vs_exact" in r]
+    builds = {r["delta"]: r["delta_index_build_s"] for r in d if "delta_index_build_s" in r}
     no_delta = np.mean([r["p99_ms"] for r in lat if r["delta"] == 0.0])
 
     def ratio(rows: list[dict]) -> str:
@@ -327,9 +354,19 @@ def render(report: dict) -> str:
         "|---:|---:|---:|---:|---:|",
         *[f"| {r['delta']:.0%} | {r['round']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_ms']} |" for r in lat],
         "",
-        *[f"- delta {r['delta']:.0%}: recall@20 vs exact {r['recall@20_vs_exact']} ({r['live']} live items, "
-          f"{r['delta_rows']} delta rows)" for r in rec],
         f"- in process: 5 % delta p99 / no-delta p99 = **{ratio(lat)}** (no-delta p99 {no_delta:.3f} ms)",
+        "",
+        "Every way of searching the same deltas (same process, same queries, interleaved with the table "
+        "above; `exact+selector` is the search before the delta index; `default` is what is served):",
+        "",
+        "| delta | variant | round | p50 ms | p99 ms | mean ms |",
+        "|---:|---|---:|---:|---:|---:|",
+        *[f"| {r['delta']:.0%} | {r.get('variant', 'default')} | {r['round']} | {r['p50_ms']} | {r['p99_ms']} | "
+          f"{r['mean_ms']} |" for r in sorted(every, key=lambda r: (r['delta'], r.get('variant', ''), r['round']))],
+        "",
+        *[f"- delta {r['delta']:.0%} {r.get('variant', 'default')}: recall@20 vs exact {r['recall@20_vs_exact']} "
+          f"({r['live']} live items, {r['delta_rows']} delta rows)" for r in rec],
+        *[f"- delta {share:.0%}: building the delta IVF (at load) took {s} s" for share, s in builds.items()],
         "",
         "Over HTTP (the in-process app, `/retrieve` k=20, cache misses, one client, 2 interleaved rounds):",
         "",
