@@ -601,6 +601,10 @@ class DeltaTopK(TopK):
         self.delta_exact_max_rows = DELTA_EXACT_MAX_ROWS if delta_exact_max_rows is None else int(delta_exact_max_rows)
         self.delta_index = _delta_ivf(base, self.delta_embeddings) if self.delta_count > self.delta_exact_max_rows else None
         self.delta_nprobe = base.ivf_nprobe or 1
+        # a plain IVF base (no refinement, no transform) shares its coarse step with the delta IVF
+        outer = faiss.downcast_index(base.index)
+        self._plain_ivf = outer if self.delta_index is not None and isinstance(outer, faiss.IndexIVF) else None
+        self._coarse = outer.quantizer if self._plain_ivf is not None else None
 
     @property
     def live_count(self) -> int:
@@ -658,13 +662,14 @@ class DeltaTopK(TopK):
         """The base index's candidates among its allowed live rows (a bitmap selector, as for a
         filter; an unfiltered query over-fetches instead, `_base_live_candidates`) and the best
         allowed delta rows (`_delta_candidates`); `finish` merges them."""
+        if allowed is self.live:
+            rows = self._live_candidates(vec, fetch)
+            if rows is not None:
+                return rows
         base_part, delta_rows = self._split(allowed)
         parts = []
         if base_part.count:
-            base_fetch = min(fetch, base_part.count)
-            rows = self._base_live_candidates(vec, base_fetch) if allowed is self.live else None
-            if rows is None:
-                rows = self.base.allowed_candidates(vec, base_fetch, base_part)
+            rows = self.base.allowed_candidates(vec, min(fetch, base_part.count), base_part)
             parts.append(rows[rows >= 0])
         if len(delta_rows):
             parts.append(self._delta_candidates(vec, fetch, delta_rows, allowed))
@@ -672,27 +677,47 @@ class DeltaTopK(TopK):
             return np.zeros(0, dtype=np.int64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _base_live_candidates(self, vec: np.ndarray, fetch: int) -> np.ndarray | None:
-        """At least `fetch` live base rows from one unfiltered base search (no selector): the
-        base is asked for `fetch` + twice the tombstones expected among them + 8, and the
-        tombstoned rows dropped. None when that path does not apply (over-fetching disabled, too
-        many tombstones, a fetch that large) or came back with fewer than `fetch` live rows: the
-        caller then searches with the bitmap selector, so a result is never short.
+    def _live_candidates(self, vec: np.ndarray, fetch: int) -> np.ndarray | None:
+        """An unfiltered query's candidates without a selector: the base is asked for
+        min(fetch, live base rows) + twice the tombstones expected among them + 8, the
+        tombstoned rows are dropped, and the delta's best `fetch` are added. Over a plain IVF
+        base with a delta IVF both segments are searched with one coarse quantization (the same
+        centroids: `search_preassigned` on the lists the base probes). None when this does not
+        apply (over-fetching disabled, tombstones over TOMBSTONE_OVERFETCH_MAX_FRACTION of the
+        base, a fetch that large) or it found fewer live base rows than asked: the caller then
+        searches with the bitmap selector, so a result is never short.
 
         A FAISS selector is checked for every vector scanned (IVF: every row of every probed
-        list) and the bitmap's 1/selectivity raises nprobe (6 -> 7 at 1-5 % tombstones); a few
-        extra rows of one plain search cost less (docs/bench/update_1m.md)."""
+        list) and its 1/selectivity raises nprobe (4 -> 5 at 1-5 % tombstones); a few extra rows
+        of one plain search cost less (docs/bench/update_1m.md)."""
         nb, dead = self.base_count, self.tombstone_count
-        if not self.tombstone_overfetch or dead > TOMBSTONE_OVERFETCH_MAX_FRACTION * nb:
+        if not self.tombstone_overfetch or dead > TOMBSTONE_OVERFETCH_MAX_FRACTION * nb or nb == dead:
             return None
-        ask = min(nb, fetch + (8 + 2 * math.ceil(fetch * dead / nb) if dead else 0))
+        base_fetch = min(fetch, nb - dead)
+        ask = min(nb, base_fetch + (8 + 2 * math.ceil(base_fetch * dead / nb) if dead else 0))
         if self.base.needs_exact(ask):
             return None
-        rows = self.base.candidates(vec[None, :], ask)[0]
+        x = vec[None, :]
+        ivf, delta = self._plain_ivf, None
+        if ivf is not None:
+            dq, iq = self._coarse.search(x, int(ivf.nprobe))
+            rows = ivf.search_preassigned(x, ask, iq, dq)[1][0]
+        else:
+            rows = self.base.candidates(x, ask)[0]
         rows = rows[rows >= 0]
         if dead:
             rows = rows[self.live.mask[rows]]
-        return rows if len(rows) >= fetch else None
+        if len(rows) < base_fetch:
+            return None
+        if not self.delta_count:
+            return rows
+        if ivf is not None:
+            found = self.delta_index.search_preassigned(x, min(fetch, self.delta_count), iq, dq)[1][0]
+            if not (found < 0).any():
+                delta = found + nb
+        if delta is None:
+            delta = self._delta_candidates(vec, fetch, self._split(self.live)[1], self.live)
+        return np.concatenate([rows, delta])
 
     def _delta_candidates(self, vec: np.ndarray, fetch: int, rows: np.ndarray, allowed: Allowed) -> np.ndarray:
         """The best `fetch` of the allowed delta `rows`: from the delta IVF (all delta rows
@@ -705,8 +730,7 @@ class DeltaTopK(TopK):
         want = min(fetch, len(rows))
         nd = self.delta_count
         if len(rows) == nd:
-            params = faiss.SearchParametersIVF(nprobe=self.delta_nprobe)
-            bitmap = None
+            params = bitmap = None  # the index's own nprobe: the base's
         else:
             bitmap = allowed.__dict__.get("_delta_bitmap")
             if bitmap is None:
