@@ -196,6 +196,21 @@ def is_refined(index: faiss.Index) -> bool:
     return refine_of(index) is not None
 
 
+def rescore_fetch(index: faiss.Index, k: int) -> int:
+    """How many candidates to ask of `index` for an answer of `k` that is re-scored exactly.
+
+    k, except for a refine index with lossy codes (`Refine(SQ8)`, `Refine(SQ4)`): its own order
+    near the cut-off is off by its quantization error, so ceil(k × LOSSY_REFINE_OVERFETCH).
+    The caller caps the result at the catalog size."""
+    refine = refine_of(index)
+    if refine is None:
+        return k
+    codes = faiss.downcast_index(refine.refine_index)
+    if isinstance(codes, faiss.IndexScalarQuantizer) and codes.sq.qtype != faiss.ScalarQuantizer.QT_fp16:
+        return math.ceil(k * LOSSY_REFINE_OVERFETCH)
+    return k
+
+
 def _inner(index: faiss.Index) -> faiss.Index:
     """The index that holds the knobs (HNSW / IVF / Flat) behind any IndexPreTransform and
     IndexRefine wrappers (a refined index's base), downcast."""
@@ -290,20 +305,28 @@ class IndexSpec:
 # ~ 2 sqrt(n) keeps ~500 vectors per list.
 AUTO_FLAT_MAX = 50_000
 AUTO_NLIST_MIN, AUTO_NLIST_MAX = 256, 8192
-# Above this many items `auto` builds IVF-PQ re-ranked with fp16 codes instead of IVF-Flat, for
-# memory (docs/bench/bigindex.md, 64-d, tuned for recall@100 >= 0.95). At 1M items:
-# IVF2048,Flat passes at nprobe 6 (0.13 ms p50, 264 bytes an item); PQ32 + Refine(SQfp16) passes
-# at the same nprobe with k_factor 2 (0.36 ms, 168 bytes: 36 % less); PQ32 + RFlat passes too but
-# holds more than IVF-Flat (296 bytes); PQ32 + Refine(SQ8) (104 bytes) needs nprobe 192 at 1M and
-# never passes at 3M (0.930 probing every list: SQ8's error reorders the cut-off). So IVF-Flat,
-# the fastest, stays while its memory is affordable: a 2 GB serving worker (issue 20) holds its
-# 264 bytes + ~65 bytes of Python item ids + a ~300 MB process up to ~5M items. Above, the
-# fp16-refined index is the smallest that passed the gate cheaply (measured at 1M only; the
-# rebuild's recall gate still guards every build). Memory-mapping the index
-# (`read_index(mmap=True)`) makes any type's per-worker cost near zero, see docs/scale.md.
+# Above this many items `auto` builds IVF-PQ re-ranked with one-byte scalar codes instead of
+# IVF-Flat, for memory (docs/bench/bigindex.md, docs/bench/memory.md; 64-d, tuned for recall@100
+# >= 0.95). At 1M items: IVF2048,Flat passes at nprobe 6 (0.13 ms p50, 264 bytes an item);
+# PQ32 + Refine(SQfp16) passes at the same nprobe with k_factor 2 (0.36 ms, 168 bytes); PQ32 +
+# Refine(SQ8) (104 bytes) passes at the same nprobe too once its candidates are over-fetched
+# (`LOSSY_REFINE_OVERFETCH`, below: alone it needs nprobe 192 at 1M and fails at 3M, because
+# SQ8's error reorders the cut-off); PQ32 + RFlat holds more than IVF-Flat (296 bytes). So
+# IVF-Flat, the fastest, stays while its memory is affordable: a 2 GB serving worker (issue 20)
+# holds its 264 bytes + the id column up to ~5M items. Above, the SQ8-refined index: at 10M
+# items its 1.0 GB of codes + the id column fit a worker in 2 GB where the fp16-refined 1.6 GB
+# did not (docs/bench/memory.md). Memory-mapping the index (`read_index(mmap=True)`) shares
+# its pages between the workers of a machine, see docs/scale.md.
 AUTO_REFINE_MIN: int | None = 5_000_000
 AUTO_REFINE_DIMS_PER_CODE = 2  # PQ sub-quantizers of 2 dimensions, 8 bits each: d/2 bytes a vector
-AUTO_REFINE = "Refine(SQfp16)"
+AUTO_REFINE = "Refine(SQ8)"
+# A refine index with lossy codes (SQ8, SQ4) orders its candidates by approximate scores, so
+# items within its quantization error of the k-th score fall on the wrong side of the cut-off.
+# Serving re-scores every candidate exactly (indexer.topk), so it asks such an index for this
+# many times k candidates and cuts after the exact re-score. Measured (1M items, d=64,
+# IVF2048,PQ32x8,Refine(SQ8), nprobe 6, k_factor 2, 300 queries, candidates re-scored exactly):
+# recall@100 0.929 with 1.0 k, 0.965 with 1.5 k, 0.966 with 2 k (IVF2048,SQfp16: 0.966).
+LOSSY_REFINE_OVERFETCH = 1.5
 
 
 def auto_nlist(n_items: int) -> int:
@@ -578,7 +601,8 @@ def measure_recall(
     *,
     truth: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
-    """recall@k of `index` against exact search over `vectors` (the rows the index holds).
+    """recall@k of `index` against exact search over `vectors` (the rows the index holds), as
+    serving sees it: the index's `rescore_fetch(index, k)` candidates, re-scored exactly.
 
     A returned row counts as a hit when its true score reaches the k-th exact score (within
     float tolerance), so ties at the cut-off (identical item vectors, e.g. fresh items with the
@@ -594,7 +618,7 @@ def measure_recall(
         raise ValueError("need at least one query to measure recall")
     ex_scores, _ = truth if truth is not None else exact_search(x, q, k)
     kk = ex_scores.shape[1]
-    _, rows = search(index, q, kk)
+    _, rows = search(index, q, rescore_fetch(index, kk))
     hits = 0
     for i in range(len(q)):
         r = rows[i][rows[i] >= 0]
@@ -717,6 +741,7 @@ __all__ = [
     "search",
     "set_num_threads",
     "train_index",
+    "rescore_fetch",
     "tune_search_params",
     "validate_search_params",
     "write_index",

@@ -10,7 +10,9 @@ proposes candidate rows:
 * **exact scores**: the candidates are re-scored against their catalog rows (each score in
   float64 on its own, then rounded to float32: a score is a function of (query, item) only,
   never of which other rows were fetched), and ordered by score, ties by catalog row — so the
-  ANN only chooses candidates and a quantized index still returns true cosines;
+  ANN only chooses candidates and a quantized index still returns true cosines (a refine index
+  with lossy codes is asked for more candidates than k, `faiss_index.rescore_fetch`; a large
+  version's rows are read with pread rather than mapped, `FileRows`);
 * **never short**: an approximate backend can come back short (HNSW pads with -1 when its
   candidate list runs dry, an IVF whose probed lists are nearly empty); the query is then
   answered by the exact scan, so a result never has fewer items than promised, a -1 row or a
@@ -52,6 +54,7 @@ and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queri
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -64,8 +67,8 @@ from indexer.faiss_index import as_matrix
 from indexer.itemids import ItemIds
 
 __all__ = [
-    "EXACT_FETCH_FRACTION", "STRATEGIES", "Allowed", "BruteForceTopK", "DeltaTopK", "FaissTopK", "Query", "SegmentedRows",
-    "TopK", "exact_live_top_k", "exact_scores", "recall_against_exact",
+    "EXACT_FETCH_FRACTION", "PREAD_MIN_BYTES", "STRATEGIES", "Allowed", "BruteForceTopK", "DeltaTopK", "FaissTopK", "FileRows", "Query", "SegmentedRows",
+    "TopK", "exact_live_top_k", "exact_scores", "recall_against_exact", "rescore_rows",
 ]
 
 # Fetching more than this fraction of the catalog: an exact scan is as cheap and exact.
@@ -186,6 +189,61 @@ def exact_scores(embeddings: np.ndarray, rows: np.ndarray, vec: np.ndarray) -> n
     return np.einsum("ij,j->i", block, vec.astype(np.float64)).astype(np.float32)
 
 
+# Above this size a version's embeddings.npy is read row by row for the exact re-scoring
+# (`FileRows`) instead of through its memory map; see there. 1 GiB: ~4M items of d=64.
+PREAD_MIN_BYTES = 1 << 30
+
+
+class FileRows:
+    """The rows of a memory-mapped .npy matrix read with one `pread` each, never mapped.
+
+    Every answer re-scores its candidates from their float32 catalog rows. Read through the
+    memory map, each row a worker ever touched stays mapped in its RSS, with its neighbours: a
+    fault maps a whole 64 KiB window of cached pages (256 rows of d=64), so after some thousand
+    requests at 10M items a worker maps the whole 2.4 GB embeddings.npy (docs/bench/memory.md).
+    `pread` goes through the same page cache — one copy for every worker of the machine, which
+    the kernel may evict — and maps nothing, so the worker's RSS holds only the index and the
+    id column. The cost, measured on this machine (random rows of a cached 1M x 64 file): 20
+    rows 26 µs p50, 100 rows 115 µs (the memory map's `take`: 3 and 6 µs), hence only for large
+    files (`PREAD_MIN_BYTES`). Supports what `exact_scores` needs: `take(rows, axis=0)`.
+    """
+
+    def __init__(self, matrix: np.memmap) -> None:
+        if matrix.ndim != 2 or matrix.dtype != np.float32 or not matrix.flags.c_contiguous or matrix.filename is None:
+            raise ValueError(f"FileRows reads a C-ordered float32 (n, d) memory-mapped .npy, got {matrix.dtype} {matrix.shape}")
+        self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        self.ndim, self.dtype = 2, np.dtype(np.float32)
+        self.row_bytes = 4 * self.shape[1]
+        self.offset = int(matrix.offset)
+        self.path = str(matrix.filename)
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - lives as long as the version
+        self._fd = self._file.fileno()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray, axis: int = 0) -> np.ndarray:
+        """float32 (len(rows), d): the rows by number, read from the file."""
+        if axis != 0:
+            raise ValueError("FileRows takes rows (axis=0) only")
+        flat = np.asarray(rows).ravel().tolist()
+        if flat and (min(flat) < 0 or max(flat) >= self.shape[0]):
+            raise IndexError(f"rows {min(flat)}..{max(flat)} outside the {self.shape[0]} rows of {self.path}")
+        rb, off, fd, pread = self.row_bytes, self.offset, self._fd, os.pread
+        buf = b"".join([pread(fd, rb, off + r * rb) for r in flat])
+        if len(buf) != rb * len(flat):
+            raise OSError(f"{self.path}: short read of {len(flat)} rows ({len(buf)} of {rb * len(flat)} bytes)")
+        return np.frombuffer(buf, dtype=np.float32).reshape(*np.shape(rows), self.shape[1])
+
+
+def rescore_rows(embeddings: np.ndarray) -> np.ndarray | FileRows:
+    """Where `TopK.finish` reads candidate rows: `FileRows` over a memory-mapped embeddings file
+    of at least PREAD_MIN_BYTES, else the matrix itself."""
+    if isinstance(embeddings, np.memmap) and embeddings.nbytes >= PREAD_MIN_BYTES and embeddings.filename is not None:
+        return FileRows(embeddings)
+    return embeddings
+
+
 class TopK:
     """Exclusions, exact re-scoring, ordering and the never-short guarantee over one catalog.
 
@@ -215,12 +273,20 @@ class TopK:
         # a plain ndarray over the same (possibly memory-mapped) pages: np.memmap's Python-level
         # __getitem__ costs ~5 µs per indexing on the request path
         self.embeddings = embeddings.view(np.ndarray)
+        self.rescore_rows = rescore_rows(embeddings)
         self.count = len(item_ids)
         self.dim = int(embeddings.shape[1])
         self.exact_ok = self.count <= exact_fallback_max_items
 
     def __len__(self) -> int:
         return self.count
+
+    def vectors(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """float32 (len(rows), d): catalog rows by number, read the way re-scoring reads them
+        (`rescore_rows`: pread for a large version), so a check or a `/similar` lookup does not
+        map pages into the worker's RSS either (at 10M items the load-time smoke test alone
+        mapped 560 MiB of embeddings.npy through the memory map, docs/bench/memory.md)."""
+        return np.asarray(self.rescore_rows.take(np.asarray(rows, dtype=np.int64), axis=0), dtype=np.float32)
 
     @property
     def live_count(self) -> int:
@@ -366,7 +432,7 @@ class TopK:
             rows = rows[rows >= 0]
             if len(rows) == 0:
                 return []
-        scores = exact_scores(self.embeddings, rows, vec)
+        scores = exact_scores(self.rescore_rows, rows, vec)
         order = np.lexsort((rows, -scores))
         ranked = rows[order]
         if (ranked[1:] == ranked[:-1]).any():
@@ -442,11 +508,17 @@ class FaissTopK(TopK):
         ivf = faiss.try_extract_index_ivf(index)
         self.ivf_nlist = int(ivf.nlist) if ivf is not None else None
 
+    def overfetch(self, fetch: int) -> int:
+        """The candidates to ask of the index for `fetch` exactly re-scored ones (more for a
+        refine index with lossy codes: `faiss_index.rescore_fetch`), capped at the catalog."""
+        return min(fi.rescore_fetch(self.index, fetch), self.count)
+
     def candidates(self, vecs: np.ndarray, fetch: int) -> np.ndarray:
         # Per-call parameters only where the index's own knobs do not do: a refined index (its
         # parameters nest the base's), or HNSW asked for more than efSearch (it would return
         # fewer than k results, padded with -1). Building them costs ~22 µs, a tenth of a
         # miss's tower + search time, so the common case passes none.
+        fetch = self.overfetch(fetch)
         params = None
         if self.refined or (self.hnsw_ef_search is not None and fetch > self.hnsw_ef_search):
             params = fi.search_parameters(self.index, fetch)
@@ -470,6 +542,7 @@ class FaissTopK(TopK):
         return fi.search_parameters(self.index, fetch, sel=sel), sel
 
     def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
+        fetch = min(self.overfetch(fetch), allowed.count)
         params, sel = self.selector_params(fetch, allowed)
         bitmap = allowed.bitmap  # noqa: F841 - the selector points into it
         _, rows = self.index.search(np.ascontiguousarray(vec[None, :], dtype=np.float32), fetch, params=params)
@@ -583,6 +656,10 @@ class DeltaTopK(TopK):
         self.rows = rows
         self.delta_embeddings = np.ascontiguousarray(delta)
         self.embeddings = SegmentedRows(base.embeddings, self.delta_embeddings)  # type: ignore[assignment]
+        # the base's rows re-scored the way the base re-scores them (`rescore_rows`), then the delta's
+        self.rescore_rows = (
+            SegmentedRows(base.rescore_rows, self.delta_embeddings) if isinstance(base.rescore_rows, FileRows) else self.embeddings
+        )
         self.item_ids = _DeltaIds(base.item_ids, [str(i) for i in delta_ids])
         self.count = nb + len(delta)
         self.dim = base.dim

@@ -683,7 +683,7 @@ def _smoke_test(version: ServedVersion) -> None:
     found = rows0[valid]
     if (found >= n_index).any() or len(np.unique(found)) != len(found):
         raise IndexVersionError(f"{name}: the index returns rows that are not catalog rows: {found.tolist()}")
-    exact_rows = np.asarray(version.embeddings[found], dtype=np.float32)
+    exact_rows = version.topk.vectors(found)
     exact = exact_rows @ q[0]
     error = np.zeros(len(found), dtype=np.float32)
     if stored is not None:
@@ -707,12 +707,12 @@ def _check_rows_align(version: ServedVersion) -> None:
     """
     n = version.index.ntotal
     sample = np.unique(np.linspace(0, n - 1, min(ALIGNMENT_SAMPLE, n)).astype(np.int64))
-    queries = np.ascontiguousarray(version.embeddings[sample], dtype=np.float32)
+    queries = np.ascontiguousarray(version.topk.vectors(sample))
     _, rows = version.index.search(queries, min(10, n))
     hits = 0
     for query, found in zip(queries, rows, strict=True):
         found = found[(found >= 0) & (found < n)]
-        if len(found) and float((np.asarray(version.embeddings[found]) @ query).max()) >= 1.0 - SCORE_CHECK_TOL:
+        if len(found) and float((version.topk.vectors(found) @ query).max()) >= 1.0 - SCORE_CHECK_TOL:
             hits += 1
     if hits < ALIGNMENT_MIN_HITS * len(sample):
         raise IndexVersionError(

@@ -245,7 +245,7 @@ async def similar(
     if row is None:
         raise UnknownItemError(body.item_id, version.index_version)
     allowed = allowed_rows(version, body.filter)
-    vec = np.array(version.embeddings[row], dtype=np.float32)[None, :]
+    vec = version.topk.vectors([row])
     query = Query(body.k, frozenset((*body.exclude_item_ids, body.item_id)), allowed)
     (items,) = await search(version, vec, [query], metrics)
     _note(version, [False])

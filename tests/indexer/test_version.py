@@ -109,3 +109,39 @@ def test_a_column_that_disagrees_with_item_ids_is_refused(tmp_path, tiny_bundle_
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(IndexVersionError, match="rows.npy is not a permutation"):
         load_version(path)
+
+
+def _mapped_kib(path: Path) -> int:
+    """This process's resident KiB of the mappings of `path` (/proc/self/smaps)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and "-" in parts[0] and not parts[0].endswith(":"):
+                current = parts[5] if len(parts) > 5 else None
+            elif parts and parts[0] == "Rss:" and current == str(path):
+                total += int(parts[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("factory", ["IVF16,SQ8", "IVF16,PQ8x8,Refine(SQfp16)"])
+def test_a_large_version_reads_its_rows_without_mapping_them(tmp_path, tiny_bundle_path, monkeypatch, factory):
+    """Above PREAD_MIN_BYTES the load-time checks (the smoke test, the row alignment of a lossy
+    index), the re-scoring and a /similar lookup read embeddings.npy rows with pread: none of its
+    pages is mapped into the worker (at 10M items the smoke test alone mapped 560 MiB)."""
+    import indexer.topk as topk_mod
+
+    monkeypatch.setattr(topk_mod, "PREAD_MIN_BYTES", 0)
+    path, queries = write(tmp_path / "index", tiny_bundle_path, factory, FACTORIES[factory])
+    version = load_version(path)
+    emb_file = (path / "embeddings.npy").resolve()
+    assert isinstance(version.topk.rescore_rows, topk_mod.FileRows)
+    assert _mapped_kib(emb_file) == 0, "the load mapped rows of embeddings.npy"
+    got = version.topk.top_k(queries, [Query(10)] * len(queries))
+    read = version.topk.vectors([3, 0])
+    assert _mapped_kib(emb_file) == 0, "serving mapped rows of embeddings.npy"
+    np.testing.assert_array_equal(read, np.asarray(version.embeddings[[3, 0]]))
+    # and the answers are the ones the memory map gives
+    monkeypatch.setattr(topk_mod, "PREAD_MIN_BYTES", 1 << 62)
+    assert load_version(path).topk.top_k(queries, [Query(10)] * len(queries)) == got
