@@ -677,7 +677,8 @@ class DeltaTopK(TopK):
         self.live = live
         self.delta_exact_max_rows = DELTA_EXACT_MAX_ROWS if delta_exact_max_rows is None else int(delta_exact_max_rows)
         self.delta_index = _delta_ivf(base, self.delta_embeddings) if self.delta_count > self.delta_exact_max_rows else None
-        self.delta_nprobe = base.ivf_nprobe or 1
+        self.delta_nprobe = int(base.ivf_nprobe or 1)  # = the base's: one coarse step serves both
+        self.live_base = live.mask[:nb]  # a view: True where a base row is live
         # a plain IVF base (no refinement, no transform) shares its coarse step with the delta IVF
         outer = faiss.downcast_index(base.index)
         self._plain_ivf = outer if self.delta_index is not None and isinstance(outer, faiss.IndexIVF) else None
@@ -737,8 +738,10 @@ class DeltaTopK(TopK):
 
     def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
         """The base index's candidates among its allowed live rows (a bitmap selector, as for a
-        filter; an unfiltered query over-fetches instead, `_base_live_candidates`) and the best
-        allowed delta rows (`_delta_candidates`); `finish` merges them."""
+        filter; an unfiltered query over-fetches instead, `_live_candidates`) and the allowed
+        delta rows its search finds (`_delta_candidates`); `finish` merges them. Together they
+        hold min(fetch, allowed) rows unless the base search came back short (then `_filtered`
+        redoes the query exactly)."""
         if allowed is self.live:
             rows = self._live_candidates(vec, fetch)
             if rows is not None:
@@ -749,7 +752,8 @@ class DeltaTopK(TopK):
             rows = self.base.allowed_candidates(vec, min(fetch, base_part.count), base_part)
             parts.append(rows[rows >= 0])
         if len(delta_rows):
-            parts.append(self._delta_candidates(vec, fetch, delta_rows, allowed))
+            need = min(fetch, allowed.count) - sum(len(r) for r in parts)
+            parts.append(self._delta_candidates(vec, fetch, delta_rows, allowed, need=need))
         if not parts:
             return np.zeros(0, dtype=np.int64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -757,12 +761,12 @@ class DeltaTopK(TopK):
     def _live_candidates(self, vec: np.ndarray, fetch: int) -> np.ndarray | None:
         """An unfiltered query's candidates without a selector: the base is asked for
         min(fetch, live base rows) + twice the tombstones expected among them + 8, the
-        tombstoned rows are dropped, and the delta's best `fetch` are added. Over a plain IVF
-        base with a delta IVF both segments are searched with one coarse quantization (the same
-        centroids: `search_preassigned` on the lists the base probes). None when this does not
-        apply (over-fetching disabled, tombstones over TOMBSTONE_OVERFETCH_MAX_FRACTION of the
-        base, a fetch that large) or it found fewer live base rows than asked: the caller then
-        searches with the bitmap selector, so a result is never short.
+        tombstoned rows are dropped, and the delta rows its search finds are added. Over a plain
+        IVF base with a delta IVF both segments are searched with one coarse quantization (the
+        same centroids: `search_preassigned` on the lists the base probes). None when this does
+        not apply (over-fetching disabled, tombstones over TOMBSTONE_OVERFETCH_MAX_FRACTION of
+        the base, a fetch that large) or it found fewer live base rows than asked: the caller
+        then searches with the bitmap selector, so a result is never short.
 
         A FAISS selector is checked for every vector scanned (IVF: every row of every probed
         list) and its 1/selectivity raises nprobe (4 -> 5 at 1-5 % tombstones); a few extra rows
@@ -775,32 +779,41 @@ class DeltaTopK(TopK):
         if self.base.needs_exact(ask):
             return None
         x = vec[None, :]
-        ivf, delta = self._plain_ivf, None
+        ivf = self._plain_ivf
         if ivf is not None:
-            dq, iq = self._coarse.search(x, int(ivf.nprobe))
+            dq, iq = self._coarse.search(x, self.delta_nprobe)
             rows = ivf.search_preassigned(x, ask, iq, dq)[1][0]
         else:
             rows = self.base.candidates(x, ask)[0]
-        rows = rows[rows >= 0]
+        if rows[-1] < 0:  # FAISS pads a short answer at the end
+            rows = rows[rows >= 0]
         if dead:
-            rows = rows[self.live.mask[rows]]
+            rows = rows[self.live_base[rows]]
         if len(rows) < base_fetch:
             return None
         if not self.delta_count:
             return rows
+        need = min(fetch, self.live.count) - len(rows)
         if ivf is not None:
             found = self.delta_index.search_preassigned(x, min(fetch, self.delta_count), iq, dq)[1][0]
-            if not (found < 0).any():
-                delta = found + nb
-        if delta is None:
-            delta = self._delta_candidates(vec, fetch, self._split(self.live)[1], self.live)
-        return np.concatenate([rows, delta])
+            if found[-1] < 0:
+                found = found[found >= 0]
+            if len(found) >= need:
+                return np.concatenate([rows, found + nb])
+        return np.concatenate([rows, self._delta_candidates(vec, fetch, self._split(self.live)[1], self.live, need=need)])
 
-    def _delta_candidates(self, vec: np.ndarray, fetch: int, rows: np.ndarray, allowed: Allowed) -> np.ndarray:
-        """The best `fetch` of the allowed delta `rows`: from the delta IVF (all delta rows
-        allowed, or a bitmap selector over them with nprobe raised by 1 / their share, as for a
-        base filter), else — no delta index, few allowed rows, or an IVF answer short of
-        min(fetch, allowed) (a large k) — by the exact scan."""
+    def _delta_candidates(self, vec: np.ndarray, fetch: int, rows: np.ndarray, allowed: Allowed, *, need: int) -> np.ndarray:
+        """Candidates among the allowed delta `rows`: what the delta IVF finds of their best
+        `fetch` in the lists it probes (all delta rows allowed, or a bitmap selector over them
+        with nprobe raised by 1 / their share, as for a base filter) — like the base search, it
+        may find fewer; else — no delta index, few allowed rows, or fewer than `need` found (the
+        base part alone is short of the fetch: a tiny base, a large k) — the exact scan's best
+        `fetch`.
+
+        A delta IVF answer short of `fetch` needs no exact redo when the base part holds the
+        fetch: the delta rows it misses sit in lists the base search did not probe either, as
+        they would in an IVF over the whole live catalog (at 1 % of 1M items, ~5 delta rows a
+        list: the 4 probed lists often hold fewer than k)."""
         index = self.delta_index
         if index is None or len(rows) <= self.delta_exact_max_rows:
             return self._scan_delta(vec, fetch, rows)
@@ -821,7 +834,8 @@ class DeltaTopK(TopK):
         _, found = index.search(vec[None, :], want, params=params)
         del bitmap  # kept alive through the search: the selector points into it
         found = found[0]
-        if (found < 0).any():
+        found = found[found >= 0]
+        if len(found) < need:
             return self._scan_delta(vec, fetch, rows)
         return found + self.base_count
 
@@ -883,10 +897,18 @@ class _DeltaIds(Sequence[str]):
         return self.base[r] if r < self.nb else self.delta[r - self.nb]
 
     def take(self, rows: np.ndarray) -> list[str]:
+        """The ids of `rows` (1-D), in order: the base's in one `ItemIds.take`, the delta's by
+        list lookup (an answer mixing both is the common case over a delta catalog)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0 or rows.max() < self.nb:
             return self.base.take(rows)
-        return [self[r] for r in rows.tolist()]
+        in_delta = rows >= self.nb
+        delta = self.delta
+        got = [delta[r] for r in (rows[in_delta] - self.nb).tolist()]
+        if len(got) == len(rows):
+            return got
+        base_ids, delta_ids = iter(self.base.take(rows[~in_delta])), iter(got)
+        return [next(delta_ids) if d else next(base_ids) for d in in_delta.tolist()]
 
     def __iter__(self) -> Iterator[str]:
         yield from self.base
