@@ -30,9 +30,11 @@ The stages (each timed and logged, like a rebuild's):
    rebuild); the base rows of removed and changed items are tombstoned. The delta is always
    against the base, so a chain of updates stays one level deep. A delta over `max_delta` of
    the catalog (rows in the delta segment or tombstones, 5 % by default) is refused: the merged
-   search scans the delta exactly, and past a few percent a `rebuild` (which compacts everything
+   search costs more with every delta row, and past a few percent a `rebuild` (which compacts everything
    into a fresh base) is the right tool;
-4. **gate**: recall@k of the merged search (base ANN with tombstones excluded ∪ exact delta)
+4. **gate**: recall@k of the merged search (base ANN with tombstones excluded ∪ the delta —
+   exact, or above `indexer.topk.DELTA_EXACT_MAX_ROWS` rows over an IVF base a delta IVF on the
+   base's centroids, approximate like the base)
    against an exact scan of the live catalog (`indexer.topk.exact_live_top_k`: one BLAS pass
    over the base rows, tombstones dropped, plus the delta), on user queries as at rebuild (an
    exact base index is exact by construction, as at rebuild);

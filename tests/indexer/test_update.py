@@ -216,6 +216,64 @@ def test_delta_index_shares_the_base_quantizer_and_follows_its_nprobe(catalog, q
     assert recall_against_exact(merged, queries, 20) >= recall_against_exact(base, queries, 20)
 
 
+@pytest.mark.parametrize("overfetch", [True, False])
+def test_delta_ivf_is_one_ivf_over_the_live_catalog_and_its_short_answers_are_not_rescanned(overfetch, catalog, queries):
+    """Oracle: one IVF-Flat over the live catalog (live base rows + delta rows) on the base's
+    centroids, probed with the base's nprobe, exactly re-scored. With nprobe 2 of 32 lists and
+    ~6 delta rows a list, the delta IVF often finds fewer than k delta rows: the base part
+    holds the fetch, so the delta is not scanned exactly — and the answer is still the
+    oracle's, row for row (the merged candidates, cut by their float32 distances, hold the
+    top-k of the probed lists)."""
+    vectors, ids = catalog
+    base = FaissTopK(fi.build_index(vectors, "IVF32,Flat", search_params={"nprobe": 2}), vectors, ids)
+    rng = np.random.default_rng(7)
+    tomb = rng.random(len(ids)) < 0.05
+    delta_ids = [f"new{i}" for i in range(200)]
+    delta = clustered(200, vectors.shape[1], seed=11)
+    merged = DeltaTopK(base, delta, delta_ids, tomb, delta_exact_max_rows=0)
+    merged.tombstone_overfetch = overfetch
+    merged.filter_exact_max_rows, merged.filter_exact_fraction = 0, 0.0  # the ANN path at this small size
+    scans = []
+    real = merged._scan_delta
+    merged._scan_delta = lambda *a: scans.append(a) or real(*a)  # type: ignore[method-assign]
+    live_rows = np.flatnonzero(~tomb)
+    live_vecs = np.concatenate([vectors[live_rows], delta])
+    ivf = faiss.extract_index_ivf(base.index)
+    whole = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    whole.add(live_vecs)
+    whole.nprobe = 2
+    oracle = FaissTopK(whole, live_vecs, [ids[r] for r in live_rows] + delta_ids)
+    short = 0
+    for k in (10, 20):
+        dlists = ivf.quantizer.search(queries, 2)[1]
+        delta_lists = ivf.quantizer.search(delta, 1)[1][:, 0]
+        short += sum(int(np.isin(delta_lists, row).sum() < k) for row in dlists)
+        got = merged.top_k(queries, [Query(k)] * len(queries))
+        want = oracle.top_k(queries, [Query(k)] * len(queries))
+        for g, w in zip(got, want, strict=True):
+            assert [i for i, _ in g] == [i for i, _ in w]
+            np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-6)
+    assert short > 0  # the case this is about happened
+    assert not scans
+
+
+def test_cut_keeps_the_exact_top_fetch():
+    """`_cut` (the merged candidates cut by FAISS float32 distances) never drops a row of the
+    exact top-fetch, also with near-ties at the cut-off, and keeps fewer rows than it got."""
+    from indexer.topk import _cut
+
+    rng = np.random.default_rng(5)
+    rows_vecs = clustered(400, 64, seed=3)
+    for _ in range(20):
+        vec = clustered(1, 64, seed=int(rng.integers(1 << 30)))[0]
+        rows = rng.permutation(400)[:60].astype(np.int64)
+        exact = rows_vecs[rows].astype(np.float64) @ vec.astype(np.float64)
+        exact[rng.integers(60)] = exact[np.argsort(-exact)[19]]  # a tie at the cut-off
+        dist = (exact + rng.uniform(-5e-6, 5e-6, 60)).astype(np.float32)  # float32 error
+        kept = set(_cut(rows, dist, 20, vec).tolist())
+        assert set(rows[np.argsort(-exact)[:20]].tolist()) <= kept and len(kept) < 60
+
+
 def test_segmented_rows_read_as_the_concatenated_matrix():
     """DeltaTopK's base + delta rows without a copy: every read equals the concatenation's."""
     base, delta = clustered(30, 4, seed=0), clustered(7, 4, seed=1)
