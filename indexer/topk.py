@@ -32,7 +32,7 @@ and doubles as the test oracle; `FaissTopK` proposes candidates from a FAISS ind
 
 * **a live catalog** (`DeltaTopK`, `indexer update`): a base version's FAISS top-k, minus its
   tombstoned rows (removed or changed items), plus a small delta segment of new and changed
-  items scanned exactly. Its row space is the base rows followed by the delta rows; the rows a
+  items (scanned exactly while small, see below). Its row space is the base rows followed by the delta rows; the rows a
   query may return at all are `live` (an `Allowed`), and every query — filtered or not — is
   restricted to them through the same selector mechanism as a filter (`restrict`), so the
   filter guarantee carries over unchanged: exactly `min(k, |allowed ∩ live − excluded|)` items.
@@ -45,7 +45,9 @@ and doubles as the test oracle; `FaissTopK` proposes candidates from a FAISS ind
   cost 10x the base search). The delta is then approximate like the base, which the recall gate
   of `indexer update` measures on the merged result. An unfiltered query excludes the
   tombstones by over-fetching from the base without a selector and dropping them
-  (`TOMBSTONE_OVERFETCH_MAX_FRACTION`), redone with the selector if too many were dropped.
+  (`TOMBSTONE_OVERFETCH_MAX_FRACTION`), redone with the selector if too many were dropped; over
+  an IVF-Flat base the merged candidates are cut to the fetch by their float32 distances
+  (`_cut`, a margin no rounding crosses) before the exact re-scoring.
 
 Two entry points: `top_k(vecs, queries)` (a k and an exclusion set per query: the request path)
 and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queries: tools, tests).
