@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import copy
+import itertools
 import json
 import logging
 import os
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ from bench.common import command_line, cpu_model, loadavg
 
 REPO = Path(__file__).resolve().parents[1]
 K = 20
+_USERS = itertools.count()  # every HTTP request a new user: a cache miss in every round
 
 
 def build(root: Path, n_items: int, index: str, log) -> Path:  # noqa: ANN001
@@ -158,22 +163,22 @@ def freshness(root: Path, base: pd.DataFrame, log) -> dict:  # noqa: ANN001
     return res
 
 
-def topk_latency(version, queries: np.ndarray) -> dict:  # noqa: ANN001
+def topk_latency(topk, queries: np.ndarray) -> dict:  # noqa: ANN001
     from indexer.topk import Query
 
     times = []
     for i in range(len(queries)):
         t = time.perf_counter()
-        version.topk.top_k(queries[i : i + 1], [Query(K)])
+        topk.top_k(queries[i : i + 1], [Query(K)])
         times.append(time.perf_counter() - t)
     t = np.array(times) * 1e3
     return {"p50_ms": round(float(np.percentile(t, 50)), 3), "p99_ms": round(float(np.percentile(t, 99)), 3),
             "mean_ms": round(float(t.mean()), 3)}
 
 
-def delta_cost(root: Path, base: pd.DataFrame, n_queries: int, log) -> list[dict]:  # noqa: ANN001
+def delta_cost(root: Path, base: pd.DataFrame, n_queries: int, http_queries: int, log) -> list[dict]:  # noqa: ANN001
     from indexer import faiss_index as fi
-    from indexer.topk import recall_against_exact
+    from indexer.topk import DeltaTopK, recall_against_exact
     from indexer.version import load_version
     from training.numpy_tower import UserRecord
 
@@ -188,31 +193,77 @@ def delta_cost(root: Path, base: pd.DataFrame, n_queries: int, log) -> list[dict
         versions[share] = load_version(root / "index" / "current")
     rng = np.random.default_rng(0)
     q = versions[0.0].tower.embed([UserRecord(f"u{int(i)}", {}) for i in rng.choice(5_000, n_queries, replace=False)])
-    for _ in range(2):  # interleaved rounds: the machine is shared
-        for share, v in versions.items():
-            r = {"delta": share, "round": _, **topk_latency(v, q)}
-            rows.append(r)
-            log(f"delta {share:.0%}: {r}")
+    # the served search (`default`: the delta IVF above DELTA_EXACT_MAX_ROWS, tombstones by
+    # over-fetch) next to the other three combinations over the same delta, the first of which
+    # (`exact+selector`) is the search before the delta index (2026-12-02)
+    topks: dict[tuple[float, str], object] = {}
+    builds: dict[float, float] = {}
     for share, v in versions.items():
-        rec = recall_against_exact(v.topk, q[:100], K)
-        rows.append({"delta": share, "recall@20_vs_exact": round(rec, 4), "live": v.count,
+        topks[(share, "default")] = v.topk
+        if not isinstance(v.topk, DeltaTopK):
+            continue
+        t = v.topk
+        args = (t.base, t.delta_embeddings, t.item_ids.delta, ~t.live.mask[: t.base_count])
+        t0 = time.perf_counter()
+        ivf = DeltaTopK(*args, delta_exact_max_rows=0)
+        builds[share] = round(time.perf_counter() - t0, 3)
+        exact = DeltaTopK(*args, delta_exact_max_rows=1 << 62)
+        for name, topk, over in (("exact+selector", exact, False), ("exact+overfetch", exact, True),
+                                 ("ivf+selector", ivf, False), ("ivf+overfetch", ivf, True)):
+            clone = copy.copy(topk)
+            clone.tombstone_overfetch = over
+            topks[(share, name)] = clone
+    for rnd in range(2):  # interleaved rounds: the machine is shared
+        for (share, name), topk in topks.items():
+            r = {"delta": share, "variant": name, "round": rnd, **topk_latency(topk, q)}
+            rows.append(r)
+            log(f"delta {share:.0%} {name}: {r}")
+    for (share, name), topk in topks.items():
+        rec = recall_against_exact(topk, q[:200], K)
+        v = versions[share]
+        rows.append({"delta": share, "variant": name, "recall@20_vs_exact": round(rec, 4), "live": v.count,
                      "delta_rows": (v.manifest.get("delta") or {}).get("delta_rows", 0)})
+    for share, s in builds.items():
+        rows.append({"delta": share, "delta_index_build_s": s})
+    del topks
     names = {share: v.index_version for share, v in versions.items()}
     del versions
     try:
         for rnd in range(2):
             for share, name in names.items():
-                r = {"delta": share, "round": rnd, **http_latency(root, name, n_queries)}
-                rows.append(r)
-                log(f"delta {share:.0%} over HTTP: {r}")
+                for variant in ("default", "exact+selector") if share else ("default",):
+                    r = {"delta": share, "variant": variant, "round": rnd, **http_latency(root, name, http_queries, variant)}
+                    rows.append(r)
+                    log(f"delta {share:.0%} {variant} over HTTP: {r}")
     except Exception as e:  # noqa: BLE001 - keep the in-process figures
         rows.append({"http_error": f"{type(e).__name__}: {e}"})
     return rows
 
 
-def http_latency(root: Path, name: str, n: int) -> dict:
+@contextlib.contextmanager
+def delta_search(variant: str) -> Iterator[None]:
+    """The service's `DeltaTopK` searching as `variant` while the block runs: `default` (what is
+    served), `exact+selector` (the search before the delta index: every delta row scanned
+    exactly, tombstones left out by the bitmap selector). The loaded version reads both knobs
+    at load (`DELTA_EXACT_MAX_ROWS`) or per query (`tombstone_overfetch`)."""
+    from indexer import topk as tk
+
+    if variant == "default":
+        yield
+        return
+    if variant != "exact+selector":
+        raise ValueError(f"unknown delta search variant {variant!r}")
+    old = tk.DELTA_EXACT_MAX_ROWS, tk.DeltaTopK.tombstone_overfetch
+    tk.DELTA_EXACT_MAX_ROWS, tk.DeltaTopK.tombstone_overfetch = 1 << 62, False
+    try:
+        yield
+    finally:
+        tk.DELTA_EXACT_MAX_ROWS, tk.DeltaTopK.tombstone_overfetch = old
+
+
+def http_latency(root: Path, name: str, n: int, variant: str = "default") -> dict:
     """p50/p99 of `/retrieve` (k=20, cache misses: a new user id each) through the in-process
-    app serving version `name`."""
+    app serving version `name`, its delta searched as `variant` (`delta_search`)."""
     from fastapi.testclient import TestClient
 
     from indexer import store
@@ -221,7 +272,7 @@ def http_latency(root: Path, name: str, n: int) -> dict:
 
     store.switch_current(root / "index", name)
     app = create_app(Settings(index_root=root / "index", access_log=False), start_reloader=True)
-    with TestClient(app) as c:
+    with delta_search(variant), TestClient(app) as c:
         while c.get("/readyz").json().get("index_version") != name:
             time.sleep(0.1)
         for i in range(50):
@@ -229,12 +280,12 @@ def http_latency(root: Path, name: str, n: int) -> dict:
         times = []
         for i in range(n):
             t = time.perf_counter()
-            r = c.post("/retrieve", json={"user_id": f"h{name[-6:]}{i}", "features": {"age": 20 + i % 50}, "k": K})
+            r = c.post("/retrieve", json={"user_id": f"h{next(_USERS)}", "features": {"age": 20 + i % 50}, "k": K})
             times.append(time.perf_counter() - t)
             if r.status_code != 200:
                 raise RuntimeError(f"/retrieve answered {r.status_code}: {r.text[:200]}")
     t_ms = np.array(times) * 1e3
-    return {"http": True, "p50_ms": round(float(np.percentile(t_ms, 50)), 3),
+    return {"http": True, "requests": n, "p50_ms": round(float(np.percentile(t_ms, 50)), 3),
             "p99_ms": round(float(np.percentile(t_ms, 99)), 3), "mean_ms": round(float(t_ms.mean()), 3)}
 
 
@@ -289,17 +340,6 @@ def under_updates(root: Path, base: pd.DataFrame, load_s: float, log) -> dict:  
 
 
 def render(report: dict) -> str:
-    f, d, u = report["freshness"], report["delta_cost"], report["under_updates"]
-    lat = [r for r in d if "p99_ms" in r and not r.get("http")]
-    http = [r for r in d if r.get("http")]
-    rec = [r for r in d if "recall@20_vs_exact" in r]
-    no_delta = np.mean([r["p99_ms"] for r in lat if r["delta"] == 0.0])
-
-    def ratio(rows: list[dict]) -> str:
-        if not rows:
-            return "n/a"
-        return f"{np.mean([r['p99_ms'] for r in rows if r['delta'] == 0.05]) / np.mean([r['p99_ms'] for r in rows if r['delta'] == 0.0]):.2f}"
-
     lines = [
         "# `indexer update`: freshness, delta cost, tail latency under updates",
         "",
@@ -307,6 +347,18 @@ def render(report: dict) -> str:
         f"load average before {report['machine']['loadavg']}. Catalog: {report['catalog']['items']} items, "
         f"{report['catalog']['factory']} {report['catalog']['search_params']}, dim {report['catalog']['dim']}.",
         "",
+    ]
+    if "freshness" in report:
+        lines += _render_freshness(report["freshness"])
+    if "delta_cost" in report:
+        lines += _render_delta(report["delta_cost"])
+    if "under_updates" in report:
+        lines += _render_updates(report["under_updates"])
+    return "\n".join(lines)
+
+
+def _render_freshness(f: dict) -> list[str]:
+    return [
         "## Time to the first response reflecting a change",
         "",
         "1,000 new, 1,000 removed and 10,000 attribute-changed items written to items.csv; `indexer update --data` "
@@ -321,25 +373,62 @@ def render(report: dict) -> str:
         f"- diff: {f['stats']}",
         f"- a `stock: true` filter right after: {f['filter_answers_not_in_stock']} answers not in stock",
         "",
+    ]
+
+
+def p99_ratio(rows: list[dict], variant: str = "default") -> float | None:
+    """mean p99 of the 5 % delta rows searched as `variant` over the mean p99 of the 0 % rows."""
+    five = [r["p99_ms"] for r in rows if r["delta"] == 0.05 and r.get("variant", "default") == variant]
+    zero = [r["p99_ms"] for r in rows if r["delta"] == 0.0]
+    return round(float(np.mean(five) / np.mean(zero)), 2) if five and zero else None
+
+
+def _render_delta(d: list[dict]) -> list[str]:
+    every = [r for r in d if "p99_ms" in r and not r.get("http")]
+    lat = [r for r in every if r.get("variant", "default") == "default"]
+    http = [r for r in d if r.get("http")]
+    rec = [r for r in d if "recall@20_vs_exact" in r]
+    builds = {r["delta"]: r["delta_index_build_s"] for r in d if "delta_index_build_s" in r}
+    no_delta = np.mean([r["p99_ms"] for r in lat if r["delta"] == 0.0]) if lat else float("nan")
+    return [
         "## Serving latency with a delta (in process, `TopK.top_k`, k=20, one thread, 2 interleaved rounds)",
         "",
         "| delta | round | p50 ms | p99 ms | mean ms |",
         "|---:|---:|---:|---:|---:|",
         *[f"| {r['delta']:.0%} | {r['round']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_ms']} |" for r in lat],
         "",
-        *[f"- delta {r['delta']:.0%}: recall@20 vs exact {r['recall@20_vs_exact']} ({r['live']} live items, "
-          f"{r['delta_rows']} delta rows)" for r in rec],
-        f"- in process: 5 % delta p99 / no-delta p99 = **{ratio(lat)}** (no-delta p99 {no_delta:.3f} ms)",
+        f"- in process: 5 % delta p99 / no-delta p99 = **{p99_ratio(lat)}** (no-delta p99 {no_delta:.3f} ms; "
+        f"target <= 1.20); the search before the delta index (`exact+selector`): {p99_ratio(every, 'exact+selector')}",
         "",
-        "Over HTTP (the in-process app, `/retrieve` k=20, cache misses, one client, 2 interleaved rounds):",
+        "Every way of searching the same deltas (same process, same queries, interleaved with the table "
+        "above; `exact+selector` is the search before the delta index; `default` is what is served):",
         "",
-        "| delta | round | p50 ms | p99 ms | mean ms |",
-        "|---:|---:|---:|---:|---:|",
-        *[f"| {r['delta']:.0%} | {r['round']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_ms']} |" for r in http],
+        "| delta | variant | round | p50 ms | p99 ms | mean ms |",
+        "|---:|---|---:|---:|---:|---:|",
+        *[f"| {r['delta']:.0%} | {r.get('variant', 'default')} | {r['round']} | {r['p50_ms']} | {r['p99_ms']} | "
+          f"{r['mean_ms']} |" for r in sorted(every, key=lambda r: (r['delta'], r.get('variant', ''), r['round']))],
+        "",
+        *[f"- delta {r['delta']:.0%} {r.get('variant', 'default')}: recall@20 vs exact {r['recall@20_vs_exact']} "
+          f"({r['live']} live items, {r['delta_rows']} delta rows)" for r in rec],
+        *[f"- delta {share:.0%}: building the delta IVF (at load) took {s} s" for share, s in builds.items()],
+        "",
+        "Over HTTP (the in-process app, `/retrieve` k=20, cache misses, one client, 2 interleaved rounds; "
+        "`exact+selector`: the same version served with the search before the delta index):",
+        "",
+        "| delta | variant | round | requests | p50 ms | p99 ms | mean ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        *[f"| {r['delta']:.0%} | {r.get('variant', 'default')} | {r['round']} | {r.get('requests', '')} | {r['p50_ms']} | "
+          f"{r['p99_ms']} | {r['mean_ms']} |" for r in http],
         *[f"- HTTP measurement failed: {r['http_error']}" for r in d if "http_error" in r],
         "",
-        f"- over HTTP: 5 % delta p99 / no-delta p99 = **{ratio(http)}** (target <= 1.20)",
+        f"- over HTTP: 5 % delta p99 / no-delta p99 = **{p99_ratio(http)}** (target <= 1.20); the search before "
+        f"the delta index: {p99_ratio(http, 'exact+selector')}",
         "",
+    ]
+
+
+def _render_updates(u: dict) -> list[str]:
+    return [
         "## p99 under an update every 10 s (in-process `/retrieve`, cache misses, one client)",
         "",
         "| updates | requests | errors | p50 ms | p99 ms | update durations s |",
@@ -350,7 +439,6 @@ def render(report: dict) -> str:
         f"p99 with updates / without = **{u['p99_ratio']}** (target <= 2).",
         "",
     ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--index", default="auto")
     p.add_argument("--root", type=Path, default=REPO / "artifacts" / "bench-update")
-    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--queries", type=int, default=1000, help="user queries per in-process latency row")
+    p.add_argument("--http-queries", type=int, default=2000, help="requests per HTTP latency row")
+    p.add_argument("--parts", default="freshness,delta,updates",
+                   help="comma-separated parts to run (freshness, delta, updates; default all)")
     p.add_argument("--load-s", type=float, default=30.0)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "update")
     p.add_argument("--build-only", action="store_true", help="build (or find) the cached catalog and stop")
@@ -385,10 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "catalog": {"items": m["count"], "dim": m["dim"], "factory": m["index"]["factory"],
                     "search_params": m["index"]["search_params"]},
-        "freshness": freshness(root, base, log),
-        "delta_cost": delta_cost(root, base, args.queries, log),
-        "under_updates": under_updates(root, base, args.load_s, log),
     }
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if parts - {"freshness", "delta", "updates"}:
+        raise SystemExit(f"unknown --parts {sorted(parts - {'freshness', 'delta', 'updates'})}")
+    if "freshness" in parts:
+        report["freshness"] = freshness(root, base, log)
+    if "delta" in parts:
+        report["delta_cost"] = delta_cost(root, base, args.queries, args.http_queries, log)
+    if "updates" in parts:
+        report["under_updates"] = under_updates(root, base, args.load_s, log)
     base.to_csv(root / "data" / "items.csv", index=False)
     reset(root)
     args.out.parent.mkdir(parents=True, exist_ok=True)

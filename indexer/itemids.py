@@ -250,6 +250,37 @@ class ItemIds(Sequence[str]):
             i += 1
         return None
 
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """`row` of every id at once (int64, -1 where the catalog does not hold it): one hash
+        per id, one `searchsorted`, the hits' bytes compared in one gather. `indexer update`'s
+        diff looks up every catalog id (1M: ~6 s through `row`, ~6 µs an id)."""
+        encoded = [str(i).encode("utf-8") for i in item_ids]
+        out = np.full(len(encoded), -1, dtype=np.int64)
+        if not encoded or not self._n:
+            return out
+        hv = id_hashes(encoded)
+        h = self._hashes
+        pos = np.minimum(np.searchsorted(h, hv), self._n - 1)
+        cand = np.flatnonzero(h[pos] == hv)
+        rows = self._rows[pos[cand]]
+        lens = np.fromiter((len(encoded[j]) for j in cand.tolist()), dtype=np.int64, count=len(cand))
+        starts = self._offsets[rows]
+        ok = (self._offsets[rows + 1] - starts - 1) == lens
+        sel = np.flatnonzero(ok & (lens > 0))
+        if len(sel):
+            n_bytes = lens[sel]
+            first = np.zeros(len(sel), dtype=np.int64)
+            np.cumsum(n_bytes[:-1], out=first[1:])
+            idx = np.repeat(starts[sel] - first, n_bytes) + np.arange(int(n_bytes.sum()))
+            got = np.frombuffer(self._blob, dtype=np.uint8)[idx]
+            want = np.frombuffer(b"".join(encoded[j] for j in cand[sel].tolist()), dtype=np.uint8)
+            ok[sel] = np.add.reduceat((got != want).astype(np.int64), first) == 0
+        out[cand[ok]] = rows[ok]
+        for j in cand[~ok].tolist():  # a hash shared by several ids (or a 64-bit collision)
+            r = self.row(encoded[j].decode("utf-8"))
+            out[j] = -1 if r is None else r
+        return out
+
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
         r = self.row(value)
         if r is None or r < start or (stop is not None and r >= stop):

@@ -32,12 +32,22 @@ and doubles as the test oracle; `FaissTopK` proposes candidates from a FAISS ind
 
 * **a live catalog** (`DeltaTopK`, `indexer update`): a base version's FAISS top-k, minus its
   tombstoned rows (removed or changed items), plus a small delta segment of new and changed
-  items scanned exactly. Its row space is the base rows followed by the delta rows; the rows a
+  items (scanned exactly while small, see below). Its row space is the base rows followed by the delta rows; the rows a
   query may return at all are `live` (an `Allowed`), and every query — filtered or not — is
   restricted to them through the same selector mechanism as a filter (`restrict`), so the
   filter guarantee carries over unchanged: exactly `min(k, |allowed ∩ live − excluded|)` items.
   The ANN strategy asks the base index for candidates among its live allowed rows (a bitmap
-  selector) and scans the allowed delta rows exactly; `finish` merges both by exact cosine.
+  selector) and the delta segment for its best allowed rows; `finish` merges both by exact
+  cosine. The delta's cost follows the base's (docs/bench/update_1m.md): a small delta (up to
+  `DELTA_EXACT_MAX_ROWS`) is scanned exactly; a larger one over an IVF base is searched through
+  an IVF-Flat over the delta rows built on the *base's* coarse quantizer (same centroids, same
+  nprobe: ~ delta/base of the base's cost, at the base's recall; an exact scan of a 5 % delta
+  cost 10x the base search). The delta is then approximate like the base, which the recall gate
+  of `indexer update` measures on the merged result. An unfiltered query excludes the
+  tombstones by over-fetching from the base without a selector and dropping them
+  (`TOMBSTONE_OVERFETCH_MAX_FRACTION`), redone with the selector if too many were dropped; over
+  an IVF-Flat base the merged candidates are cut to the fetch by their float32 distances
+  (`_cut`, a margin no rounding crosses) before the exact re-scoring.
 
 Two entry points: `top_k(vecs, queries)` (a k and an exclusion set per query: the request path)
 and `search(queries, k, exclude)` (one k and exclusion set for a matrix of queries: tools, tests).
@@ -84,6 +94,18 @@ HNSW_FILTER_EF_PER_K = 2.0
 FILTER_MAX_EF_SEARCH = 4096
 
 STRATEGIES = ("exact", "ann", "fallback")
+
+# A live catalog's delta segment (`DeltaTopK`): scanned exactly up to this many rows; above,
+# over an IVF base, searched through an IVF-Flat on the base's coarse quantizer. Measured at 1M
+# items, IVF2048 nprobe 6, d 64, one thread (docs/bench/update_1m.md, 2026-12-03): the exact scan
+# costs ~0.02 µs a row (10k rows ~0.2 ms, 50k ~0.9 ms), the delta IVF search ~0.03-0.05 ms at
+# any delta size (its coarse step is the base's: 2048 centroids), so they cross near 2k rows.
+DELTA_EXACT_MAX_ROWS = 2_000
+# Unfiltered queries over a delta catalog: with tombstones at most this share of the base, the
+# base is searched without a selector for fetch + margin rows (the tombstones expected among
+# them, twice, + 8) and the tombstoned ones dropped; if fewer than fetch live rows remain the
+# query is redone with the bitmap selector (never short). Above it: the selector directly.
+TOMBSTONE_OVERFETCH_MAX_FRACTION = 0.10
 
 
 class Allowed:
@@ -618,11 +640,26 @@ class DeltaTopK(TopK):
     at 1M items a copy cost 0.6-0.8 s per load and 256 MB per served version — and the base
     files stay untouched). A tombstoned row keeps its id in `item_ids` but is never returned: it
     is not in `live`, and `rows` (id -> row) maps each live id to its one live row.
+
+    The delta segment is searched like the base (`delta_index`, module docstring): above
+    `delta_exact_max_rows` rows over an IVF base, an IVF-Flat over the delta rows on the base's
+    coarse quantizer, built here (at load: ~0.01 s per 1,000 rows, off the request path);
+    otherwise (a small delta, a Flat or HNSW base) an exact scan. `tombstone_overfetch` (per
+    instance: the benchmark compares both) chooses how an unfiltered query leaves tombstones out.
     """
 
     selector_search = True
+    tombstone_overfetch = True
 
-    def __init__(self, base: FaissTopK, delta_embeddings: np.ndarray, delta_ids: Sequence[str], tombstones: np.ndarray) -> None:
+    def __init__(
+        self,
+        base: FaissTopK,
+        delta_embeddings: np.ndarray,
+        delta_ids: Sequence[str],
+        tombstones: np.ndarray,
+        *,
+        delta_exact_max_rows: int | None = None,
+    ) -> None:
         nb = base.count
         tomb = np.asarray(tombstones)
         if tomb.dtype != np.bool_ or tomb.shape != (nb,):
@@ -660,6 +697,17 @@ class DeltaTopK(TopK):
             raise ValueError(f"{len(rows)} live ids for {live.count} live rows: delta item ids must be unique")
         live.within = live  # type: ignore[attr-defined]
         self.live = live
+        self.delta_exact_max_rows = DELTA_EXACT_MAX_ROWS if delta_exact_max_rows is None else int(delta_exact_max_rows)
+        self.delta_index = _delta_ivf(base, self.delta_embeddings) if self.delta_count > self.delta_exact_max_rows else None
+        self.delta_nprobe = int(base.ivf_nprobe or 1)  # = the base's: one coarse step serves both
+        self.live_base = live.mask[:nb]  # a view: True where a base row is live
+        # a plain IVF base (no refinement, no transform) shares its coarse step with the delta IVF
+        outer = faiss.downcast_index(base.index)
+        self._plain_ivf = outer if self.delta_index is not None and isinstance(outer, faiss.IndexIVF) else None
+        self._coarse = outer.quantizer if self._plain_ivf is not None else None
+        # an IVF-Flat base's distances are float32 inner products, like the delta IVF's: the
+        # merged candidates can be cut to the fetch by them (`_cut`) before the exact re-scoring
+        self._exact_distances = isinstance(self._plain_ivf, faiss.IndexIVFFlat)
 
     @property
     def live_count(self) -> int:
@@ -694,6 +742,17 @@ class DeltaTopK(TopK):
         results, strategies = super().top_k_strategies(vecs, restricted)
         return results, [s if q.allowed is not None else None for s, q in zip(strategies, queries, strict=True)]
 
+    def _filtered(self, vec: np.ndarray, q: Query) -> tuple[list[tuple[str, float]], str]:
+        """An unfiltered query (restricted to `live` only) straight to `_live_candidates`: they
+        hold min(fetch, live) distinct live rows, so `finish` leaves min(k, live − excluded);
+        anything else (a filter, or the over-fetch not applying) takes the filter path."""
+        if q.allowed is self.live:
+            fetch = min(q.k + len(q.exclude), self.live.count)
+            rows = self._live_candidates(vec, fetch) if fetch else None
+            if rows is not None:
+                return self.finish(vec, rows, q), "ann"
+        return super()._filtered(vec, q)
+
     def _split(self, allowed: Allowed) -> tuple[Allowed, np.ndarray]:
         """(the allowed base rows as an `Allowed` over the base index, the allowed delta rows),
         cached on `allowed` (a cached filter or `live` is split once)."""
@@ -715,17 +774,111 @@ class DeltaTopK(TopK):
 
     def allowed_candidates(self, vec: np.ndarray, fetch: int, allowed: Allowed) -> np.ndarray:
         """The base index's candidates among its allowed live rows (a bitmap selector, as for a
-        filter) and the best allowed delta rows by an exact scan; `finish` merges them."""
+        filter; an unfiltered query over-fetches instead, `_live_candidates`) and the allowed
+        delta rows its search finds (`_delta_candidates`); `finish` merges them. Together they
+        hold min(fetch, allowed) rows unless the base search came back short (then `_filtered`
+        redoes the query exactly)."""
+        if allowed is self.live:
+            rows = self._live_candidates(vec, fetch)
+            if rows is not None:
+                return rows
         base_part, delta_rows = self._split(allowed)
         parts = []
         if base_part.count:
             rows = self.base.allowed_candidates(vec, min(fetch, base_part.count), base_part)
             parts.append(rows[rows >= 0])
         if len(delta_rows):
-            parts.append(self._scan_delta(vec, fetch, delta_rows))
+            need = min(fetch, allowed.count) - sum(len(r) for r in parts)
+            parts.append(self._delta_candidates(vec, fetch, delta_rows, allowed, need=need))
         if not parts:
             return np.zeros(0, dtype=np.int64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _live_candidates(self, vec: np.ndarray, fetch: int) -> np.ndarray | None:
+        """An unfiltered query's candidates without a selector: the base is asked for
+        min(fetch, live base rows) + twice the tombstones expected among them + 8, the
+        tombstoned rows are dropped, and the delta rows its search finds are added. Over a plain
+        IVF base with a delta IVF both segments are searched with one coarse quantization (the
+        same centroids: `search_preassigned` on the lists the base probes). None when this does
+        not apply (over-fetching disabled, tombstones over TOMBSTONE_OVERFETCH_MAX_FRACTION of
+        the base, a fetch that large) or it found fewer live base rows than asked: the caller
+        then searches with the bitmap selector, so a result is never short.
+
+        A FAISS selector is checked for every vector scanned (IVF: every row of every probed
+        list) and its 1/selectivity raises nprobe (4 -> 5 at 1-5 % tombstones); a few extra rows
+        of one plain search cost less (docs/bench/update_1m.md)."""
+        nb, dead = self.base_count, self.tombstone_count
+        if not self.tombstone_overfetch or dead > TOMBSTONE_OVERFETCH_MAX_FRACTION * nb or nb == dead:
+            return None
+        base_fetch = min(fetch, nb - dead)
+        ask = min(nb, base_fetch + (8 + 2 * math.ceil(base_fetch * dead / nb) if dead else 0))
+        if self.base.needs_exact(ask):
+            return None
+        x = np.ascontiguousarray(vec[None, :], dtype=np.float32)
+        ivf = self._plain_ivf
+        if ivf is not None:
+            dq, iq = _raw_search(self._coarse, x, self.delta_nprobe)
+            dist, rows = _raw_search_preassigned(ivf, x, ask, iq, dq)
+        else:
+            dist, rows = None, self.base.candidates(x, ask)[0]
+        if rows[-1] < 0:  # FAISS pads a short answer at the end
+            keep = rows >= 0
+            rows, dist = rows[keep], (None if dist is None else dist[keep])
+        if dead:
+            keep = self.live_base[rows]
+            rows, dist = rows[keep], (None if dist is None else dist[keep])
+        if len(rows) < base_fetch:
+            return None
+        if not self.delta_count:
+            return rows
+        need = min(fetch, self.live.count) - len(rows)
+        if ivf is not None:
+            ddist, found = _raw_search_preassigned(self.delta_index, x, min(fetch, self.delta_count), iq, dq)
+            if found[-1] < 0:
+                keep = found >= 0
+                found, ddist = found[keep], ddist[keep]
+            if len(found) >= need:
+                if not self._exact_distances:
+                    return np.concatenate([rows, found + nb])
+                return _cut(np.concatenate([rows, found + nb]), np.concatenate([dist, ddist]), fetch, vec)
+        return np.concatenate([rows, self._delta_candidates(vec, fetch, self._split(self.live)[1], self.live, need=need)])
+
+    def _delta_candidates(self, vec: np.ndarray, fetch: int, rows: np.ndarray, allowed: Allowed, *, need: int) -> np.ndarray:
+        """Candidates among the allowed delta `rows`: what the delta IVF finds of their best
+        `fetch` in the lists it probes (all delta rows allowed, or a bitmap selector over them
+        with nprobe raised by 1 / their share, as for a base filter) — like the base search, it
+        may find fewer; else — no delta index, few allowed rows, or fewer than `need` found (the
+        base part alone is short of the fetch: a tiny base, a large k) — the exact scan's best
+        `fetch`.
+
+        A delta IVF answer short of `fetch` needs no exact redo when the base part holds the
+        fetch: the delta rows it misses sit in lists the base search did not probe either, as
+        they would in an IVF over the whole live catalog (at 1 % of 1M items, ~5 delta rows a
+        list: the 4 probed lists often hold fewer than k)."""
+        index = self.delta_index
+        if index is None or len(rows) <= self.delta_exact_max_rows:
+            return self._scan_delta(vec, fetch, rows)
+        want = min(fetch, len(rows))
+        nd = self.delta_count
+        if len(rows) == nd:
+            params = bitmap = None  # the index's own nprobe: the base's
+        else:
+            bitmap = allowed.__dict__.get("_delta_bitmap")
+            if bitmap is None:
+                mask = np.zeros(nd, dtype=bool)
+                mask[rows - self.base_count] = True
+                bitmap = np.packbits(mask, bitorder="little")
+                allowed.__dict__["_delta_bitmap"] = bitmap
+            sel = faiss.IDSelectorBitmap(nd, faiss.swig_ptr(bitmap))
+            nprobe = min(int(index.nlist), math.ceil(self.delta_nprobe * nd / len(rows)))
+            params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+        _, found = index.search(vec[None, :], want, params=params)
+        del bitmap  # kept alive through the search: the selector points into it
+        found = found[0]
+        found = found[found >= 0]
+        if len(found) < need:
+            return self._scan_delta(vec, fetch, rows)
+        return found + self.base_count
 
     def _scan_delta(self, vec: np.ndarray, fetch: int, rows: np.ndarray) -> np.ndarray:
         """The `fetch` best of the delta `rows` (plus ties) by exact score; the whole delta
@@ -738,6 +891,70 @@ class DeltaTopK(TopK):
             return rows
         kth = np.partition(scores, len(rows) - fetch)[len(rows) - fetch]
         return rows[scores >= kth]
+
+
+# A candidate whose float32 FAISS inner product is this far (x the query's norm) below the
+# fetch-th best cannot make the exact top-fetch: float32 sums of d <= 4096 unit-row products
+# err by ~d x 6e-8 x |q| (64-d: 4e-6), so 1e-3 is a wide margin.
+CUT_MARGIN = 1e-3
+
+
+def _cut(rows: np.ndarray, dist: np.ndarray, fetch: int, vec: np.ndarray) -> np.ndarray:
+    """The `rows` whose FAISS inner product `dist` is within CUT_MARGIN x |vec| of the
+    fetch-th best: every row of the exact top-fetch among `rows` (re-scored in float64 by
+    `finish`), in fewer rows to re-score (the base's fetch + the delta's -> ~fetch)."""
+    if len(rows) <= fetch:
+        return rows
+    kth = np.partition(dist, len(dist) - fetch)[len(dist) - fetch]
+    return rows[dist >= kth - CUT_MARGIN * math.sqrt(float(vec @ vec))]
+
+
+def _raw_search(index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` for one contiguous float32 query without the Python wrapper's checks
+    (distances (1, k), labels (1, k)): ~3 µs of a ~100 µs request, called twice per query."""
+    dist = np.empty((1, k), dtype=np.float32)
+    labels = np.empty((1, k), dtype=np.int64)
+    index.search_c(1, faiss.swig_ptr(x), k, faiss.swig_ptr(dist), faiss.swig_ptr(labels))
+    return dist, labels
+
+
+def _raw_search_preassigned(
+    index: faiss.IndexIVF, x: np.ndarray, k: int, iq: np.ndarray, dq: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search_preassigned` for one query on the coarse lists `iq` (distances `dq`),
+    without the wrapper: (distances (k,), labels (k,), -1 padded)."""
+    dist = np.empty(k, dtype=np.float32)
+    labels = np.empty(k, dtype=np.int64)
+    index.search_preassigned_c(1, faiss.swig_ptr(x), k, faiss.swig_ptr(iq), faiss.swig_ptr(dq),
+                               faiss.swig_ptr(dist), faiss.swig_ptr(labels), False, None)
+    return dist, labels
+
+
+def _delta_ivf(base: FaissTopK, delta: np.ndarray) -> faiss.IndexIVFFlat | None:
+    """An IVF-Flat over the `delta` rows (ids 0..nd-1) sharing the coarse quantizer of the base's
+    IVF (plain or behind a refinement; None for any other base: Flat, HNSW, a pre-transform).
+
+    The same centroids put a delta row in the list its neighbours in the base occupy, so one
+    nprobe serves both segments with the base's recall, and the delta search costs its share of
+    the lists. The lists are assigned by one BLAS product with the centroids (exact argmax,
+    blocks of 8,192 rows) and filled through `add_core`: FAISS's own `add` runs the quantizer row
+    by row below its BLAS threshold (128,000 queries in this build)."""
+    outer = faiss.downcast_index(base.index)
+    inner = faiss.downcast_index(outer.base_index) if isinstance(outer, faiss.IndexRefine) else outer
+    if not isinstance(inner, faiss.IndexIVF) or inner.metric_type != faiss.METRIC_INNER_PRODUCT or inner.d != delta.shape[1]:
+        return None
+    quantizer = inner.quantizer
+    nlist = int(inner.nlist)
+    centroids = quantizer.reconstruct_n(0, nlist)
+    assign = np.concatenate([
+        np.argmax(delta[s : s + 8192] @ centroids.T, axis=1) for s in range(0, len(delta), 8192)
+    ]).astype(np.int64) if len(delta) else np.zeros(0, dtype=np.int64)
+    index = faiss.IndexIVFFlat(quantizer, int(inner.d), nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference to quantizer
+    index.nprobe = int(inner.nprobe)
+    x = np.ascontiguousarray(delta, dtype=np.float32)
+    index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
+    index.referenced_objects.append(base.index)  # the quantizer's owner lives as long as this index
+    return index
 
 
 class _DeltaIds(Sequence[str]):
@@ -758,10 +975,18 @@ class _DeltaIds(Sequence[str]):
         return self.base[r] if r < self.nb else self.delta[r - self.nb]
 
     def take(self, rows: np.ndarray) -> list[str]:
+        """The ids of `rows` (1-D), in order: the base's in one `ItemIds.take`, the delta's by
+        list lookup (an answer mixing both is the common case over a delta catalog)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0 or rows.max() < self.nb:
             return self.base.take(rows)
-        return [self[r] for r in rows.tolist()]
+        in_delta = rows >= self.nb
+        delta = self.delta
+        got = [delta[r] for r in (rows[in_delta] - self.nb).tolist()]
+        if len(got) == len(rows):
+            return got
+        base_ids, delta_ids = iter(self.base.take(rows[~in_delta])), iter(got)
+        return [next(delta_ids) if d else next(base_ids) for d in in_delta.tolist()]
 
     def __iter__(self) -> Iterator[str]:
         yield from self.base

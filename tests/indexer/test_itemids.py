@@ -114,3 +114,15 @@ def test_check_rehashes_a_sample(tmp_path):
     np.save(tmp_path / "ids/hashes.npy", h)
     with pytest.raises(ValueError, match="hashes.npy entry 0 is not the hash"):
         ItemIds.open(tmp_path).check(len(ids))
+
+
+def test_rows_of_is_row_for_every_id_at_once():
+    """The bulk lookup (`indexer update`'s diff) answers exactly what `row` answers, id by id:
+    present ids (ascii, unicode, prefixes of one another), absent ones, the empty string."""
+    ids = [f"i{n}" for n in range(500)] + ["é-ü", "i1x", "日本"]
+    col = ItemIds.from_list(ids)
+    asked = [*ids[::-1], "absent", "", "i", "i5000", "日", "é-ü"]
+    want = [-1 if col.row(x) is None else col.row(x) for x in asked]
+    np.testing.assert_array_equal(col.rows_of(asked), want)
+    assert col.rows_of([]).shape == (0,)
+    assert ItemIds.from_list([]).rows_of(["a"]).tolist() == [-1]

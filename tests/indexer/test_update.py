@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -103,10 +104,16 @@ def all_results(version, queries: np.ndarray, k: int, **kw):  # noqa: ANN001, AN
 # ---- the merged top-k against a brute-force oracle of the live catalog ---------------------------
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF32,Flat"])
-def test_delta_topk_is_the_exact_topk_of_the_live_catalog_with_filters(factory, catalog, queries):
-    """Base ANN with tombstones excluded ∪ exact delta = the live catalog's top-k: exactly
-    min(k, |allowed ∩ live − excluded|) items, never a tombstoned row, scores exact."""
+@pytest.mark.parametrize(
+    ("factory", "delta_exact_max_rows", "overfetch"),
+    [("Flat", None, True), ("HNSW32", None, True), ("IVF32,Flat", None, True), ("IVF32,Flat", None, False),
+     ("IVF32,Flat", 0, True), ("IVF32,Flat", 0, False), ("IVF32,SQ8", 0, True)],
+)
+def test_delta_topk_is_the_exact_topk_of_the_live_catalog_with_filters(factory, delta_exact_max_rows, overfetch, catalog, queries):
+    """Base ANN with tombstones excluded ∪ delta = the live catalog's top-k: exactly
+    min(k, |allowed ∩ live − excluded|) items, never a tombstoned row, scores exact — with the
+    delta scanned exactly or searched through its IVF on the base's quantizer (every list probed
+    here: exhaustive, so equal to the oracle), tombstones left out by over-fetch or selector."""
     vectors, ids = catalog
     rng = np.random.default_rng(3)
     tomb = rng.random(len(ids)) < 0.1
@@ -115,7 +122,10 @@ def test_delta_topk_is_the_exact_topk_of_the_live_catalog_with_filters(factory, 
     delta = clustered(len(delta_ids), vectors.shape[1], seed=9)
     params, _ = FACTORIES[factory]
     base = FaissTopK(fi.build_index(vectors, factory, search_params=params), vectors, ids)
-    merged = DeltaTopK(base, delta, delta_ids, tomb)
+    merged = DeltaTopK(base, delta, delta_ids, tomb, delta_exact_max_rows=delta_exact_max_rows)
+    merged.tombstone_overfetch = overfetch
+    merged.filter_exact_max_rows, merged.filter_exact_fraction = 0, 0.0  # the ANN path at this small size
+    assert (merged.delta_index is not None) == (delta_exact_max_rows == 0 and factory.startswith("IVF"))
     live_rows = np.flatnonzero(~tomb)
     oracle = BruteForceTopK(np.concatenate([vectors[live_rows], delta]), [ids[r] for r in live_rows] + delta_ids)
     assert merged.live_count == oracle.count and not set(delta_ids) - set(merged.rows)
@@ -134,7 +144,7 @@ def test_delta_topk_is_the_exact_topk_of_the_live_catalog_with_filters(factory, 
                 gids = [i for i, _ in g]
                 assert not dead & set(gids) and not exclude & set(gids)
                 assert len(set(gids)) == len(gids)
-                if factory == "Flat" or k > 100:
+                if factory in ("Flat", "IVF32,Flat") or k > 100:
                     assert gids == [i for i, _ in w]
                     np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-6)
                 rows = [merged.rows[i] for i in gids]
@@ -146,6 +156,126 @@ def test_delta_topk_is_the_exact_topk_of_the_live_catalog_with_filters(factory, 
         # (10 % of the base is tombstoned: a truth holding dead rows would put recall below 1)
         for k in (10, 50):
             assert recall_against_exact(merged, queries, k) == 1.0
+
+
+def test_unfiltered_query_redoes_with_the_selector_when_the_over_fetch_is_all_tombstones(catalog, queries):
+    """The over-fetch path (no selector, tombstones dropped after) must never come back short:
+    with the 30 best rows of a query tombstoned (few tombstones overall, so the margin is small)
+    the query is redone with the bitmap selector and still equals the live catalog's top-k."""
+    vectors, ids = catalog
+    base = FaissTopK(fi.build_index(vectors, "Flat"), vectors, ids)
+    q = queries[:1]
+    tomb = np.zeros(len(ids), dtype=bool)
+    tomb[np.argsort(-(vectors @ q[0]))[:30]] = True
+    merged = DeltaTopK(base, clustered(5, vectors.shape[1], seed=2), [f"d{i}" for i in range(5)], tomb)
+    merged.filter_exact_max_rows, merged.filter_exact_fraction = 0, 0.0  # the ANN path at this small size
+    calls = []
+    real = base.allowed_candidates
+    base.allowed_candidates = lambda *a: calls.append(a) or real(*a)  # type: ignore[method-assign]
+    live_rows = np.flatnonzero(~tomb)
+    oracle = BruteForceTopK(np.concatenate([vectors[live_rows], merged.delta_embeddings]),
+                            [ids[r] for r in live_rows] + [f"d{i}" for i in range(5)])
+    got = merged.top_k(q, [Query(10)])[0]
+    assert len(calls) == 1  # the over-fetch found only tombstones: redone with the selector
+    assert [i for i, _ in got] == [i for i, _ in oracle.top_k(q, [Query(10)])[0]]
+    calls.clear()
+    far = -q  # the tombstones are not near this query: the plain over-fetch answers it
+    got = merged.top_k(far, [Query(10)])[0]
+    assert not calls and [i for i, _ in got] == [i for i, _ in oracle.top_k(far, [Query(10)])[0]]
+
+
+def test_delta_index_shares_the_base_quantizer_and_follows_its_nprobe(catalog, queries):
+    """The delta IVF is built on the base's coarse quantizer (same centroids: a delta row lands
+    in the list of its base twin) and, probed like the base, finds the delta's own top rows."""
+    vectors, ids = catalog
+    base = FaissTopK(fi.build_index(vectors, "IVF32,Flat", search_params={"nprobe": 4}), vectors, ids)
+    delta = vectors[:200].copy()
+    tomb = np.zeros(len(ids), dtype=bool)
+    tomb[:200] = True  # changed items: same vectors, new rows
+    merged = DeltaTopK(base, delta, [ids[i] for i in range(200)], tomb, delta_exact_max_rows=0)
+    merged.filter_exact_max_rows, merged.filter_exact_fraction = 0, 0.0  # the ANN path at this small size
+    base.filter_exact_max_rows, base.filter_exact_fraction = 0, 0.0
+    ivf = faiss.extract_index_ivf(base.index)
+    assert merged.delta_index.quantizer.this == ivf.quantizer.this and merged.delta_index.nprobe == 4
+    assert merged.delta_index.ntotal == 200
+    base_lists = ivf.quantizer.search(delta, 1)[1][:, 0]
+    delta_lists = merged.delta_index.quantizer.search(delta, 1)[1][:, 0]
+    np.testing.assert_array_equal(base_lists, delta_lists)
+    # the same catalog as the base's, its changed rows found through the same probed lists: the
+    # merged candidates hold the base search's (the same lists, more rows fetched), so its
+    # answer is at least as good, score by score; and the delta rows are found at all
+    hits = 0
+    for k in (5, 20):
+        got = merged.top_k(queries, [Query(k)] * len(queries))
+        want = base.top_k(queries, [Query(k)] * len(queries))
+        for g, w in zip(got, want, strict=True):
+            assert len(g) == len(w) == k
+            assert (np.array([s for _, s in g]) >= np.array([s for _, s in w]) - 1e-6).all()
+            hits += sum(1 for i, _ in g if merged.rows[i] >= len(ids))
+    assert hits > 0
+    assert recall_against_exact(merged, queries, 20) >= recall_against_exact(base, queries, 20)
+
+
+@pytest.mark.parametrize("overfetch", [True, False])
+def test_delta_ivf_is_one_ivf_over_the_live_catalog_and_its_short_answers_are_not_rescanned(overfetch, catalog, queries):
+    """Oracle: one IVF-Flat over the live catalog (live base rows + delta rows) on the base's
+    centroids, probed with the base's nprobe, exactly re-scored. With nprobe 2 of 32 lists and
+    ~6 delta rows a list, the delta IVF often finds fewer than k delta rows: the base part
+    holds the fetch, so the delta is not scanned exactly — and the answer is still the
+    oracle's, row for row (the merged candidates, cut by their float32 distances, hold the
+    top-k of the probed lists); with the tombstone selector instead, at least as good."""
+    vectors, ids = catalog
+    base = FaissTopK(fi.build_index(vectors, "IVF32,Flat", search_params={"nprobe": 2}), vectors, ids)
+    rng = np.random.default_rng(7)
+    tomb = rng.random(len(ids)) < 0.05
+    delta_ids = [f"new{i}" for i in range(200)]
+    delta = clustered(200, vectors.shape[1], seed=11)
+    merged = DeltaTopK(base, delta, delta_ids, tomb, delta_exact_max_rows=0)
+    merged.tombstone_overfetch = overfetch
+    merged.filter_exact_max_rows, merged.filter_exact_fraction = 0, 0.0  # the ANN path at this small size
+    scans = []
+    real = merged._scan_delta
+    merged._scan_delta = lambda *a: scans.append(a) or real(*a)  # type: ignore[method-assign]
+    live_rows = np.flatnonzero(~tomb)
+    live_vecs = np.concatenate([vectors[live_rows], delta])
+    ivf = faiss.extract_index_ivf(base.index)
+    whole = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    whole.add(live_vecs)
+    whole.nprobe = 2
+    oracle = FaissTopK(whole, live_vecs, [ids[r] for r in live_rows] + delta_ids)
+    short = 0
+    for k in (10, 20):
+        dlists = ivf.quantizer.search(queries, 2)[1]
+        delta_lists = ivf.quantizer.search(delta, 1)[1][:, 0]
+        short += sum(int(np.isin(delta_lists, row).sum() < k) for row in dlists)
+        got = merged.top_k(queries, [Query(k)] * len(queries))
+        want = oracle.top_k(queries, [Query(k)] * len(queries))
+        for g, w in zip(got, want, strict=True):
+            if overfetch:
+                assert [i for i, _ in g] == [i for i, _ in w]
+                np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-6)
+            else:  # the selector raises the base's nprobe by 1 / live share: more lists, never worse
+                assert len(g) == len(w) == k
+                assert (np.array([s for _, s in g]) >= np.array([s for _, s in w]) - 1e-6).all()
+    assert short > 0  # the case this is about happened
+    assert not scans
+
+
+def test_cut_keeps_the_exact_top_fetch():
+    """`_cut` (the merged candidates cut by FAISS float32 distances) never drops a row of the
+    exact top-fetch, also with near-ties at the cut-off, and keeps fewer rows than it got."""
+    from indexer.topk import _cut
+
+    rng = np.random.default_rng(5)
+    rows_vecs = clustered(400, 64, seed=3)
+    for _ in range(20):
+        vec = clustered(1, 64, seed=int(rng.integers(1 << 30)))[0]
+        rows = rng.permutation(400)[:60].astype(np.int64)
+        exact = rows_vecs[rows].astype(np.float64) @ vec.astype(np.float64)
+        exact[rng.integers(60)] = exact[np.argsort(-exact)[19]]  # a tie at the cut-off
+        dist = (exact + rng.uniform(-5e-6, 5e-6, 60)).astype(np.float32)  # float32 error
+        kept = set(_cut(rows, dist, 20, vec).tolist())
+        assert set(rows[np.argsort(-exact)[:20]].tolist()) <= kept and len(kept) < 60
 
 
 def test_segmented_rows_read_as_the_concatenated_matrix():
