@@ -262,6 +262,17 @@ def read_schema(path: str | Path) -> Schema:
     return Schema.from_json(obj)
 
 
+def _check_id_column(p: Path, df: pd.DataFrame, id_col: str) -> None:
+    """items.csv / users.csv's id column: present, valid ids, each id once (the first
+    duplicate named by its line)."""
+    _require_columns(p, df, [id_col])
+    _check_ids(p, df, id_col)
+    dup = df[id_col].duplicated(keep="first").to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise DatasetError(f"{p.name}: {_line(p, i)}, column '{id_col}': duplicate id {df[id_col].iloc[i]!r}")
+
+
 def _read_entities(
     p: Path, id_col: str, feats: dict[str, FeatureSpec], attrs: Mapping[str, AttributeSpec] | None = None
 ) -> pd.DataFrame:
@@ -269,12 +280,7 @@ def _read_entities(
     (and, for items, the declared attribute columns)."""
     attrs = attrs or {}
     df = _read_table(p, {**_multi_separators(attrs), **_multi_separators(feats)}, [id_col, *feats, *attrs])
-    _require_columns(p, df, [id_col])
-    _check_ids(p, df, id_col)
-    dup = df[id_col].duplicated(keep="first").to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise DatasetError(f"{p.name}: {_line(p, i)}, column '{id_col}': duplicate id {df[id_col].iloc[i]!r}")
+    _check_id_column(p, df, id_col)
     _check_features(p, df, feats)
     _check_attributes(p, df, attrs)
     return df.reset_index(drop=True)
@@ -562,12 +568,7 @@ def _read_id_column(p: Path, id_col: str) -> pd.Index:
         raise DatasetError(f"{p.name}: {_bad_utf8_where(p, e)}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
         raise DatasetError(f"{p.name}: cannot be parsed: {str(e).splitlines()[0]}") from None
-    _require_columns(p, df, [id_col])
-    _check_ids(p, df, id_col)
-    dup = df[id_col].duplicated(keep="first").to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise DatasetError(f"{p.name}: {_line(p, i)}, column '{id_col}': duplicate id {df[id_col].iloc[i]!r}")
+    _check_id_column(p, df, id_col)
     return pd.Index(df[id_col].to_numpy(dtype=object))
 
 
