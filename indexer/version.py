@@ -71,6 +71,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,14 @@ class ServedVersion:
     @property
     def model_version(self) -> str:
         return self.bundle.version
+
+    @cached_property
+    def history_rows(self) -> np.ndarray:
+        """History-table row (the tower's item vocabulary code) -> this version's index row; -1
+        for an item the index does not hold, -2 not looked up yet. Filled lazily by the service
+        (`service.retrieval.history_item_vectors`), so loading a version costs nothing more and a
+        request pays one id lookup per item the first time any request sends it."""
+        return np.full(self.tower.items.size, -2, dtype=np.int64)
 
     @property
     def index_version(self) -> str:

@@ -14,7 +14,6 @@ enough to leave the event loop for a worker thread.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,20 +84,11 @@ def validate_user(
     return UserRecord(user_id, normalized, codes)
 
 
-# per served version: history-table row (the item vocabulary code) -> index row, -1 for an item
-# the index does not hold, -2 not looked up yet; filled lazily, so a version loads no faster or
-# slower and a request pays one id lookup per item the first time any request sends it
-_HISTORY_ROWS: weakref.WeakKeyDictionary[ServedVersion, np.ndarray] = weakref.WeakKeyDictionary()
-
-
 def history_item_vectors(version: ServedVersion, codes: Sequence[int]) -> np.ndarray:
     """(m, d) float32: the version's index vectors of the history rows `codes` the tower pooled
     (oldest first; an item missing from the index is skipped), what `HistoryFoldIn` folds in.
     `training.evaluate.history_item_vectors` is the same selection over the trainer's catalog."""
-    table = _HISTORY_ROWS.get(version)
-    items = version.tower.items
-    if table is None:
-        table = _HISTORY_ROWS.setdefault(version, np.full(items.size, -2, dtype=np.int64))
+    table, items = version.history_rows, version.tower.items
     c = np.asarray(codes, dtype=np.int64)
     rows = table[c]
     for j in np.flatnonzero(rows == -2):  # benign race: every thread writes the same value
